@@ -1,0 +1,122 @@
+"""Orbax checkpoints: periodic async saves, exact resume, params-only export.
+
+Layout under the workdir:
+  checkpoints/<step>/state/       params, optimizer state, step, RNG (sharded arrays)
+  checkpoints/<step>/data_iter/   Grain iterator state, one file per process
+  export/params/                  model parameters only (no optimizer state)
+  export/lsm2.json                model + masking config and dataset channels/statistics
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so a save killed half-way never shows up as a step. A step that exists but
+fails to restore (truncated files) is skipped with a warning in favour of the
+previous one.
+"""
+import json
+import logging
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE = "state"
+DATA_ITER = "data_iter"
+EXPORT_DIR = "export"
+EXPORT_PARAMS = "params"
+EXPORT_CONFIG = "lsm2.json"
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(workdir) / "checkpoints"
+
+
+class Checkpointer:
+  """A CheckpointManager for (train state, data iterator) pairs."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, save_every: int, keep: int,
+               async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA_ITER: grain.checkpoint.CheckpointHandler()})
+
+  def maybe_save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
+    """Saves when `step` is on the save interval (or `force`); returns whether it did."""
+    return self.manager.save(
+        step,
+        args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                   DATA_ITER: grain.checkpoint.CheckpointSave(data_iter)}),
+        force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[int, Any] | None:
+    """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
+
+    `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings, so a
+    checkpoint written on one mesh restores onto another (Orbax reshards).
+    `data_iter` (if given) is restored in place. Returns (step, state) or None.
+    """
+    self._warn_about_partial_saves()
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      items = {STATE: ocp.args.StandardRestore(abstract_state)}
+      if data_iter is not None:
+        items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # A truncated or corrupt step: fall back to the previous one.
+        logging.warning("Checkpoint step %d in %s could not be restored (%s: %s); "
+                        "trying the previous one.", step, self.directory, type(e).__name__, e)
+        continue
+      return step, restored[STATE]
+    return None
+
+  def _warn_about_partial_saves(self) -> None:
+    if not self.directory.exists():
+      return
+    partial = [p.name for p in self.directory.iterdir() if "tmp" in p.name]
+    if partial:
+      logging.warning("Ignoring incomplete checkpoint directories in %s: %s",
+                      self.directory, ", ".join(sorted(partial)))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def export_params(workdir: str | pathlib.Path, params: Any, description: dict[str, Any]) -> pathlib.Path:
+  """Writes model params (no optimizer state) and a JSON description for downstream use."""
+  out = pathlib.Path(workdir) / EXPORT_DIR
+  out.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(out / EXPORT_PARAMS, params, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    (out / EXPORT_CONFIG).write_text(json.dumps(description, indent=1, sort_keys=True))
+  return out
+
+
+def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
+  """Restores exported params onto `abstract_params` (shapes, dtypes, shardings)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(pathlib.Path(path), abstract_params)
+
+
+def read_description(export_dir: str | pathlib.Path) -> dict[str, Any]:
+  path = pathlib.Path(export_dir) / EXPORT_CONFIG
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no lsm2 export description here; expected a directory "
+                            f"written by training (WORKDIR/{EXPORT_DIR}).")
+  return json.loads(path.read_text())
+
