@@ -1,0 +1,379 @@
+"""Downstream metrics: classification, regression and masked reconstruction.
+
+Plain numpy functions compute each metric from a whole evaluation set (float64,
+on the host). CLU `Metric` classes accumulate model outputs over batches and
+call the same functions in `compute()`, so a training/eval loop can merge them
+like any other CLU metric.
+
+Undefined metrics are reported as `None`, never as 0 or NaN: an AUROC with a
+single class in the labels, a Pearson r against a constant, or a reconstruction
+error over zero observed target minutes would otherwise look like a real
+(perhaps perfect) number. Every result dict carries the number of examples
+(or minutes) it was computed from.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+from jaxtyping import Array, Bool, Float, Int
+
+# ---------------------------------------------------------------------------
+# Classification.
+
+
+def _check_labels(y_true: np.ndarray, num_classes: int) -> np.ndarray:
+  y_true = np.asarray(y_true)
+  if y_true.ndim != 1:
+    raise ValueError(f"labels must be 1-D, got shape {y_true.shape}")
+  if y_true.size and not np.issubdtype(y_true.dtype, np.integer):
+    if not np.all(np.equal(np.mod(y_true, 1), 0)):
+      raise ValueError(f"labels must be integer class ids, got values like {y_true[:5]}")
+  y_true = y_true.astype(np.int64)
+  bad = (y_true < 0) | (y_true >= num_classes)
+  if np.any(bad):
+    raise ValueError(
+        f"labels must lie in [0, {num_classes}), got {np.unique(y_true[bad])[:10]}")
+  return y_true
+
+
+def average_ranks(x: Float[np.ndarray, "n"]) -> Float[np.ndarray, "n"]:
+  """1-based ranks of `x`; tied values share the mean of the ranks they span."""
+  x = np.asarray(x)
+  order = np.argsort(x, kind="mergesort")
+  xs = x[order]
+  new_group = np.r_[True, xs[1:] != xs[:-1]]
+  starts = np.flatnonzero(new_group)
+  ends = np.r_[starts[1:], len(x)]
+  # Positions starts..ends-1 (0-based) hold ranks starts+1..ends: their mean.
+  group_rank = (starts + 1 + ends) / 2.0
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = group_rank[np.cumsum(new_group) - 1]
+  return ranks
+
+
+def binary_auroc(y_true: Int[np.ndarray, "n"], scores: Float[np.ndarray, "n"]) -> float | None:
+  """Area under the ROC curve (Mann-Whitney U with average ranks for ties).
+
+  Returns None when only one class is present (AUROC is undefined).
+  """
+  y_true = np.asarray(y_true).astype(bool)
+  n_pos = int(y_true.sum())
+  n_neg = len(y_true) - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return None
+  ranks = average_ranks(np.asarray(scores, np.float64))
+  u = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u / (n_pos * n_neg))
+
+
+def average_precision(y_true: Int[np.ndarray, "n"], scores: Float[np.ndarray, "n"]) -> float | None:
+  """Average precision: sum over distinct thresholds of (R_k - R_{k-1}) * P_k.
+
+  Tied scores form one threshold (all of them are predicted positive together).
+  Returns None when there is no positive example.
+  """
+  y_true = np.asarray(y_true).astype(bool)
+  n_pos = int(y_true.sum())
+  if n_pos == 0:
+    return None
+  scores = np.asarray(scores, np.float64)
+  order = np.argsort(-scores, kind="mergesort")
+  s, y = scores[order], y_true[order]
+  tp = np.cumsum(y)
+  # The last index of each run of equal scores is where a threshold sits.
+  last = np.r_[s[1:] != s[:-1], True]
+  tp = tp[last].astype(np.float64)
+  predicted = (np.flatnonzero(last) + 1).astype(np.float64)
+  precision = tp / predicted
+  recall = tp / n_pos
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def macro_f1(y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int) -> float | None:
+  """Unweighted mean F1 over the classes present in `y_true` or `y_pred`."""
+  y_true = _check_labels(y_true, num_classes)
+  y_pred = _check_labels(y_pred, num_classes)
+  if y_true.size == 0:
+    return None
+  tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes).astype(np.float64)
+  n_true = np.bincount(y_true, minlength=num_classes)
+  n_pred = np.bincount(y_pred, minlength=num_classes)
+  present = (n_true + n_pred) > 0
+  # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (n_true + n_pred).
+  f1 = 2.0 * tp[present] / (n_true + n_pred)[present]
+  return float(f1.mean())
+
+
+def balanced_accuracy(y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int) -> float | None:
+  """Mean per-class recall over the classes present in `y_true`."""
+  y_true = _check_labels(y_true, num_classes)
+  y_pred = _check_labels(y_pred, num_classes)
+  if y_true.size == 0:
+    return None
+  tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes).astype(np.float64)
+  n_true = np.bincount(y_true, minlength=num_classes)
+  present = n_true > 0
+  return float((tp[present] / n_true[present]).mean())
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+  defined = [v for v in values if v is not None]
+  return float(np.mean(defined)) if defined else None
+
+
+def classification_metrics(
+    y_true: Int[np.ndarray, "n"],
+    scores: Float[np.ndarray, "n"] | Float[np.ndarray, "n k"],
+    num_classes: int,
+) -> dict[str, Any]:
+  """AUROC, macro-F1, balanced accuracy, mAP and accuracy of class scores.
+
+  Args:
+    y_true: integer labels in [0, num_classes).
+    scores: class probabilities (or any monotone scores for the ranking
+      metrics). Binary tasks accept the positive-class probability `[n]`
+      (thresholded at 0.5) or `[n, 2]`; multi-class tasks need `[n, K]`
+      (prediction = argmax).
+    num_classes: K >= 2.
+
+  Returns:
+    dict with `auroc` (binary; macro one-vs-rest over classes that have both
+    positives and negatives for K > 2), `macro_f1`, `balanced_accuracy`, `map`
+    (AP of the positive class for binary, macro AP over classes present for
+    K > 2), `accuracy` and `n`. Undefined metrics are None.
+  """
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+  y_true = _check_labels(y_true, num_classes)
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim == 1:
+    if num_classes != 2:
+      raise ValueError(f"1-D scores need num_classes=2, got num_classes={num_classes}")
+    scores = np.stack([1.0 - scores, scores], axis=1)
+    y_pred = (scores[:, 1] >= 0.5).astype(np.int64)
+  elif scores.ndim == 2 and scores.shape[1] == num_classes:
+    y_pred = np.argmax(scores, axis=1)
+  else:
+    raise ValueError(f"scores must be [n] or [n, {num_classes}], got shape {scores.shape}")
+  if scores.shape[0] != y_true.shape[0]:
+    raise ValueError(f"labels ({y_true.shape[0]}) and scores ({scores.shape[0]}) differ in length")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("scores contain NaN or inf")
+
+  if num_classes == 2:
+    auroc = binary_auroc(y_true == 1, scores[:, 1])
+    ap = average_precision(y_true == 1, scores[:, 1])
+  else:
+    auroc = _mean_or_none([binary_auroc(y_true == k, scores[:, k]) for k in range(num_classes)])
+    ap = _mean_or_none([average_precision(y_true == k, scores[:, k]) for k in range(num_classes)])
+  n = int(y_true.size)
+  return {
+      "auroc": auroc,
+      "macro_f1": macro_f1(y_true, y_pred, num_classes),
+      "balanced_accuracy": balanced_accuracy(y_true, y_pred, num_classes),
+      "map": ap,
+      "accuracy": float(np.mean(y_pred == y_true)) if n else None,
+      "n": n,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Regression.
+
+
+def pearson_r(x: Float[np.ndarray, "n"], y: Float[np.ndarray, "n"]) -> float | None:
+  """Pearson correlation; None when either side is constant or n < 2."""
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  if x.size < 2:
+    return None
+  dx, dy = x - x.mean(), y - y.mean()
+  denom = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
+  if denom == 0.0:
+    return None
+  return float(np.clip(np.sum(dx * dy) / denom, -1.0, 1.0))
+
+
+def regression_metrics(y_true: Float[np.ndarray, "n"], y_pred: Float[np.ndarray, "n"]) -> dict[str, Any]:
+  """MAE, RMSE and Pearson r of predictions (None when undefined) and `n`."""
+  y_true = np.asarray(y_true, np.float64)
+  y_pred = np.asarray(y_pred, np.float64)
+  if y_true.ndim != 1 or y_true.shape != y_pred.shape:
+    raise ValueError(f"targets {y_true.shape} and predictions {y_pred.shape} must be equal 1-D shapes")
+  if not (np.all(np.isfinite(y_true)) and np.all(np.isfinite(y_pred))):
+    raise ValueError("regression targets or predictions contain NaN or inf")
+  n = int(y_true.size)
+  if n == 0:
+    return {"mae": None, "rmse": None, "pearson_r": None, "n": 0}
+  err = y_pred - y_true
+  return {
+      "mae": float(np.mean(np.abs(err))),
+      "rmse": float(np.sqrt(np.mean(err * err))),
+      "pearson_r": pearson_r(y_true, y_pred),
+      "n": n,
+  }
+
+
+def task_metrics(kind: str, y_true: np.ndarray, predictions: np.ndarray, num_classes: int | None = None) -> dict[str, Any]:
+  """Dispatches on the probe kind: "binary", "categorical" or "regression"."""
+  if kind == "binary":
+    return classification_metrics(y_true, predictions, 2)
+  if kind == "categorical":
+    if num_classes is None:
+      raise ValueError("kind='categorical' needs num_classes")
+    return classification_metrics(y_true, predictions, num_classes)
+  if kind == "regression":
+    return regression_metrics(y_true, predictions)
+  raise ValueError(f"unknown task kind {kind!r}; expected binary, categorical or regression")
+
+
+# ---------------------------------------------------------------------------
+# Masked reconstruction.
+
+
+def reconstruction_errors(
+    predictions: Float[np.ndarray, "*s"],
+    targets: Float[np.ndarray, "*s"],
+    mask: Bool[np.ndarray, "*s"],
+    axis: int | tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+  """MSE / MAE over the minutes where `mask` is True (masked AND observed).
+
+  Values outside the mask (even NaN) are ignored. With `axis`, sums are taken
+  over those axes only (e.g. axis=(1, 2) for one error per day) and the result
+  holds arrays with NaN where the count is 0; with axis=None it holds floats and
+  None for a count of 0.
+  """
+  predictions = np.asarray(predictions)
+  targets = np.asarray(targets)
+  mask = np.asarray(mask)
+  if not (predictions.shape == targets.shape == mask.shape):
+    raise ValueError(
+        f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} must match")
+  if mask.dtype != bool:
+    raise ValueError(f"mask must be boolean (masked and observed minutes), got {mask.dtype}")
+  err = np.where(mask, predictions, 0.0).astype(np.float64) - np.where(mask, targets, 0.0)
+  if not np.all(np.isfinite(err)):
+    raise ValueError("predictions or targets are NaN/inf at masked observed minutes")
+  count = mask.sum(axis=axis)
+  sq = np.sum(err * err, axis=axis)
+  ab = np.sum(np.abs(err), axis=axis)
+  if axis is None:
+    count = int(count)
+    return {
+        "mse": float(sq / count) if count else None,
+        "mae": float(ab / count) if count else None,
+        "count": count,
+    }
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return {
+        "mse": np.where(count > 0, sq / np.maximum(count, 1), np.nan),
+        "mae": np.where(count > 0, ab / np.maximum(count, 1), np.nan),
+        "count": count,
+    }
+
+
+# ---------------------------------------------------------------------------
+# CLU metrics.
+
+
+@flax.struct.dataclass
+class MaskedReconstruction(clu_metrics.Metric):
+  """Squared and absolute error sums over masked observed minutes, batch by batch.
+
+  `from_model_output(predictions=, targets=, mask=)` works inside `jax.jit`;
+  `mask` must be True exactly on the minutes that count (artificially masked
+  AND really observed). Values where the mask is False, even NaN, never enter
+  the sums. `compute()` returns {"mse", "mae", "count"} with None for a count
+  of 0 (nothing was measured, which is not a perfect score).
+  """
+
+  sq_sum: jnp.ndarray
+  abs_sum: jnp.ndarray
+  count: jnp.ndarray
+
+  @classmethod
+  def empty(cls) -> MaskedReconstruction:
+    return cls(sq_sum=jnp.array(0, jnp.float32), abs_sum=jnp.array(0, jnp.float32),
+               count=jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_model_output(
+      cls,
+      *,
+      predictions: Float[Array, "*s"],
+      targets: Float[Array, "*s"],
+      mask: Bool[Array, "*s"],
+      **_,
+  ) -> MaskedReconstruction:
+    if not (predictions.shape == targets.shape == mask.shape):
+      raise ValueError(
+          f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} must match")
+    if mask.dtype != jnp.bool_:
+      raise ValueError(f"mask must be boolean (masked and observed minutes), got {mask.dtype}")
+    err = (jnp.where(mask, predictions, 0).astype(jnp.float32)
+           - jnp.where(mask, targets, 0).astype(jnp.float32))
+    return cls(sq_sum=jnp.sum(err * err), abs_sum=jnp.sum(jnp.abs(err)),
+               count=jnp.sum(mask, dtype=jnp.int32))
+
+  def merge(self, other: MaskedReconstruction) -> MaskedReconstruction:
+    return type(self)(sq_sum=self.sq_sum + other.sq_sum, abs_sum=self.abs_sum + other.abs_sum,
+                      count=self.count + other.count)
+
+  def compute(self) -> dict[str, Any]:
+    count = int(self.count)
+    if count == 0:
+      return {"mse": None, "mae": None, "count": 0}
+    if not (np.isfinite(float(self.sq_sum)) and np.isfinite(float(self.abs_sum))):
+      raise ValueError("reconstruction error sums are NaN/inf: predictions or targets are "
+                       "not finite at masked observed minutes")
+    return {"mse": float(self.sq_sum) / count, "mae": float(self.abs_sum) / count, "count": count}
+
+
+def _collected(values: dict[str, np.ndarray], key: str) -> np.ndarray:
+  keep = values["mask"].astype(bool)
+  return values[key][keep]
+
+
+@flax.struct.dataclass
+class ClassificationMetrics(clu_metrics.CollectingMetric):
+  """Collects `labels` [n] and class `scores` ([n] or [n, K]) on the host.
+
+  `from_model_output(labels=, scores=, mask=None)`; `mask` marks real (not
+  padding) examples. `compute()` returns `classification_metrics(...)` with K
+  taken from the scores' width (2 for 1-D positive-class probabilities).
+  Not jit-able (CLU's CollectingMetric): merge in the Python eval loop.
+  """
+
+  @classmethod
+  def from_model_output(cls, *, labels: Int[Array, "n"], scores: Float[Array, "n ..."],
+                        mask: Bool[Array, "n"] | None = None, **_) -> ClassificationMetrics:
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    mask = np.ones(labels.shape[0], bool) if mask is None else np.asarray(mask)
+    return cls(values={"labels": (labels,), "scores": (scores,), "mask": (mask,)})
+
+  def compute(self) -> dict[str, Any]:
+    values = super().compute()
+    scores = _collected(values, "scores")
+    num_classes = 2 if scores.ndim == 1 else scores.shape[1]
+    return classification_metrics(_collected(values, "labels"), scores, num_classes)
+
+
+@flax.struct.dataclass
+class RegressionMetrics(clu_metrics.CollectingMetric):
+  """Collects regression `labels` and `predictions` [n]; `compute()` -> MAE, RMSE, r."""
+
+  @classmethod
+  def from_model_output(cls, *, labels: Float[Array, "n"], predictions: Float[Array, "n"],
+                        mask: Bool[Array, "n"] | None = None, **_) -> RegressionMetrics:
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    mask = np.ones(labels.shape[0], bool) if mask is None else np.asarray(mask)
+    return cls(values={"labels": (labels,), "predictions": (predictions,), "mask": (mask,)})
+
+  def compute(self) -> dict[str, Any]:
+    values = super().compute()
+    return regression_metrics(_collected(values, "labels"), _collected(values, "predictions"))
