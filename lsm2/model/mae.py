@@ -1,0 +1,255 @@
+"""LSM-2 masked autoencoder (Flax NNX): a ViT over (time x signal) patches.
+
+Encoder: patch embedding of the observed minutes (unobserved minutes are
+zeroed, so fill values never reach the model), fixed 2-D sine-cosine
+positions, the kept tokens of `AimMasks` (visible first), pre-norm blocks whose
+attention only uses the first `visible_len` keys. Decoder: projection to the
+decoder width, scatter onto the full grid with one learnable (zero-init) mask
+token at every masked position, positions again, full attention, and a linear
+head that predicts every minute of every patch.
+
+Logical axis names (nnx metadata `out_sharding` of each `nnx.Param`):
+  "embed"    model width (encoder or decoder) of kernels, biases, norms,
+             the mask token; the encoder->decoder projection is ("embed", None)
+  "mlp"      MLP hidden width
+  "heads"    attention heads
+  "kv"       per-head feature size
+  "patch"    patch-embedding input (minute values [+ observed flags] per token)
+  "head_out" decoder head output (minute values per token)
+The fused qkv kernel is ("embed", None, "heads", "kv"). No mesh is named here:
+without a mesh the names are metadata only; under `jax.set_mesh(mesh)` and
+`nnx.logical_axis_rules(rules)` parameters are created sharded (eager
+sharding). Otherwise resolve them later with
+`with nnx.logical_axis_rules(rules): specs = nnx.get_partition_spec(nnx.state(model))`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+from lsm2.model.aim import AimMasks, effective_observed, inference_masks
+from lsm2.model.attention import dot_product_attention
+from lsm2.model.config import MaskConfig, ModelConfig
+
+
+def _axes(*names: str | None) -> dict:
+  """Param metadata: logical axis names; sharded at creation only under a mesh."""
+  return {"out_sharding": names, "eager_sharding": not jax.sharding.get_abstract_mesh().empty}
+
+
+def _dense_init():
+  # LinearGeneral initializes a flattened (in, out) kernel, so this also fits qkv / out.
+  return nnx.initializers.xavier_uniform()
+
+
+def _linear(cfg, din, dout, names, rngs):
+  return nnx.Linear(
+      din, dout, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=_dense_init(), kernel_metadata=_axes(*names), bias_metadata=_axes(names[1]),
+      rngs=rngs)
+
+
+def _norm(cfg, width, rngs):
+  # Statistics in float32 whatever the compute dtype.
+  return nnx.LayerNorm(
+      width, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
+      scale_metadata=_axes("embed"), bias_metadata=_axes("embed"), rngs=rngs)
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_2d(n_time: int, n_signal: int, width: int) -> np.ndarray:
+  """Fixed positions [n_time * n_signal, width]: half time index, half signal index."""
+  quarter = width // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+  def one_axis(pos):
+    angles = pos[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  t, s = np.meshgrid(np.arange(n_time), np.arange(n_signal), indexing="ij")
+  emb = np.concatenate([one_axis(t.reshape(-1)), one_axis(s.reshape(-1))], axis=1)
+  return emb.astype(np.float32)
+
+
+def patchify(x: Float[Array, "b t c"], cfg: ModelConfig) -> Float[Array, "b n p"]:
+  """[b, T, C] -> [b, N, patch_time * patch_channels], tokens row-major over (time, signal)."""
+  n_time, n_signal = cfg.grid
+  x = x.reshape(x.shape[0], n_time, cfg.patch_time, n_signal, cfg.patch_channels)
+  return x.transpose(0, 1, 3, 2, 4).reshape(x.shape[0], n_time * n_signal, cfg.patch_size)
+
+
+def unpatchify(x: Float[Array, "b n p"], cfg: ModelConfig) -> Float[Array, "b t c"]:
+  """Inverse of `patchify`."""
+  n_time, n_signal = cfg.grid
+  x = x.reshape(x.shape[0], n_time, n_signal, cfg.patch_time, cfg.patch_channels)
+  return x.transpose(0, 1, 3, 2, 4).reshape(x.shape[0], cfg.time_steps, cfg.num_channels)
+
+
+def _scatter_to_grid(values: Float[Array, "b k d"], idx, num_tokens: int) -> Float[Array, "b n d"]:
+  return jax.vmap(lambda i, v: jnp.zeros((num_tokens, v.shape[-1]), v.dtype).at[i].set(v))(idx, values)
+
+
+class Mlp(nnx.Module):
+  """Two-layer GELU MLP."""
+
+  def __init__(self, cfg: ModelConfig, width: int, hidden: int, *, rngs: nnx.Rngs):
+    self.fc1 = _linear(cfg, width, hidden, ("embed", "mlp"), rngs)
+    self.fc2 = _linear(cfg, hidden, width, ("mlp", "embed"), rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with per-example valid lengths (None = full)."""
+
+  def __init__(self, cfg: ModelConfig, width: int, heads: int, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.qkv = nnx.LinearGeneral(
+        width, (3, heads, width // heads), dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_dense_init(),
+        kernel_metadata=_axes("embed", None, "heads", "kv"),
+        bias_metadata=_axes(None, "heads", "kv"), rngs=rngs)
+    self.out = nnx.LinearGeneral(
+        (heads, width // heads), width, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_dense_init(),
+        kernel_metadata=_axes("heads", "kv", "embed"), bias_metadata=_axes("embed"), rngs=rngs)
+    self.implementation = cfg.attention
+    self.remat = cfg.remat == "attention"
+
+  def __call__(self, x, lengths):
+    qkv = self.qkv(x)
+    core = functools.partial(_attention_core, implementation=self.implementation)
+    if self.remat:
+      core = jax.checkpoint(core)  # Logits and probabilities are recomputed in the backward pass.
+    return self.out(core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths))
+
+
+def _attention_core(q, k, v, lengths, *, implementation):
+  # Valid queries = valid keys = the visible tokens (AIM layout), or everything.
+  return dot_product_attention(
+      q, k, v, kv_lengths=lengths, q_lengths=lengths, implementation=implementation)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg: ModelConfig, width: int, heads: int, hidden: int, *, rngs: nnx.Rngs):
+    self.norm1 = _norm(cfg, width, rngs)
+    self.attn = SelfAttention(cfg, width, heads, rngs=rngs)
+    self.norm2 = _norm(cfg, width, rngs)
+    self.mlp = Mlp(cfg, width, hidden, rngs=rngs)
+
+  def __call__(self, x, lengths):
+    x = x + self.attn(self.norm1(x), lengths).astype(x.dtype)
+    return x + self.mlp(self.norm2(x)).astype(x.dtype)
+
+
+def _apply_block(block: Block, x, lengths):
+  return block(x, lengths)
+
+
+class Transformer(nnx.Module):
+  """A stack of blocks followed by a final norm; `cfg.remat == "full"` remats each block."""
+
+  def __init__(self, cfg: ModelConfig, width, depth, heads, hidden, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, width, heads, hidden, rngs=rngs) for _ in range(depth)])
+    self.norm = _norm(cfg, width, rngs)
+    self.remat = cfg.remat == "full"
+
+  def __call__(self, x, lengths=None):
+    apply = nnx.remat(_apply_block) if self.remat else _apply_block
+    for block in self.blocks:
+      x = apply(block, x, lengths)
+    return self.norm(x)
+
+
+class LSM2MAE(nnx.Module):
+  """The LSM-2 masked autoencoder; see the module docstring."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg.validate()
+    dtype = jnp.dtype(cfg.dtype)
+    patch_in = cfg.patch_size * (2 if cfg.observed_in_embedding else 1)
+    self.patch_embed = nnx.Linear(
+        patch_in, cfg.enc_width, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=_dense_init(), kernel_metadata=_axes("patch", "embed"),
+        bias_metadata=_axes("embed"), rngs=rngs)
+    self.encoder = Transformer(
+        cfg, cfg.enc_width, cfg.enc_depth, cfg.enc_heads, cfg.enc_mlp, rngs=rngs)
+    self.enc_to_dec = _linear(cfg, cfg.enc_width, cfg.dec_width, ("embed", None), rngs)
+    self.mask_token = nnx.Param(
+        jnp.zeros((cfg.dec_width,), jnp.dtype(cfg.param_dtype)), **_axes("embed"))
+    self.decoder = Transformer(
+        cfg, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp, rngs=rngs)
+    self.head = nnx.Linear(
+        cfg.dec_width, cfg.patch_size, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=_dense_init(), kernel_metadata=_axes("embed", "head_out"),
+        bias_metadata=_axes("head_out"), rngs=rngs)
+
+  def _check(self, signals, observed, masks: AimMasks):
+    cfg = self.cfg
+    want = (cfg.time_steps, cfg.num_channels)
+    if signals.ndim != 3 or tuple(signals.shape[1:]) != want:
+      raise ValueError(f"signals must be [b, {want[0]}, {want[1]}], got {signals.shape}")
+    if observed.shape != signals.shape or observed.dtype != jnp.bool_:
+      raise ValueError(
+          f"observed must be bool {signals.shape}, got {observed.dtype} {observed.shape}")
+    if masks.total.shape != (signals.shape[0], cfg.num_tokens):
+      raise ValueError(
+          f"masks are for {masks.total.shape} tokens, the model expects "
+          f"[{signals.shape[0]}, {cfg.num_tokens}]")
+
+  def encode(
+      self, signals: Float[Array, "b t c"], observed: Bool[Array, "b t c"], masks: AimMasks,
+  ) -> Float[Array, "b k d"]:
+    """Encoder outputs at the kept tokens `masks.keep_idx` (valid where `keep_visible`)."""
+    self._check(signals, observed, masks)
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    patches = patchify(jnp.where(observed, signals, 0).astype(dtype), cfg)
+    if cfg.observed_in_embedding:
+      patches = jnp.concatenate([patches, patchify(observed, cfg).astype(dtype)], axis=-1)
+    x = self.patch_embed(patches) + jnp.asarray(sincos_2d(*cfg.grid, cfg.enc_width), dtype)
+    x = jnp.take_along_axis(x, masks.keep_idx[:, :, None], axis=1)
+    return self.encoder(x, masks.visible_len)
+
+  def __call__(
+      self, signals: Float[Array, "b t c"], observed: Bool[Array, "b t c"], masks: AimMasks,
+  ) -> Float[Array, "b t c"]:
+    """Reconstruction of every minute (float32)."""
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    y = self.enc_to_dec(self.encode(signals, observed, masks))
+    grid = _scatter_to_grid(y, masks.keep_idx, cfg.num_tokens)
+    grid = jnp.where(masks.total[:, :, None], self.mask_token.value.astype(dtype), grid)
+    grid = grid + jnp.asarray(sincos_2d(*cfg.grid, cfg.dec_width), dtype)
+    out = self.head(self.decoder(grid))
+    return unpatchify(out.astype(jnp.float32), cfg)
+
+  def embed(
+      self,
+      signals: Float[Array, "b t c"],
+      observed: Bool[Array, "b t c"],
+      *,
+      mask_cfg: MaskConfig | None = None,
+      per_token: bool = False,
+  ) -> Float[Array, "b d"] | tuple[Float[Array, "b n d"], Bool[Array, "b n"]]:
+    """Inference embedding: nothing dropped, inherited tokens attention-masked.
+
+    Returns the mean of the encoder outputs over visible tokens [b, d] (zeros
+    for a day without any), or with `per_token` the outputs on the full grid
+    [b, N, d] (zeros at masked tokens) and the visibility mask [b, N].
+    """
+    mask_cfg = mask_cfg or MaskConfig()
+    observed = effective_observed(observed, mask_cfg)
+    masks = inference_masks(observed, self.cfg, mask_cfg)
+    enc = self.encode(signals, observed, masks).astype(jnp.float32)
+    enc = jnp.where(masks.keep_visible[:, :, None], enc, 0.0)
+    if per_token:
+      return _scatter_to_grid(enc, masks.keep_idx, self.cfg.num_tokens), ~masks.total
+    count = jnp.maximum(masks.visible_len, 1).astype(jnp.float32)
+    return enc.sum(axis=1) / count[:, None]
