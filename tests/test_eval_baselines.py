@@ -95,7 +95,8 @@ def test_hidden_minutes_never_leak(name):
   out = baselines.impute(name, values, observed, target)
   hidden = ~(observed & ~target)
   changed = np.where(hidden, np.random.default_rng(7).normal(size=values.shape) * 100, values)
-  changed = np.where(hidden & (np.random.default_rng(8).random(values.shape) < 0.3), np.nan, changed)
+  nan_at = hidden & (np.random.default_rng(8).random(values.shape) < 0.3)
+  changed = np.where(nan_at, np.nan, changed)
   np.testing.assert_array_equal(baselines.impute(name, changed, observed, target), out)
   # Target minutes really are hidden: revealing them changes the answer.
   assert not np.array_equal(baselines.impute(name, values, observed, np.zeros_like(target)), out)

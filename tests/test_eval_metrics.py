@@ -14,12 +14,14 @@ S6 = np.array([0.1, 0.4, 0.35, 0.8, 0.8, 0.9])
 
 
 def test_average_ranks_share_ties():
-  np.testing.assert_allclose(metrics.average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])), [4, 1, 4, 2, 4])
+  ranks = metrics.average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0]))
+  np.testing.assert_allclose(ranks, [4, 1, 4, 2, 4])
   np.testing.assert_allclose(metrics.average_ranks(np.array([5.0, 5.0])), [1.5, 1.5])
 
 
 def test_auroc_by_hand_with_tie():
-  # Pairs won by each positive: 0.35 -> 1 (beats 0.1); 0.8 -> 2 + 0.5 (tie); 0.9 -> 3. Total 6.5 / 9.
+  # Pairs won by each positive: 0.35 -> 1 (beats 0.1); 0.8 -> 2 + 0.5 (tie); 0.9 -> 3.
+  # Total 6.5 of 9 pairs.
   assert metrics.binary_auroc(Y6, S6) == pytest.approx(6.5 / 9)
   # Ranking is all that matters.
   assert metrics.binary_auroc(Y6, np.log(S6)) == pytest.approx(6.5 / 9)
@@ -37,7 +39,8 @@ def test_average_precision_by_hand_with_tie():
 
 def test_binary_classification_metrics_by_hand():
   out = metrics.classification_metrics(Y6, S6, 2)
-  # Predictions at 0.5: [0, 0, 0, 1, 1, 1]; class 1: TP 2, FP 1, FN 1 -> F1 2/3; class 0 likewise 2/3.
+  # Predictions at 0.5: [0, 0, 0, 1, 1, 1].
+  # Class 1: TP 2, FP 1, FN 1 -> F1 2/3; class 0 likewise 2/3.
   assert out["auroc"] == pytest.approx(6.5 / 9)
   assert out["map"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
   assert out["macro_f1"] == pytest.approx(2 / 3)
@@ -69,7 +72,8 @@ def test_multiclass_skips_undefined_classes_and_f1_ignores_unseen_classes():
   y_true = np.array([0, 0, 1, 1])
   scores = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.4, 0.5, 0.1]])
   out = metrics.classification_metrics(y_true, scores, 3)
-  assert out["auroc"] == pytest.approx(1.0)  # class 2 has no positive: left out, not counted as 0.5 or 0.
+  # Class 2 has no positive: left out, not counted as 0.5 or 0.
+  assert out["auroc"] == pytest.approx(1.0)
   assert out["map"] == pytest.approx(1.0)
   assert out["macro_f1"] == pytest.approx(1.0)
 
@@ -93,7 +97,8 @@ def test_regression_metrics_by_hand():
   assert out["pearson_r"] == pytest.approx(11 / np.sqrt(130))
   assert out["n"] == 4
   assert metrics.regression_metrics(y, np.full(4, 2.5))["pearson_r"] is None
-  assert metrics.regression_metrics(np.zeros(0), np.zeros(0)) == {"mae": None, "rmse": None, "pearson_r": None, "n": 0}
+  empty = metrics.regression_metrics(np.zeros(0), np.zeros(0))
+  assert empty == {"mae": None, "rmse": None, "pearson_r": None, "n": 0}
   with pytest.raises(ValueError, match="NaN"):
     metrics.regression_metrics(y, np.array([1.0, np.nan, 1.0, 1.0]))
 
@@ -111,7 +116,8 @@ def test_reconstruction_errors_count_only_masked_observed_minutes():
   np.testing.assert_array_equal(per_row["count"], [2, 1])
   empty = metrics.reconstruction_errors(pred, target, np.zeros_like(mask))
   assert empty == {"mse": None, "mae": None, "count": 0}
-  rows = metrics.reconstruction_errors(pred, target, np.array([[True] + [False] * 2, [False] * 3]), axis=1)
+  one = np.array([[True, False, False], [False, False, False]])
+  rows = metrics.reconstruction_errors(pred, target, one, axis=1)
   assert np.isnan(rows["mse"][1]) and rows["count"][1] == 0
   with pytest.raises(ValueError, match="boolean"):
     metrics.reconstruction_errors(pred, target, mask.astype(np.float32))
@@ -160,7 +166,8 @@ def test_collecting_metrics_merge_batches_and_drop_padding():
   acc = acc.merge(metrics.ClassificationMetrics.from_model_output(labels=Y6[:4], scores=S6[:4]))
   # Second batch padded with two junk examples that the mask removes.
   acc = acc.merge(metrics.ClassificationMetrics.from_model_output(
-      labels=np.r_[Y6[4:], 1, 1], scores=np.r_[S6[4:], 0.0, 0.0], mask=np.array([1, 1, 0, 0], bool)))
+      labels=np.r_[Y6[4:], 1, 1], scores=np.r_[S6[4:], 0.0, 0.0],
+      mask=np.array([1, 1, 0, 0], bool)))
   assert acc.compute() == full
 
   y = np.array([1.0, 2.0, 3.0, 4.0])

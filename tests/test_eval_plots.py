@@ -19,7 +19,8 @@ def _check_png(path):
 def test_metric_by_condition_bar_chart(tmp_path):
   results = {"AIM": {"none": 0.64, "PPG": 0.55, "night": None},
              "LSM-1": {"none": 0.60, "PPG": 0.50, "night": 0.58}}
-  out = plots.plot_metric_by_condition(results, tmp_path / "sub" / "groups.png", metric_name="F1", title="removed")
+  out = plots.plot_metric_by_condition(results, tmp_path / "sub" / "groups.png", metric_name="F1",
+                                       title="removed")
   assert out == tmp_path / "sub" / "groups.png"
   _check_png(out)
   with pytest.raises(ValueError, match="empty"):
@@ -29,7 +30,8 @@ def test_metric_by_condition_bar_chart(tmp_path):
 def test_error_by_missingness_line_plot(tmp_path):
   names = tasks.bucket_labels()
   series = {"AIM": [0.2, 0.22, 0.25, 0.3, None, 0.4], "linear": [0.5] * 6}
-  out = plots.plot_error_by_missingness(names, series, tmp_path / "miss.png", counts=[5, 6, 7, 8, 0, 2])
+  out = plots.plot_error_by_missingness(names, series, tmp_path / "miss.png",
+                                        counts=[5, 6, 7, 8, 0, 2])
   _check_png(out)
   with pytest.raises(ValueError, match="6 buckets"):
     plots.plot_error_by_missingness(names, {"AIM": [0.1]}, tmp_path / "bad.png")
@@ -44,7 +46,9 @@ def test_reconstructed_day(tmp_path):
   values = np.where(observed, values, np.nan)  # unobserved values may be NaN
   predicted = np.nan_to_num(values) + 0.05
   out = plots.plot_reconstructed_day(values, observed, target, predicted, tmp_path / "day.png",
-                                     channel_names=[f"ch{i}" for i in range(c)], line_channels=(0, 3))
+                                     channel_names=[f"ch{i}" for i in range(c)],
+                                     line_channels=(0, 3))
   _check_png(out)
   with pytest.raises(ValueError, match="channel_names"):
-    plots.plot_reconstructed_day(values, observed, target, predicted, tmp_path / "bad.png", channel_names=["a"])
+    plots.plot_reconstructed_day(values, observed, target, predicted, tmp_path / "bad.png",
+                                 channel_names=["a"])

@@ -22,7 +22,8 @@ def test_categorical_probe_separates_clusters():
   centers = np.array([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
   y = rng.integers(0, 3, size=300)
   x = centers[y] + rng.normal(size=(300, 3)) * 0.5
-  fitted = probe.fit_linear_probe(x[:200], y[:200], kind="categorical", num_classes=3, batch_size=64, seed=0)
+  fitted = probe.fit_linear_probe(x[:200], y[:200], kind="categorical", num_classes=3,
+                                  batch_size=64, seed=0)
   p = fitted.predict(x[200:])
   np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
   out = metrics.classification_metrics(y[200:], p, 3)
@@ -47,12 +48,13 @@ def test_class_balancing_removes_the_prior_from_predictions():
   # Uninformative (constant) features: only the bias can learn, so the probe outputs its prior.
   x = np.ones((100, 3))
   y = (np.arange(100) < 90).astype(int)  # 90% positives
-  plain = probe.fit_linear_probe(x, y, kind="binary", class_balanced=False, steps=1500, lr=0.05, seed=0)
-  balanced = probe.fit_linear_probe(x, y, kind="binary", class_balanced=True, steps=1500, lr=0.05, seed=0)
+  fit = dict(steps=1500, lr=0.05, seed=0)
+  plain = probe.fit_linear_probe(x, y, kind="binary", class_balanced=False, **fit)
+  balanced = probe.fit_linear_probe(x, y, kind="binary", class_balanced=True, **fit)
   np.testing.assert_allclose(plain.predict(x[:1]), 0.9, atol=0.01)
   np.testing.assert_allclose(balanced.predict(x[:1]), 0.5, atol=0.01)
   yc = np.repeat([0, 1, 2], [60, 30, 10])
-  bal_c = probe.fit_linear_probe(x, yc, kind="categorical", num_classes=3, steps=1500, lr=0.05, seed=0)
+  bal_c = probe.fit_linear_probe(x, yc, kind="categorical", num_classes=3, **fit)
   np.testing.assert_allclose(bal_c.predict(x[:1])[0], [1 / 3] * 3, atol=0.01)
   np.testing.assert_array_equal(bal_c.train_class_counts, [60, 30, 10])
 

@@ -64,7 +64,8 @@ def test_temporal_interpolation_is_one_inner_gap():
       assert idx[-1] - idx[0] + 1 == gap  # contiguous
       assert idx[0] >= PT and idx[-1] < T - PT  # context on both sides
       assert idx[0] % PT == 0
-  starts = np.argmax(tasks.temporal_interpolation(obs, PT, PC, seed=0, gap_minutes=30)[:, :, 0], axis=1)
+  gaps = tasks.temporal_interpolation(obs, PT, PC, seed=0, gap_minutes=30)
+  starts = np.argmax(gaps[:, :, 0], axis=1)
   assert len(np.unique(starts)) > 5  # random positions
   with pytest.raises(ValueError, match="multiple of patch_time"):
     tasks.temporal_interpolation(obs, PT, PC, seed=0, gap_minutes=15)
@@ -101,7 +102,8 @@ def test_generative_task_suite_names():
       + [f"signal_imputation_{k}ch" for k in (2, 6, 12, 20)]
       + ["signal_imputation_all_but_one_25ch"])
   names4 = [n for n, _ in tasks.generative_task_suite(4)]
-  assert [n for n in names4 if n.startswith("signal")] == ["signal_imputation_2ch", "signal_imputation_all_but_one_3ch"]
+  assert [n for n in names4 if n.startswith("signal")] == [
+      "signal_imputation_2ch", "signal_imputation_all_but_one_3ch"]
   names3 = [n for n, _ in tasks.generative_task_suite(3)]
   assert [n for n in names3 if n.startswith("signal")] == ["signal_imputation_all_but_one_2ch"]
   assert not [n for n, _ in tasks.generative_task_suite(1) if n.startswith("signal")]

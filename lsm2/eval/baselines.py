@@ -27,9 +27,11 @@ def _visible(values: np.ndarray, observed: np.ndarray, target_mask: np.ndarray) 
     raise ValueError(f"values must be [n, T, C], got shape {values.shape}")
   if observed.shape != values.shape or target_mask.shape != values.shape:
     raise ValueError(
-        f"values {values.shape}, observed {observed.shape} and target_mask {target_mask.shape} must match")
+        f"values {values.shape}, observed {observed.shape} and target_mask {target_mask.shape} "
+        "must match")
   if observed.dtype != bool or target_mask.dtype != bool:
-    raise ValueError(f"observed ({observed.dtype}) and target_mask ({target_mask.dtype}) must be boolean")
+    raise ValueError(
+        f"observed ({observed.dtype}) and target_mask ({target_mask.dtype}) must be boolean")
   return observed & ~target_mask
 
 
@@ -103,21 +105,27 @@ def _linear_interpolation(values: np.ndarray, visible: np.ndarray) -> np.ndarray
 
 
 def channel_mean_impute(
-    values: Float[np.ndarray, "n t c"], observed: Bool[np.ndarray, "n t c"], target_mask: Bool[np.ndarray, "n t c"]
+    values: Float[np.ndarray, "n t c"],
+    observed: Bool[np.ndarray, "n t c"],
+    target_mask: Bool[np.ndarray, "n t c"],
 ) -> Float[np.ndarray, "n t c"]:
   """Fills every minute with its example/channel's mean over visible minutes (0 if none)."""
   return _apply(_channel_mean, values, observed, target_mask)
 
 
 def locf_impute(
-    values: Float[np.ndarray, "n t c"], observed: Bool[np.ndarray, "n t c"], target_mask: Bool[np.ndarray, "n t c"]
+    values: Float[np.ndarray, "n t c"],
+    observed: Bool[np.ndarray, "n t c"],
+    target_mask: Bool[np.ndarray, "n t c"],
 ) -> Float[np.ndarray, "n t c"]:
   """Last visible observation carried forward; backfilled before the first one; 0 if none."""
   return _apply(_locf, values, observed, target_mask)
 
 
 def linear_interpolation_impute(
-    values: Float[np.ndarray, "n t c"], observed: Bool[np.ndarray, "n t c"], target_mask: Bool[np.ndarray, "n t c"]
+    values: Float[np.ndarray, "n t c"],
+    observed: Bool[np.ndarray, "n t c"],
+    target_mask: Bool[np.ndarray, "n t c"],
 ) -> Float[np.ndarray, "n t c"]:
   """Linear interpolation in time between visible minutes, constant at the ends; 0 if none."""
   return _apply(_linear_interpolation, values, observed, target_mask)

@@ -93,7 +93,9 @@ def average_precision(y_true: Int[np.ndarray, "n"], scores: Float[np.ndarray, "n
   return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def macro_f1(y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int) -> float | None:
+def macro_f1(
+    y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int
+) -> float | None:
   """Unweighted mean F1 over the classes present in `y_true` or `y_pred`."""
   y_true = _check_labels(y_true, num_classes)
   y_pred = _check_labels(y_pred, num_classes)
@@ -108,7 +110,9 @@ def macro_f1(y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_cla
   return float(f1.mean())
 
 
-def balanced_accuracy(y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int) -> float | None:
+def balanced_accuracy(
+    y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int
+) -> float | None:
   """Mean per-class recall over the classes present in `y_true`."""
   y_true = _check_labels(y_true, num_classes)
   y_pred = _check_labels(y_pred, num_classes)
@@ -198,12 +202,15 @@ def pearson_r(x: Float[np.ndarray, "n"], y: Float[np.ndarray, "n"]) -> float | N
   return float(np.clip(np.sum(dx * dy) / denom, -1.0, 1.0))
 
 
-def regression_metrics(y_true: Float[np.ndarray, "n"], y_pred: Float[np.ndarray, "n"]) -> dict[str, Any]:
+def regression_metrics(
+    y_true: Float[np.ndarray, "n"], y_pred: Float[np.ndarray, "n"]
+) -> dict[str, Any]:
   """MAE, RMSE and Pearson r of predictions (None when undefined) and `n`."""
   y_true = np.asarray(y_true, np.float64)
   y_pred = np.asarray(y_pred, np.float64)
   if y_true.ndim != 1 or y_true.shape != y_pred.shape:
-    raise ValueError(f"targets {y_true.shape} and predictions {y_pred.shape} must be equal 1-D shapes")
+    raise ValueError(
+        f"targets {y_true.shape} and predictions {y_pred.shape} must be equal 1-D shapes")
   if not (np.all(np.isfinite(y_true)) and np.all(np.isfinite(y_pred))):
     raise ValueError("regression targets or predictions contain NaN or inf")
   n = int(y_true.size)
@@ -218,7 +225,9 @@ def regression_metrics(y_true: Float[np.ndarray, "n"], y_pred: Float[np.ndarray,
   }
 
 
-def task_metrics(kind: str, y_true: np.ndarray, predictions: np.ndarray, num_classes: int | None = None) -> dict[str, Any]:
+def task_metrics(
+    kind: str, y_true: np.ndarray, predictions: np.ndarray, num_classes: int | None = None
+) -> dict[str, Any]:
   """Dispatches on the probe kind: "binary", "categorical" or "regression"."""
   if kind == "binary":
     return classification_metrics(y_true, predictions, 2)
@@ -253,7 +262,8 @@ def reconstruction_errors(
   mask = np.asarray(mask)
   if not (predictions.shape == targets.shape == mask.shape):
     raise ValueError(
-        f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} must match")
+        f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} "
+        "must match")
   if mask.dtype != bool:
     raise ValueError(f"mask must be boolean (masked and observed minutes), got {mask.dtype}")
   err = np.where(mask, predictions, 0.0).astype(np.float64) - np.where(mask, targets, 0.0)
@@ -312,7 +322,8 @@ class MaskedReconstruction(clu_metrics.Metric):
   ) -> MaskedReconstruction:
     if not (predictions.shape == targets.shape == mask.shape):
       raise ValueError(
-          f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} must match")
+          f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} "
+          "must match")
     if mask.dtype != jnp.bool_:
       raise ValueError(f"mask must be boolean (masked and observed minutes), got {mask.dtype}")
     err = (jnp.where(mask, predictions, 0).astype(jnp.float32)

@@ -88,7 +88,9 @@ def plot_error_by_missingness(
   x = np.arange(len(bucket_names))
   for name, values in series.items():
     ax.plot(x, [_as_float(v) for v in values], marker="o", label=name)
-  labels = list(bucket_names) if counts is None else [f"{b}\n(n={c})" for b, c in zip(bucket_names, counts)]
+  labels = list(bucket_names)
+  if counts is not None:
+    labels = [f"{b}\n(n={c})" for b, c in zip(bucket_names, counts)]
   ax.set_xticks(x, labels, fontsize=8)
   ax.set_xlabel("missing fraction of the day")
   ax.set_ylabel(metric_name)
@@ -114,8 +116,10 @@ def plot_reconstructed_day(
   the hidden observed minutes the model had to predict; line plots overlay
   the true observed values, the prediction and shade the masked minutes.
   """
-  values, observed, target_mask, predicted = (np.asarray(a) for a in (values, observed, target_mask, predicted))
-  if values.ndim != 2 or not (values.shape == observed.shape == target_mask.shape == predicted.shape):
+  values, observed = np.asarray(values), np.asarray(observed)
+  target_mask, predicted = np.asarray(target_mask), np.asarray(predicted)
+  shapes = {values.shape, observed.shape, target_mask.shape, predicted.shape}
+  if values.ndim != 2 or len(shapes) != 1:
     raise ValueError(
         f"values {values.shape}, observed {observed.shape}, target_mask {target_mask.shape} and "
         f"predicted {predicted.shape} must be equal [T, C] shapes")
@@ -138,13 +142,14 @@ def plot_reconstructed_day(
   axes = fig.subplots(n_rows, 1, sharex=True, squeeze=False)[:, 0]
   hours = np.arange(n_time) * 24.0 / n_time
   for ax, (label, data) in zip(axes, panels):
-    im = ax.imshow(data.T, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest",
-                   extent=(0, 24, n_chan - 0.5, -0.5))
+    im = ax.imshow(data.T, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                   interpolation="nearest", extent=(0, 24, n_chan - 0.5, -0.5))
     ax.set_ylabel("channel", fontsize=8)
     ax.set_title(label, fontsize=9)
     fig.colorbar(im, ax=ax, pad=0.01)
   for ax, c in zip(axes[len(panels):], line_channels):
-    ax.plot(hours, np.where(observed[:, c], values[:, c], np.nan), lw=0.8, color="k", label="observed")
+    truth = np.where(observed[:, c], values[:, c], np.nan)
+    ax.plot(hours, truth, lw=0.8, color="k", label="observed")
     ax.plot(hours, predicted[:, c], lw=0.8, color="tab:red", label="predicted")
     ax.fill_between(hours, 0, 1, where=target_mask[:, c], transform=ax.get_xaxis_transform(),
                     color="tab:orange", alpha=0.2, label="masked")

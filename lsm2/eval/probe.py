@@ -35,7 +35,9 @@ def _check_kind(kind: str, num_classes: int | None) -> int:
   raise ValueError(f"unknown probe kind {kind!r}; expected one of {KINDS}")
 
 
-def _check_xy(x: np.ndarray, y: np.ndarray, kind: str, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _check_xy(
+    x: np.ndarray, y: np.ndarray, kind: str, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray]:
   x = np.asarray(x, np.float32)
   y = np.asarray(y)
   if x.ndim != 2:
@@ -152,7 +154,8 @@ def fit_linear_probe(
   width = _check_kind(kind, num_classes)
   x, y = _check_xy(x_train, y_train, kind, num_classes)
   if steps < 1 or batch_size < 1 or lr <= 0 or l2 < 0:
-    raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, l2 >= 0; got {steps}, {batch_size}, {lr}, {l2}")
+    raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, l2 >= 0; "
+                     f"got {steps}, {batch_size}, {lr}, {l2}")
   n = x.shape[0]
   mean = x.mean(axis=0, dtype=np.float64)
   std = x.std(axis=0, dtype=np.float64)
@@ -168,23 +171,27 @@ def fit_linear_probe(
   else:
     counts = np.bincount(y, minlength=2 if kind == "binary" else num_classes)
     if np.count_nonzero(counts) < 2:
-      raise ValueError(f"a {kind} probe needs at least two classes in training; class counts are {counts}")
+      raise ValueError(
+          f"a {kind} probe needs at least two classes in training; class counts are {counts}")
     if class_balanced:
       prior = np.maximum(counts, 0.5) / n
-      offset = (np.log(prior[1] / prior[0])[None] if kind == "binary" else np.log(prior)).astype(np.float32)
+      log_prior = np.log(prior[1] / prior[0])[None] if kind == "binary" else np.log(prior)
+      offset = log_prior.astype(np.float32)
 
   rng = np.random.default_rng(seed)
   if n <= batch_size:
     batches = np.broadcast_to(np.arange(n, dtype=np.int32), (steps, n))
   else:
     batches = rng.integers(0, n, size=(steps, batch_size), dtype=np.int32)
-  params, losses = _train(jnp.asarray(xs), jnp.asarray(y), jnp.asarray(batches), jnp.asarray(offset),
-                          jnp.asarray(l2, jnp.float32), kind=kind, lr=float(lr))
+  params, losses = _train(jnp.asarray(xs), jnp.asarray(y), jnp.asarray(batches),
+                          jnp.asarray(offset), jnp.asarray(l2, jnp.float32),
+                          kind=kind, lr=float(lr))
   if not np.all(np.isfinite(np.asarray(losses))):
     raise FloatingPointError(f"linear probe loss became NaN/inf (kind={kind}, lr={lr})")
   return Probe(kind=kind, num_classes=2 if kind == "binary" else num_classes,
                feature_mean=mean, feature_scale=scale,
-               weights=np.asarray(params["w"], np.float64), bias=np.asarray(params["b"], np.float64),
+               weights=np.asarray(params["w"], np.float64),
+               bias=np.asarray(params["b"], np.float64),
                target_mean=target_mean, target_scale=target_scale, train_class_counts=counts)
 
 
@@ -200,7 +207,9 @@ class ConstantPredictor:
     return np.broadcast_to(self.value, (n,) + self.value.shape).copy()
 
 
-def fit_majority_baseline(y_train: np.ndarray, *, kind: str, num_classes: int | None = None) -> ConstantPredictor:
+def fit_majority_baseline(
+    y_train: np.ndarray, *, kind: str, num_classes: int | None = None
+) -> ConstantPredictor:
   """Majority-class (class frequencies as scores) or mean predictor, same `predict` as `Probe`."""
   _check_kind(kind, num_classes)
   y = np.asarray(y_train)
@@ -246,7 +255,8 @@ def subject_disjoint_split(
       n_test = min(max(n_test, 1), len(members) - 1)
     test_subject[rng.permutation(members)[:n_test]] = True
   if test_subject.all() or not test_subject.any():
-    raise ValueError(f"split left one side empty ({test_subject.sum()} of {len(subjects)} subjects in test)")
+    raise ValueError(
+        f"split left one side empty ({test_subject.sum()} of {len(subjects)} subjects in test)")
   is_test = test_subject[inverse]
   return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
@@ -267,7 +277,8 @@ def few_shot_indices(
   labels = np.asarray(labels)
   subject_ids = np.asarray(subject_ids)
   if labels.shape != subject_ids.shape or labels.ndim != 1:
-    raise ValueError(f"labels {labels.shape} and subject_ids {subject_ids.shape} must be equal 1-D shapes")
+    raise ValueError(
+        f"labels {labels.shape} and subject_ids {subject_ids.shape} must be equal 1-D shapes")
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
   eligible = ~np.isin(subject_ids, np.asarray(exclude_subjects))
@@ -296,7 +307,8 @@ def aggregate_by_subject(
   values = np.asarray(values)
   subject_ids = np.asarray(subject_ids)
   if subject_ids.shape != values.shape[:1]:
-    raise ValueError(f"subject_ids {subject_ids.shape} must match the first axis of values {values.shape}")
+    raise ValueError(
+        f"subject_ids {subject_ids.shape} must match the first axis of values {values.shape}")
   subjects, inverse = np.unique(subject_ids, return_inverse=True)
   sums = np.zeros((len(subjects),) + values.shape[1:], np.float64)
   np.add.at(sums, inverse, values)
@@ -309,11 +321,13 @@ def subject_labels(labels: np.ndarray, subject_ids: Sequence) -> tuple[np.ndarra
   labels = np.asarray(labels)
   subject_ids = np.asarray(subject_ids)
   if labels.shape != subject_ids.shape or labels.ndim != 1:
-    raise ValueError(f"labels {labels.shape} and subject_ids {subject_ids.shape} must be equal 1-D shapes")
+    raise ValueError(
+        f"labels {labels.shape} and subject_ids {subject_ids.shape} must be equal 1-D shapes")
   subjects, first, inverse = np.unique(subject_ids, return_index=True, return_inverse=True)
   per_subject = labels[first]
   conflict = per_subject[inverse] != labels
   if np.any(conflict):
     bad = np.unique(subject_ids[conflict])[:5]
-    raise ValueError(f"subjects {bad.tolist()} have more than one label; subject-level labels must be constant")
+    raise ValueError(f"subjects {bad.tolist()} have more than one label; "
+                     "subject-level labels must be constant")
   return subjects, per_subject

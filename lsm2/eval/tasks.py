@@ -33,12 +33,17 @@ GAP_MINUTES: tuple[int, ...] = (10, 30, 60, 180)
 SIGNAL_COUNTS: tuple[int, ...] = (2, 6, 12, 20)
 
 
-def _grid(observed: np.ndarray, patch_time: int, patch_channels: int) -> tuple[int, int, int]:
-  """Validates the observed mask against the patch and returns (n, time tokens, channel tokens)."""
+def _check_observed(observed: np.ndarray) -> np.ndarray:
   observed = np.asarray(observed)
   if observed.ndim != 3 or observed.dtype != bool:
-    raise ValueError(f"observed must be a boolean [n, T, C] array, got {observed.dtype} {observed.shape}")
-  n, n_time, n_chan = observed.shape
+    raise ValueError(
+        f"observed must be a boolean [n, T, C] array, got {observed.dtype} {observed.shape}")
+  return observed
+
+
+def _grid(observed: np.ndarray, patch_time: int, patch_channels: int) -> tuple[int, int, int]:
+  """Validates the observed mask against the patch; returns (n, time tokens, channel tokens)."""
+  n, n_time, n_chan = _check_observed(observed).shape
   if patch_time < 1 or n_time % patch_time:
     raise ValueError(f"patch_time={patch_time} must divide T={n_time}")
   if patch_channels < 1 or n_chan % patch_channels:
@@ -89,7 +94,8 @@ def random_imputation(
   inherited = inherited_token_mask(observed, patch_time, patch_channels).reshape(n, -1)
   n_tokens = nt * nc
   extra = np.maximum(int(round(ratio * n_tokens)) - inherited.sum(axis=1), 0)
-  keys = np.array([rng.random(n_tokens) for rng in _example_rngs(seed, n, example_ids)]).reshape(n, n_tokens)
+  rngs = _example_rngs(seed, n, example_ids)
+  keys = np.array([rng.random(n_tokens) for rng in rngs]).reshape(n, n_tokens)
   keys = np.where(inherited, np.inf, keys)
   rank = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
   hidden = rank < extra[:, None]
@@ -98,7 +104,8 @@ def random_imputation(
 
 def _gap_tokens(gap_minutes: int, patch_time: int, n_time_tokens: int) -> int:
   if gap_minutes < 1 or gap_minutes % patch_time:
-    raise ValueError(f"gap_minutes={gap_minutes} must be a positive multiple of patch_time={patch_time}")
+    raise ValueError(
+        f"gap_minutes={gap_minutes} must be a positive multiple of patch_time={patch_time}")
   return gap_minutes // patch_time
 
 
@@ -119,8 +126,10 @@ def temporal_interpolation(
   n, nt, nc = _grid(observed, patch_time, patch_channels)
   gap = _gap_tokens(gap_minutes, patch_time, nt)
   if gap > nt - 2:
-    raise ValueError(f"gap of {gap_minutes} min leaves no context on both sides of a {nt * patch_time}-min day")
-  starts = np.array([rng.integers(1, nt - gap) for rng in _example_rngs(seed, n, example_ids)], np.int64)
+    raise ValueError(f"gap of {gap_minutes} min leaves no context on both sides of a "
+                     f"{nt * patch_time}-min day")
+  rngs = _example_rngs(seed, n, example_ids)
+  starts = np.array([rng.integers(1, nt - gap) for rng in rngs], np.int64)
   t = np.arange(nt)[None, :]
   hidden_time = (t >= starts[:, None]) & (t < starts[:, None] + gap)
   hidden = np.broadcast_to(hidden_time[:, :, None], (n, nt, nc))
@@ -165,7 +174,8 @@ def signal_imputation(
   n_chan = nc * patch_channels
   if k < 1 or k % patch_channels or k >= n_chan:
     raise ValueError(
-        f"k={k} channels must be a positive multiple of patch_channels={patch_channels} below C={n_chan}")
+        f"k={k} channels must be a positive multiple of patch_channels={patch_channels} "
+        f"below C={n_chan}")
   hidden_chan = np.zeros((n, nc), bool)
   for row, rng in zip(hidden_chan, _example_rngs(seed, n, example_ids)):
     row[rng.permutation(nc)[: k // patch_channels]] = True
@@ -173,7 +183,9 @@ def signal_imputation(
   return _to_minutes(hidden, patch_time, patch_channels)
 
 
-def generative_task_suite(num_channels: int, patch_channels: int = 1) -> list[tuple[str, TaskBuilder]]:
+def generative_task_suite(
+    num_channels: int, patch_channels: int = 1
+) -> list[tuple[str, TaskBuilder]]:
   """The generative evaluation tasks of issue 5 as (name, builder) pairs.
 
   Random imputation (80%), temporal interpolation and extrapolation with
@@ -181,18 +193,22 @@ def generative_task_suite(num_channels: int, patch_channels: int = 1) -> list[tu
   (those below C that are multiples of `patch_channels`) plus all-but-one
   (`C - patch_channels` channels) when that is not already in the list.
   """
-  suite: list[tuple[str, TaskBuilder]] = [("random_imputation_80", functools.partial(random_imputation, ratio=0.8))]
+  partial = functools.partial
+  suite: list[tuple[str, TaskBuilder]] = [
+      ("random_imputation_80", partial(random_imputation, ratio=0.8))]
   for gap in GAP_MINUTES:
-    suite.append((f"temporal_interpolation_{gap}min", functools.partial(temporal_interpolation, gap_minutes=gap)))
+    suite.append((f"temporal_interpolation_{gap}min",
+                  partial(temporal_interpolation, gap_minutes=gap)))
   for gap in GAP_MINUTES:
-    suite.append((f"temporal_extrapolation_{gap}min", functools.partial(temporal_extrapolation, gap_minutes=gap)))
+    suite.append((f"temporal_extrapolation_{gap}min",
+                  partial(temporal_extrapolation, gap_minutes=gap)))
   all_but_one = num_channels - patch_channels
   for k in SIGNAL_COUNTS:
     if k < all_but_one and k % patch_channels == 0:
-      suite.append((f"signal_imputation_{k}ch", functools.partial(signal_imputation, k=k)))
+      suite.append((f"signal_imputation_{k}ch", partial(signal_imputation, k=k)))
   if all_but_one >= 1:
     suite.append((f"signal_imputation_all_but_one_{all_but_one}ch",
-                  functools.partial(signal_imputation, k=all_but_one)))
+                  partial(signal_imputation, k=all_but_one)))
   return suite
 
 
@@ -208,23 +224,22 @@ def sensor_groups(channel_groups: Sequence[str]) -> list[str]:
 def remove_sensor_group(
     observed: Bool[np.ndarray, "n t c"], channel_groups: Sequence[str], group: str
 ) -> Bool[np.ndarray, "n t c"]:
-  """Marks every channel of sensor `group` unobserved. `channel_groups[c]` names channel c's group."""
-  observed = np.asarray(observed)
-  if observed.ndim != 3 or observed.dtype != bool:
-    raise ValueError(f"observed must be a boolean [n, T, C] array, got {observed.dtype} {observed.shape}")
+  """Marks every channel of sensor `group` unobserved; `channel_groups[c]` is channel c's group."""
+  observed = _check_observed(observed)
   if len(channel_groups) != observed.shape[2]:
-    raise ValueError(f"channel_groups has {len(channel_groups)} entries for C={observed.shape[2]} channels")
+    raise ValueError(
+        f"channel_groups has {len(channel_groups)} entries for C={observed.shape[2]} channels")
   in_group = np.array([g == group for g in channel_groups])
   if not in_group.any():
     raise ValueError(f"unknown sensor group {group!r}; groups are {sensor_groups(channel_groups)}")
   return observed & ~in_group[None, None, :]
 
 
-def remove_time_segment(observed: Bool[np.ndarray, "n t c"], segment: str) -> Bool[np.ndarray, "n t c"]:
-  """Marks one quarter of the day unobserved: night 00-06, morning 06-12, afternoon 12-18, evening 18-24."""
-  observed = np.asarray(observed)
-  if observed.ndim != 3 or observed.dtype != bool:
-    raise ValueError(f"observed must be a boolean [n, T, C] array, got {observed.dtype} {observed.shape}")
+def remove_time_segment(
+    observed: Bool[np.ndarray, "n t c"], segment: str
+) -> Bool[np.ndarray, "n t c"]:
+  """Marks a quarter of the day unobserved (night 00-06, morning, afternoon, evening 18-24)."""
+  observed = _check_observed(observed)
   if segment not in SEGMENT_HOURS:
     raise ValueError(f"unknown time segment {segment!r}; choose from {list(SEGMENT_HOURS)}")
   n_time = observed.shape[1]
@@ -238,9 +253,7 @@ def remove_time_segment(observed: Bool[np.ndarray, "n t c"], segment: str) -> Bo
 
 def missing_fraction(observed: Bool[np.ndarray, "n t c"]) -> np.ndarray:
   """Fraction of unobserved minutes x channels per day, [n]."""
-  observed = np.asarray(observed)
-  if observed.ndim != 3 or observed.dtype != bool:
-    raise ValueError(f"observed must be a boolean [n, T, C] array, got {observed.dtype} {observed.shape}")
+  observed = _check_observed(observed)
   # count / size (not 1 - mean) so that e.g. 288 of 1440 is exactly 0.2 and lands in its bucket.
   return (~observed).sum(axis=(1, 2)) / (observed.shape[1] * observed.shape[2])
 
@@ -248,7 +261,7 @@ def missing_fraction(observed: Bool[np.ndarray, "n t c"]) -> np.ndarray:
 def missingness_buckets(
     observed: Bool[np.ndarray, "n t c"], edges: Sequence[float] = MISSINGNESS_EDGES
 ) -> Int[np.ndarray, "n"]:
-  """Bucket index per day: i where edges[i] <= missing fraction < edges[i+1]; -1 outside all buckets.
+  """Bucket index per day: i where edges[i] <= missing fraction < edges[i+1], else -1.
 
   The last bucket is closed on the right (a day exactly at edges[-1] counts).
   """
