@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# N processes of lsm2.main on this machine over loopback: the multi-host code
+# paths (jax.distributed, per-process data shards, multi-writer checkpoints)
+# without any accelerator. See docs/launching.md.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<EOF
+Usage: launch/local.sh N --config PATH[:ARG] --workdir DIR [options]
+                       [--config.KEY=VALUE ...] [-- LSM2_MAIN_FLAGS ...]
+
+Starts N CPU processes of \`python -m lsm2.main\` joined through a coordinator
+on 127.0.0.1, each with its own log WORKDIR/logs/process_I.log. Waits for all;
+if one fails, stops the others and exits non-zero.
+
+Required:
+  N                        number of processes (a positive integer)
+  --config PATH[:ARG]      config file and argument, e.g. configs/pretrain.py:tiny,aim,runlocal
+  --workdir DIR            run directory (shared by all processes)
+Options:
+  --devices-per-process K  fake CPU devices per process (XLA_FLAGS), default 1
+  --port P                 coordinator port on 127.0.0.1, default: a free port
+  --module M               Python module to run, default lsm2.main
+  --dry-run                print the commands, run nothing
+  --config.KEY=VALUE       config override, passed to every process
+  -- FLAGS                 further flags for the module, passed verbatim
+Environment:
+  PYTHON                   interpreter, default python3
+EOF
+}
+
+NUM_PROCESSES=""
+DEVICES_PER_PROCESS=1
+PORT=""
+MODULE="lsm2.main"
+PYTHON="${PYTHON:-python3}"
+
+split_equals "$@"
+set -- "${ARGS[@]+"${ARGS[@]}"}"
+while (($#)); do
+  case "$1" in
+    --devices-per-process) DEVICES_PER_PROCESS="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --port) PORT="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --module) MODULE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    *)
+      parse_common_arg "$@"
+      if ((SHIFT)); then
+        shift "$SHIFT"
+      elif [[ "$1" != -* && -z "$NUM_PROCESSES" ]]; then
+        NUM_PROCESSES="$1"
+        shift
+      else
+        die "unknown argument '$1'"
+      fi
+      ;;
+  esac
+done
+
+require "$NUM_PROCESSES" N "the number of processes, the first argument"
+require_positive_int "$NUM_PROCESSES" N
+require_positive_int "$DEVICES_PER_PROCESS" --devices-per-process
+require_common
+[[ -f "${CONFIG%%:*}" ]] || die "--config file '${CONFIG%%:*}' does not exist"
+if [[ -z "$PORT" ]]; then
+  PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
+require_positive_int "$PORT" --port
+
+# Each process gets its own fake-device count; drop any inherited setting.
+XLA_FLAGS_VALUE=""
+for flag in ${XLA_FLAGS-}; do
+  [[ "$flag" == --xla_force_host_platform_device_count=* ]] || XLA_FLAGS_VALUE+="$flag "
+done
+XLA_FLAGS_VALUE+="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
+
+main_args
+LOG_DIR="$WORKDIR/logs"
+
+# process_cmd I: sets CMD to process I's command line.
+process_cmd() {
+  CMD=(env JAX_PLATFORMS=cpu "XLA_FLAGS=$XLA_FLAGS_VALUE" "$PYTHON" -m "$MODULE" "${MAIN_ARGS[@]}"
+    "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$NUM_PROCESSES" "--process_id=$1")
+}
+
+if ((DRY_RUN)); then
+  print_cmd mkdir -p "$LOG_DIR"
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    process_cmd "$i"
+    printf '%s >%s 2>&1 &\n' "$(quote "${CMD[@]}")" "$(quote "$LOG_DIR/process_$i.log")"
+  done
+  printf 'wait\n'
+  exit 0
+fi
+
+mkdir -p "$LOG_DIR"
+pids=()
+declare -A finished=()
+
+# stop_all: TERM the processes still running, KILL them after 10 s.
+stop_all() {
+  local i deadline=$((SECONDS + 10))
+  for i in "${!pids[@]}"; do
+    [[ -n "${finished[$i]-}" ]] || kill -TERM "${pids[$i]}" 2>/dev/null || true
+  done
+  for i in "${!pids[@]}"; do
+    [[ -z "${finished[$i]-}" ]] || continue
+    while kill -0 "${pids[$i]}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    kill -KILL "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+    finished[$i]=1
+  done
+}
+trap 'echo "$SCRIPT_NAME: interrupted, stopping all processes" >&2; stop_all; exit 130' INT TERM
+
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  process_cmd "$i"
+  "${CMD[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  pids+=("$!")
+done
+echo "$SCRIPT_NAME: started $NUM_PROCESSES processes (coordinator 127.0.0.1:$PORT), logs in $LOG_DIR" >&2
+
+# Poll: bash records each child's exit status, so `wait PID` after it is gone
+# returns that status without blocking.
+remaining=$NUM_PROCESSES
+while ((remaining)); do
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    [[ -z "${finished[$i]-}" ]] || continue
+    if kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
+    status=0
+    wait "${pids[$i]}" || status=$?
+    finished[$i]=1
+    remaining=$((remaining - 1))
+    if ((status != 0)); then
+      log="$LOG_DIR/process_$i.log"
+      {
+        echo "$SCRIPT_NAME: process $i exited with status $status; stopping the others. Last lines of $log:"
+        tail -n 20 "$log" | sed 's/^/  | /'
+      } >&2
+      stop_all
+      exit 1
+    fi
+  done
+  if ((remaining)); then sleep 0.2; fi
+done
+echo "$SCRIPT_NAME: all $NUM_PROCESSES processes finished; logs in $LOG_DIR" >&2

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# lsm2.main on every worker of a Cloud TPU VM slice: installs the package from
+# a git ref or a wheel on each worker, then starts one process per worker
+# (JAX finds the other workers by itself). See docs/launching.md.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<EOF
+Usage: launch/tpu_vm.sh --name TPU --zone ZONE (--git-ref REF --repo URL | --wheel WHEEL)
+                        --config PATH[:ARG] --workdir gs://BUCKET/DIR [options]
+                        [--config.KEY=VALUE ...] [-- LSM2_MAIN_FLAGS ...]
+
+Runs over \`gcloud compute tpus tpu-vm ssh --worker=all\`: installs lsm2 on every
+worker, then runs \`python -m lsm2.main\` on all of them at once, in the
+foreground (run it inside tmux/screen; Ctrl-C stops the local ssh sessions).
+
+Required:
+  --name TPU               the TPU VM (slice) name
+  --zone ZONE              its zone, e.g. us-central2-b
+  --git-ref REF            install this branch, tag or commit of --repo ...
+  --repo URL               ... cloned on every worker into --remote-dir
+  --wheel WHEEL            ... or this wheel (a local file or gs:// path); the
+                           local configs/ directory is copied beside it
+  --config PATH[:ARG]      config file, relative to the repository root
+  --workdir gs://...       run directory on a bucket (workers share no disk)
+Options:
+  --project PROJECT        Google Cloud project (default: gcloud's)
+  --remote-dir DIR         directory on the workers, default ~/lsm2
+  --python PY              Python (>= 3.11) on the workers, default python3
+  --jax-spec SPEC          JAX requirement installed with lsm2, default 'jax[tpu]'
+                           ('' installs none: the workers' JAX is used)
+  --gcloud-flag FLAG       extra flag for every gcloud call (repeatable),
+                           e.g. --gcloud-flag=--internal-ip
+  --dry-run                print the gcloud commands, run nothing
+  --config.KEY=VALUE       config override
+  -- FLAGS                 further lsm2.main flags, passed verbatim
+EOF
+}
+
+NAME=""
+ZONE=""
+PROJECT=""
+GIT_REF=""
+REPO=""
+WHEEL=""
+REMOTE_DIR="~/lsm2"
+REMOTE_PYTHON="python3"
+JAX_SPEC="jax[tpu]"
+GCLOUD_FLAGS=()
+
+split_equals "$@"
+set -- "${ARGS[@]+"${ARGS[@]}"}"
+while (($#)); do
+  case "$1" in
+    --name) NAME="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --zone) ZONE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --project) PROJECT="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --git-ref) GIT_REF="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --repo) REPO="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --wheel) WHEEL="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --remote-dir) REMOTE_DIR="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --python) REMOTE_PYTHON="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --jax-spec) JAX_SPEC="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --gcloud-flag) GCLOUD_FLAGS+=("$(flag_value_of "$1" "$#" "${2-}")"); shift 2 ;;
+    *)
+      parse_common_arg "$@"
+      ((SHIFT)) || die "unknown argument '$1'"
+      shift "$SHIFT"
+      ;;
+  esac
+done
+
+require "$NAME" --name "the TPU VM name"
+require "$ZONE" --zone "the TPU VM's zone"
+if [[ -n "$GIT_REF" && -n "$WHEEL" ]]; then
+  die "--git-ref and --wheel exclude each other: install from one"
+fi
+[[ -n "$GIT_REF" || -n "$WHEEL" ]] ||
+  die "missing required flag --git-ref (with --repo) or --wheel (what to install on the workers)"
+[[ -z "$GIT_REF" ]] || require "$REPO" --repo "the git URL that --git-ref refers to"
+[[ -z "$REPO" || -n "$GIT_REF" ]] || die "--repo needs --git-ref (which branch, tag or commit to install)"
+require_common
+require_bucket_workdir
+require_repo_relative_config
+if [[ -n "$WHEEL" && "$WHEEL" != gs://* && ! -f "$WHEEL" ]]; then
+  die "--wheel file '$WHEEL' does not exist"
+fi
+require_tool gcloud
+
+GCLOUD_COMMON=("--zone=$ZONE" ${PROJECT:+"--project=$PROJECT"} "--worker=all" "${GCLOUD_FLAGS[@]}")
+DIR_Q="$(quote_remote_path "$REMOTE_DIR")"
+JAX_Q="${JAX_SPEC:+ $(quote "$JAX_SPEC")}"
+PY_Q="$(quote_remote_path "$REMOTE_PYTHON")"
+
+# ssh_all SCRIPT: runs the shell SCRIPT on every worker.
+ssh_all() {
+  run_or_print gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_COMMON[@]}" "--command=$1"
+}
+
+# scp_all SRC DEST: copies SRC to DEST (relative to the remote home) on every worker.
+scp_all() {
+  run_or_print gcloud compute tpus tpu-vm scp --recurse "$1" "$NAME:$2" "${GCLOUD_COMMON[@]}"
+}
+
+main_args
+RUN="cd $DIR_Q && $PY_Q -m lsm2.main $(quote "${MAIN_ARGS[@]}")"
+
+if [[ -n "$GIT_REF" ]]; then
+  # Fetching the ref and checking out FETCH_HEAD works for branches, tags and
+  # commits alike, and picks up a branch that moved since the last launch.
+  REPO_Q="$(quote "$REPO")"
+  ssh_all "set -euo pipefail; \
+if [ ! -d $DIR_Q/.git ]; then git clone --quiet $REPO_Q $DIR_Q; fi; \
+git -C $DIR_Q remote set-url origin $REPO_Q; \
+git -C $DIR_Q fetch --quiet origin $(quote "$GIT_REF"); \
+git -C $DIR_Q checkout --quiet --detach FETCH_HEAD; \
+$PY_Q -m pip install --quiet -e $DIR_Q$JAX_Q; \
+$RUN"
+else
+  # The wheel holds the package only; configs/ travels beside it. Installing
+  # twice makes a rebuilt wheel with an unchanged version number take effect.
+  WHEEL_NAME="$(basename "$WHEEL")"
+  ssh_all "mkdir -p $DIR_Q"
+  if [[ "$REMOTE_DIR" == "~/"* ]]; then
+    REMOTE_SCP_DIR="${REMOTE_DIR#\~/}"
+  else
+    REMOTE_SCP_DIR="$REMOTE_DIR"
+  fi
+  scp_all "$REPO_ROOT/configs" "$REMOTE_SCP_DIR/"
+  if [[ "$WHEEL" == gs://* ]]; then
+    FETCH="gcloud storage cp $(quote "$WHEEL") $DIR_Q/; "
+  else
+    scp_all "$WHEEL" "$REMOTE_SCP_DIR/"
+    FETCH=""
+  fi
+  WHEEL_Q="$DIR_Q/$(quote "$WHEEL_NAME")"
+  ssh_all "set -euo pipefail; \
+${FETCH}$PY_Q -m pip install --quiet $WHEEL_Q$JAX_Q; \
+$PY_Q -m pip install --quiet --force-reinstall --no-deps $WHEEL_Q; \
+$RUN"
+fi
