@@ -1,0 +1,96 @@
+"""lsm2.launch.collect: every sweep point's results.json into one markdown table and one CSV."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lsm2.launch import collect
+
+
+def result(task, metric, value, split="test", masking="none", n=100):
+  return {"task": task, "metric": metric, "value": value, "split": split, "masking": masking, "n": n}
+
+
+@pytest.fixture
+def sweep_root(tmp_path):
+  """A masking-scheme sweep: two evaluated points, one not yet evaluated, one root-level run."""
+  root = tmp_path / "masking_scheme"
+  files = {
+      "scheme=aim/eval/probe": [result("hypertension", "f1", 0.637),
+                                result("imputation", "mse", 0.17, masking="signals2", n=40)],
+      "scheme=lsm1/eval/probe": [result("hypertension", "f1", 0.602)],
+      "baseline": [result("hypertension", "f1", 0.5)],
+  }
+  for run, entries in files.items():
+    (root / run).mkdir(parents=True)
+    (root / run / "results.json").write_text(json.dumps(entries))
+  (root / "scheme=dropout_only" / "checkpoints").mkdir(parents=True)
+  return root
+
+
+def test_collect_reads_every_run_with_its_axes(sweep_root):
+  results = collect.collect(sweep_root)
+  assert [(r.run, r.axes, r.task, r.value, r.masking, r.n) for r in results] == [
+      ("baseline", {}, "hypertension", 0.5, "none", 100),
+      ("scheme=aim/eval/probe", {"scheme": "aim"}, "hypertension", 0.637, "none", 100),
+      ("scheme=aim/eval/probe", {"scheme": "aim"}, "imputation", 0.17, "signals2", 40),
+      ("scheme=lsm1/eval/probe", {"scheme": "lsm1"}, "hypertension", 0.602, "none", 100),
+  ]
+
+
+def test_markdown_has_one_row_per_run_and_one_column_per_metric(sweep_root):
+  assert collect.markdown(collect.collect(sweep_root)) == (
+      "| run | scheme | hypertension f1 (test, none) | imputation mse (test, signals2) |\n"
+      "|---|---|---|---|\n"
+      "| baseline |  | 0.5 |  |\n"
+      "| scheme=aim/eval/probe | aim | 0.637 | 0.17 |\n"
+      "| scheme=lsm1/eval/probe | lsm1 | 0.602 |  |\n")
+
+
+def test_cli_writes_markdown_and_csv(sweep_root, tmp_path):
+  out = tmp_path / "tables" / "masking"
+  proc = subprocess.run([sys.executable, "-m", "lsm2.launch.collect", str(sweep_root), "--out", str(out)],
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "tables" / "masking.md").read_text() == proc.stdout
+  assert "3 runs, 4 results" in proc.stderr
+  with (tmp_path / "tables" / "masking.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["run", "scheme", "task", "metric", "value", "split", "masking", "n"]
+  assert rows[2] == {"run": "scheme=aim/eval/probe", "scheme": "aim", "task": "imputation", "metric": "mse",
+                     "value": "0.17", "split": "test", "masking": "signals2", "n": "40"}
+
+
+def test_parse_axes():
+  assert collect.parse_axes("data_size/scheme=aim,max_train_subjects=100/eval/probe") == {
+      "scheme": "aim", "max_train_subjects": "100"}
+  with pytest.raises(ValueError, match="cannot read 'lr' as key=value"):
+    collect.parse_axes("size=S,lr")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"task": "x"}), "expected a list of results, got dict"),
+    (json.dumps([result("a", "f1", 0.1), {"task": "b", "metric": "f1", "value": 1.0}]),
+     "entry 1 lacks split, masking, n"),
+    (json.dumps([result("a", "f1", "high")]), "entry 0 value 'high' is not a number"),
+    (json.dumps([result("a", "f1", 0.1, n=1.5)]), "entry 0 n 1.5 is not an integer"),
+    (json.dumps([result("a", "f1", 0.1), result("a", "f1", 0.2)]),
+     "run 'size=S' reports a f1 \\(test, none\\) twice"),
+])
+def test_malformed_results_name_the_file_and_entry(tmp_path, content, message):
+  (tmp_path / "size=S").mkdir()
+  (tmp_path / "size=S" / "results.json").write_text(content)
+  with pytest.raises(ValueError, match=message) as error:
+    collect.collect(tmp_path)
+  if "twice" not in message:
+    assert str(tmp_path / "size=S" / "results.json") in str(error.value)
+
+
+def test_empty_or_missing_roots_are_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no results.json"):
+    collect.collect(tmp_path)
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    collect.collect(tmp_path / "nowhere")
