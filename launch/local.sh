@@ -97,9 +97,10 @@ mkdir -p "$LOG_DIR"
 pids=()
 declare -A finished=()
 
-# stop_all: TERM the processes still running, KILL them after 10 s.
+# stop_all: TERM the processes still running (lsm2.main checkpoints on
+# SIGTERM), KILL those still there after 30 s.
 stop_all() {
-  local i deadline=$((SECONDS + 10))
+  local i deadline=$((SECONDS + 30))
   for i in "${!pids[@]}"; do
     [[ -n "${finished[$i]-}" ]] || kill -TERM "${pids[$i]}" 2>/dev/null || true
   done

@@ -54,7 +54,10 @@ def stub_bin(tmp_path):
           f.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
         """))
     stub.chmod(0o755)
-  calls = lambda: [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+
+  def calls():
+    return [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+
   return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
 
 
@@ -228,10 +231,14 @@ def test_tpu_vm_local_wheel_dry_run_copies_wheel_and_configs(tmp_path):
                       "--workdir", "gs://my-bucket/runs/s-aim", "--config.data.dir=gs://my-bucket/data",
                       "--dry-run")
   common = ["--zone=us-central2-b", "--project=my-proj", "--worker=all", "--internal-ip"]
-  ssh = lambda command: shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lsm2-v4-32", *common,
-                                    f"--command={command}"])
-  scp = lambda src: shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", str(src),
-                                "lsm2-v4-32:lsm2/", *common])
+
+  def ssh(command):
+    return shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lsm2-v4-32", *common, f"--command={command}"])
+
+  def scp(src):
+    return shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", str(src), "lsm2-v4-32:lsm2/",
+                       *common])
+
   whl = "~/lsm2/lsm2-0.1.0-py3-none-any.whl"
   assert lines(result) == [
       ssh("mkdir -p ~/lsm2"),

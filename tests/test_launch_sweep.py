@@ -1,6 +1,7 @@
 """Sweep expansion (lsm2.launch.sweep), the paper's sweep files, and the sweep CLI."""
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_zip_axes_pairs_points_and_composes_with_product():
     (lambda: sw.axis("config.size", "SB"), "non-empty list of values"),
 ])
 def test_helpers_refuse_malformed_axes(make, message):
-  with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     make()
 
 
