@@ -69,7 +69,8 @@ require_positive_int "$PORT" --port
 
 # Each process gets its own fake-device count; drop any inherited setting.
 XLA_FLAGS_VALUE=""
-for flag in ${XLA_FLAGS-}; do
+read -r -a inherited_xla_flags <<<"${XLA_FLAGS-}"
+for flag in "${inherited_xla_flags[@]}"; do
   [[ "$flag" == --xla_force_host_platform_device_count=* ]] || XLA_FLAGS_VALUE+="$flag "
 done
 XLA_FLAGS_VALUE+="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
