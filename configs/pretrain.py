@@ -1,0 +1,121 @@
+r"""Pretraining config: `--config=configs/pretrain.py:ARG`.
+
+ARG is a comma-separated list of switches (the big_vision way):
+  size:     tiny | S | B | L           (default S, the paper's ~25M model)
+  scheme:   aim | lsm1 | dropout_only | attention_only   (default aim)
+  runlocal  a small run that fits a laptop CPU in minutes.
+
+Examples:
+  python -m lsm2.main --config=configs/pretrain.py:S,aim --workdir=gs://bucket/run1 \
+      --config.data.dir=gs://bucket/data
+  python -m lsm2.main --config=configs/pretrain.py:tiny,lsm1,runlocal --workdir=/tmp/run \
+      --config.data.dir=/tmp/data --config.total_steps=50
+"""
+import ml_collections
+
+SIZES = ("tiny", "S", "B", "L")
+SCHEMES = ("aim", "lsm1", "dropout_only", "attention_only")
+
+
+def parse_arg(arg: str) -> dict:
+  """Turns 'S,aim,runlocal' into {'size': 'S', 'scheme': 'aim', 'runlocal': True}."""
+  out = {"size": "S", "scheme": "aim", "runlocal": False}
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if token in SIZES:
+      out["size"] = token
+    elif token in SCHEMES:
+      out["scheme"] = token
+    elif token == "runlocal":
+      out["runlocal"] = True
+    else:
+      raise ValueError(
+          f"configs/pretrain.py: unknown switch {token!r} in {arg!r}; expected one of "
+          f"sizes {SIZES}, schemes {SCHEMES} or 'runlocal'.")
+  return out
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  a = parse_arg(arg)
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain"
+  config.seed = 0
+
+  # Data: a dataset directory written by lsm2.data.{synthesize,convert}.
+  config.data = ml_collections.ConfigDict()
+  config.data.dir = ""  # Empty: WORKDIR/data.
+  config.data.train_split = "train"
+  config.data.val_split = "validation"
+  config.data.worker_count = 0
+  config.data.max_train_subjects = 0  # 0 = all; the data-size sweep lowers it.
+  # When data.dir does not exist, synthesize this many subjects x days into it.
+  config.data.synthesize_subjects = 0
+  config.data.synthesize_days = 0
+
+  # Model: a named size plus overrides of its frozen ModelConfig.
+  config.model = ml_collections.ConfigDict()
+  config.model.size = a["size"]
+  config.model.patch_time = 10
+  config.model.patch_channels = 1
+  config.model.dtype = "float32"  # "bfloat16" on accelerators.
+  config.model.attention = "xla"  # "xla" | "blocked" | "cudnn"
+  config.model.remat = "none"  # "none" | "attention" | "full"
+  config.model.observed_in_embedding = False
+
+  # Masking (AIM): paper defaults, see ../shared/spec/LSM2_METHOD.md section 3.
+  config.masking = ml_collections.ConfigDict()
+  config.masking.scheme = a["scheme"]
+  config.masking.inherited_threshold = 1.0
+  config.masking.random_ratio = 0.8
+  config.masking.time_bars = 57
+  # Masked tokens dropped before the encoder. -1: the paper's ratio for any
+  # grid, time_bars / n_time of all tokens (1,482 of 3,744 at 26 channels).
+  # The lsm1 / dropout_only / attention_only schemes set their own.
+  config.masking.n_drop = -1
+  config.masking.weights = ml_collections.ConfigDict({"random": 0.5, "time_bars": 0.5})
+  # Visible-token buckets: 0 = the paper's fixed split; K > 0 compiles K encoder
+  # lengths and picks per batch the smallest that holds every visible token.
+  config.masking.encoder_buckets = 0
+
+  # Optimisation: paper defaults.
+  config.batch_size = 1024
+  config.total_steps = 100_000
+  config.lr = 5e-3
+  config.warmup_fraction = 0.05
+  config.optim = ml_collections.ConfigDict()
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.weight_decay = 1e-4
+  config.optim.grad_clip_norm = 1.0
+
+  # Parallelism as data: mesh axis sizes (-1 = all remaining devices) and the
+  # logical-axis rules that map parameter/activation axis names onto them.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  config.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("patch", None),
+      ("head_out", None),
+  )
+
+  # Checkpoints, evaluation, logging.
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.eval_every = 1000
+  config.eval_batches = 8
+  config.log_every = 50
+  config.profile_steps = 0  # > 0: trace that many steps once, for TensorBoard.
+
+  if a["runlocal"]:
+    config.batch_size = 8
+    config.total_steps = 200
+    config.checkpoint_every = 50
+    config.eval_every = 100
+    config.eval_batches = 2
+    config.log_every = 10
+    config.lr = 1e-3
+    config.data.synthesize_subjects = 24
+    config.data.synthesize_days = 4
+  return config.lock()
