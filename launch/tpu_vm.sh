@@ -104,7 +104,9 @@ scp_all() {
 }
 
 main_args
-RUN="cd $DIR_Q && $PY_Q -m lsm2.main $(quote "${MAIN_ARGS[@]}")"
+# A plain TPU VM slice sets none of the cluster variables lsm2.main looks for:
+# --distributed=on makes every worker join through jax.distributed.initialize().
+RUN="cd $DIR_Q && $PY_Q -m lsm2.main --distributed=on $(quote "${MAIN_ARGS[@]}")"
 
 if [[ -n "$GIT_REF" ]]; then
   # Fetching the ref and checking out FETCH_HEAD works for branches, tags and

@@ -200,7 +200,7 @@ def test_local_processes_form_one_jax_runtime_over_loopback(tmp_path, config_fil
 # --- tpu_vm.sh --------------------------------------------------------------------------------
 
 TPU_SETTINGS = ["--name", "lsm2-v4-32", "--zone", "us-central2-b"]
-TPU_RUN = ("cd ~/lsm2 && python3 -m lsm2.main --config=configs/pretrain.py:S,aim "
+TPU_RUN = ("cd ~/lsm2 && python3 -m lsm2.main --distributed=on --config=configs/pretrain.py:S,aim "
            "--workdir=gs://my-bucket/runs/s-aim --config.data.dir=gs://my-bucket/data")
 
 
@@ -262,7 +262,7 @@ def test_tpu_vm_bucket_wheel_is_fetched_on_the_workers():
       "set -euo pipefail; gcloud storage cp gs://my-bucket/lsm2-0.1.0-py3-none-any.whl /opt/lsm2/; "
       "~/venv/bin/python -m pip install --quiet /opt/lsm2/lsm2-0.1.0-py3-none-any.whl; "
       "~/venv/bin/python -m pip install --quiet --force-reinstall --no-deps "
-      "/opt/lsm2/lsm2-0.1.0-py3-none-any.whl; cd /opt/lsm2 && ~/venv/bin/python -m lsm2.main "
+      "/opt/lsm2/lsm2-0.1.0-py3-none-any.whl; cd /opt/lsm2 && ~/venv/bin/python -m lsm2.main --distributed=on "
       "--config=configs/pretrain.py:S,aim --workdir=gs://my-bucket/runs/s-aim")
 
 
@@ -273,7 +273,7 @@ def test_tpu_vm_remote_command_keeps_awkward_overrides_intact():
   (line,) = lines(result)
   command = shlex.split(line)[-1].removeprefix("--command=")
   run = command.split("cd ~/lsm2 && ", 1)[1]
-  assert shlex.split(run) == ["python3", "-m", "lsm2.main", "--config=configs/pretrain.py:S",
+  assert shlex.split(run) == ["python3", "-m", "lsm2.main", "--distributed=on", "--config=configs/pretrain.py:S",
                               "--workdir=gs://b/w", *awkward]
 
 

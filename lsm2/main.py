@@ -1,0 +1,66 @@
+r"""Entry point: parses flags, joins the multi-process runtime, dispatches.
+
+  python -m lsm2.main --config=configs/pretrain.py:S,aim --workdir=DIR \
+      [--config.key=value ...] [--coordinator_address=H:P --num_processes=N --process_id=I]
+
+The config's `mode` field (default "pretrain") picks what runs.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Join a multi-process job via jax.distributed.initialize(): 'on' always (Cloud TPU VM "
+    "slices, where JAX finds the peers itself), 'auto' when Slurm/Open MPI/GKE variables say so.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Environment variables that mean "this is one process of a cluster job", for
+# which jax.distributed.initialize() finds the coordinator by itself.
+_CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")  # > 1 on a multi-process job.
+_CLUSTER_FLAG_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JOBSET_NAME")
+
+
+def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _is_cluster_job()):
+    jax.distributed.initialize()  # Auto-detects Slurm, Cloud TPU, GKE/JobSet, Open MPI.
+  logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _is_cluster_job() -> bool:
+  return (any(int(os.environ.get(k, "1")) > 1 for k in _CLUSTER_SIZE_ENV)
+          or any(os.environ.get(k) for k in _CLUSTER_FLAG_ENV))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  _initialize_distributed()
+  config = _CONFIG.value
+  mode = config.get("mode", "pretrain")
+  if mode == "pretrain":
+    from lsm2.train import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    raise app.UsageError(f"config.mode={mode!r} is not a known mode ('pretrain')")
+
+
+if __name__ == "__main__":
+  app.run(main)
