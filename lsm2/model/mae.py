@@ -225,7 +225,7 @@ class LSM2MAE(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     y = self.enc_to_dec(self.encode(signals, observed, masks))
     grid = _scatter_to_grid(y, masks.keep_idx, cfg.num_tokens)
-    grid = jnp.where(masks.total[:, :, None], self.mask_token.value.astype(dtype), grid)
+    grid = jnp.where(masks.total[:, :, None], self.mask_token[...].astype(dtype), grid)
     grid = grid + jnp.asarray(sincos_2d(*cfg.grid, cfg.dec_width), dtype)
     out = self.head(self.decoder(grid))
     return unpatchify(out.astype(jnp.float32), cfg)
