@@ -1,0 +1,150 @@
+"""Shared converter logic: minute timelines -> day records, the day-drop rule, the summary."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lsm2.data.metadata import LabelSpec
+from lsm2.data.record import MINUTES_PER_DAY, DayRecord
+
+
+@dataclasses.dataclass
+class SubjectTimeline:
+  """One subject's minute grid from midnight of `start` over whole calendar days.
+
+  values: float32[days * 1440, C], NaN where nothing was recorded.
+  """
+  subject_id: str
+  start: datetime.date
+  values: np.ndarray
+  subject_labels: dict[str, float | int] = dataclasses.field(default_factory=dict)
+  # Day-level labels: name -> {ISO day -> value}; absent days get the missing value.
+  day_labels: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_days(self) -> int:
+    return self.values.shape[0] // MINUTES_PER_DAY
+
+
+def empty_timeline(subject_id: str, first: datetime.date, last: datetime.date,
+                   num_channels: int) -> SubjectTimeline:
+  days = (last - first).days + 1
+  return SubjectTimeline(subject_id, first,
+                         np.full((days * MINUTES_PER_DAY, num_channels), np.nan, np.float32))
+
+
+def minute_index(timestamps: np.ndarray, start: datetime.date) -> np.ndarray:
+  """Minutes since midnight of `start` for datetime64 timestamps (wall clock, floored)."""
+  origin = np.datetime64(start.isoformat(), "m")
+  return (timestamps.astype("datetime64[m]") - origin).astype(np.int64)
+
+
+@dataclasses.dataclass
+class DayStats:
+  """What a converter kept and dropped (printed as its summary)."""
+  subjects_in: int = 0
+  days_in: int = 0
+  kept: int = 0
+  dropped_empty: int = 0
+  dropped_missing: int = 0
+  missing_kept: list[float] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self, max_missing: float, subjects_out: int) -> str:
+    fr = np.asarray(self.missing_kept)
+    lines = [
+        f"subjects: {self.subjects_in} read, {subjects_out} with at least one kept day",
+        f"days: {self.days_in} calendar days, {self.kept} kept, "
+        f"{self.dropped_empty} dropped as empty (no observed minute), "
+        f"{self.dropped_missing} dropped with missing fraction > {max_missing}",
+    ]
+    if fr.size:
+      lines.append(f"missing fraction of kept days: mean {fr.mean():.3f}, "
+                   f"p10/p50/p90 {np.percentile(fr, 10):.3f}/{np.percentile(fr, 50):.3f}/"
+                   f"{np.percentile(fr, 90):.3f}")
+    lines += self.notes
+    return "\n".join(lines)
+
+
+def missing_value(spec: LabelSpec) -> float | int:
+  return float("nan") if spec.kind == "regression" else -1
+
+
+def day_records(timeline: SubjectTimeline, labels: Mapping[str, LabelSpec], max_missing: float,
+                stats: DayStats) -> list[DayRecord]:
+  """Cuts a timeline into day records, dropping empty days and days above `max_missing`."""
+  records = []
+  c = timeline.values.shape[1]
+  days = timeline.values.reshape(timeline.num_days, MINUTES_PER_DAY, c)
+  for d in range(timeline.num_days):
+    stats.days_in += 1
+    observed = np.isfinite(days[d])
+    n_obs = int(observed.sum())
+    if n_obs == 0:
+      stats.dropped_empty += 1
+      continue
+    missing = 1.0 - n_obs / observed.size
+    if missing > max_missing:
+      stats.dropped_missing += 1
+      continue
+    day = (timeline.start + datetime.timedelta(days=d)).isoformat()
+    values = {}
+    for name, spec in labels.items():
+      if spec.level == "subject":
+        values[name] = timeline.subject_labels.get(name, missing_value(spec))
+      else:
+        values[name] = timeline.day_labels.get(name, {}).get(day, missing_value(spec))
+    signals = np.where(observed, days[d], 0.0).astype(np.float32)
+    records.append(DayRecord(timeline.subject_id, day, signals, observed, values))
+    stats.kept += 1
+    stats.missing_kept.append(missing)
+  return records
+
+
+@dataclasses.dataclass(frozen=True)
+class NonWearRule:
+  """Actigraphy non-wear: long runs of exact zeros in waking hours become unobserved.
+
+  A maximal run of consecutive recorded minutes with value exactly 0 that
+  lasts at least `min_run_minutes` and has at least `min_waking_minutes` of
+  its minutes inside waking hours [waking_start_hour, waking_end_hour) is
+  non-wear in its entirety (a device taken off in the evening often stays off
+  overnight). Runs mostly at night are kept: a still sleeper records zeros.
+  """
+  min_run_minutes: int = 120
+  min_waking_minutes: int = 60
+  waking_start_hour: int = 7
+  waking_end_hour: int = 23
+
+  def mask(self, values: np.ndarray) -> np.ndarray:
+    """bool[n]: minutes of `values` (float[n], NaN = not recorded) judged non-wear."""
+    zero = values == 0  # NaN compares False: a gap ends a run.
+    edges = np.diff(np.concatenate([[0], zero.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    minute_of_day = np.arange(values.size) % MINUTES_PER_DAY
+    waking = ((minute_of_day >= self.waking_start_hour * 60)
+              & (minute_of_day < self.waking_end_hour * 60))
+    waking_cum = np.concatenate([[0], np.cumsum(waking)])
+    out = np.zeros(values.size, bool)
+    for s, e in zip(starts, ends):
+      if e - s >= self.min_run_minutes and waking_cum[e] - waking_cum[s] >= self.min_waking_minutes:
+        out[s:e] = True
+    return out
+
+
+def read_table(path, **kwargs):
+  """pandas.read_csv with the file named in any parse error."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  try:
+    return pd.read_csv(path, **kwargs)
+  except (ValueError, pd.errors.ParserError) as e:
+    raise ValueError(f"{path}: cannot parse as CSV: {e}") from None
+
+
+def require_columns(df, columns: Sequence[str], path) -> None:
+  missing = [c for c in columns if c not in df.columns]
+  if missing:
+    raise ValueError(f"{path}: missing columns {missing} (has {list(df.columns)})")
