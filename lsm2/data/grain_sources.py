@@ -14,7 +14,7 @@ import grain
 import numpy as np
 
 from lsm2.data import example
-from lsm2.data.metadata import CLIP
+from lsm2.data.metadata import CLIP, inverse_std
 from lsm2.data.shards import (CorruptShardError, open_array_record, read_array_record,
                               read_tfrecord_mapped)
 
@@ -340,10 +340,12 @@ class NormalizeBatch:
 
   def __init__(self, mean: np.ndarray, std: np.ndarray):
     self.mean = np.asarray(mean, np.float32)
-    self.inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
+    self.inv_std = inverse_std(std)
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     signals, observed = batch["signals"], batch["observed"]
+    if not signals.flags.writeable:  # A batch of one is a view of the read-only record.
+      signals, observed = signals.copy(), observed.copy()
     # One read-only pass proves the common case (everything finite) cheaply.
     all_finite = np.isfinite(np.sum(signals))
     if not all_finite:
@@ -355,7 +357,7 @@ class NormalizeBatch:
       signals *= observed
     else:
       np.copyto(signals, 0.0, where=~observed)
-    return batch
+    return {"signals": signals, "observed": observed}
 
 
 class SubjectFilter:

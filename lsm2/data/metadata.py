@@ -287,10 +287,15 @@ def normalize(signals: Float[np.ndarray, "... c"], observed: Bool[np.ndarray, ".
               mean: Float[np.ndarray, "c"], std: Float[np.ndarray, "c"]) -> np.ndarray:
   """z-scores per channel, clips to [-5, 5] and writes 0 wherever unobserved or non-finite."""
   signals = np.asarray(signals, np.float32)
-  z = (signals - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  z = (signals - np.asarray(mean, np.float32)) * inverse_std(std)
   np.clip(z, -CLIP, CLIP, out=z)
   np.copyto(z, 0.0, where=~(observed & np.isfinite(signals)))
   return z
+
+
+def inverse_std(std: Float[np.ndarray, "c"]) -> np.ndarray:
+  """float32 1/std; normalization multiplies by it (same arithmetic in every reader)."""
+  return (1.0 / np.asarray(std, np.float64)).astype(np.float32)
 
 
 def denormalize(z: Float[np.ndarray, "... c"], mean: Float[np.ndarray, "c"],

@@ -179,9 +179,24 @@ def open_array_record(path: str | os.PathLike):
   """Opens an ArrayRecord reader; a damaged file raises CorruptShardError."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   try:
-    return array_record_module.ArrayRecordReader(str(path), ARRAY_RECORD_READER_OPTIONS)
+    reader = array_record_module.ArrayRecordReader(str(path), ARRAY_RECORD_READER_OPTIONS)
   except Exception as e:  # The C++ layer raises bare RuntimeError/ValueError.
     raise CorruptShardError(path, None, f"cannot open ArrayRecord file: {e}") from None
+  if not reader.ok():  # A damaged file opens "successfully" with 0 records.
+    problem = "not a valid ArrayRecord file"
+    try:
+      reader.close()
+    except Exception as e:  # pylint: disable=broad-except
+      problem = str(e)
+    raise CorruptShardError(path, None, f"cannot open ArrayRecord file: {problem}")
+  return reader
+
+
+def close_array_record(reader, path: str | os.PathLike) -> None:
+  try:
+    reader.close()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptShardError(path, None, f"ArrayRecord file is damaged: {e}") from None
 
 
 def read_array_record(reader, path: str, index: int) -> bytes:
@@ -193,10 +208,9 @@ def read_array_record(reader, path: str, index: int) -> bytes:
 
 def count_array_record(path: str | os.PathLike) -> int:
   reader = open_array_record(path)
-  try:
-    return reader.num_records()
-  finally:
-    reader.close()
+  n = reader.num_records()
+  close_array_record(reader, path)
+  return n
 
 
 def make_writer(path: str | os.PathLike, fmt: str):
@@ -211,15 +225,13 @@ def iter_shard(path: str | os.PathLike, fmt: str, *, verify_checksums: bool = Fa
                              expected_records=expected_records)
     return
   reader = open_array_record(path)
-  try:
-    n = reader.num_records()
-    if expected_records is not None and n != expected_records:
-      raise CorruptShardError(path, None, f"holds {n} records, metadata.json says "
-                              f"{expected_records}")
-    for i in range(n):
-      yield read_array_record(reader, str(path), i)
-  finally:
-    reader.close()
+  n = reader.num_records()
+  if expected_records is not None and n != expected_records:
+    raise CorruptShardError(path, None, f"holds {n} records, metadata.json says "
+                            f"{expected_records}")
+  for i in range(n):
+    yield read_array_record(reader, str(path), i)
+  close_array_record(reader, path)
 
 
 def count_records(path: str | os.PathLike, fmt: str) -> int:

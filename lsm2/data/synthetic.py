@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 
 import numpy as np
 from scipy import signal as sp_signal
@@ -269,7 +270,7 @@ class _Timeline:
 
 def _generate_channels(traits: SubjectTraits, tl: _Timeline,
                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Returns clean latent channels float64[n, 26] and observed bool[n, 26]."""
+  """Returns clean latent channels float64[n, 26] and the metabolic equivalent float64[n]."""
   n = tl.n
   prof = {k: v[tl.activity] for k, v in _PROFILE_TABLE.items()}
   met = 1.0 + (prof["met"] - 1.0) * tl.intensity
@@ -356,14 +357,12 @@ def _generate_channels(traits: SubjectTraits, tl: _Timeline,
   x[:, ch["wrist_temperatures"]] = temp
   x[:, ch["skin_temperature_slope"]] = np.diff(temp, prepend=temp[0])
 
-  observed = _observed_mask(traits, tl, x, met, rng)
-  return x, observed
+  return x, met
 
 
-def _observed_mask(traits: SubjectTraits, tl: _Timeline, x: np.ndarray, met: np.ndarray,
-                   rng: np.random.Generator) -> np.ndarray:
-  """Natural missingness: off-wrist episodes and sensor-specific validity."""
-  n, days = tl.n, tl.n // T_DAY
+def _worn(traits: SubjectTraits, tl: _Timeline, rng: np.random.Generator) -> np.ndarray:
+  """bool[n]: the watch is on the wrist (wear habits, partial first/last days)."""
+  n = tl.n
   off = np.zeros(n, bool)
   lack = 1.0 - traits.compliance
   if rng.random() < 0.7:  # The watch is put on during the first day...
@@ -387,11 +386,21 @@ def _observed_mask(traits: SubjectTraits, tl: _Timeline, x: np.ndarray, met: np.
       dur = int(np.clip(rng.lognormal(np.log(40 + 120 * lack), 0.8), 10, 600))
       removals[s:min(s + dur, n)] = True
   off |= removals & ~tl.bout  # People rarely take the watch off mid-workout.
-  worn = ~off
+  return ~off
 
+
+def _observed_mask(traits: SubjectTraits, tl: _Timeline, x: np.ndarray, met: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+  """Natural missingness: off-wrist episodes and sensor-specific validity.
+
+  `x` holds the noisy values as stored, so the validity rules (HRV needs
+  hrv_percent_good >= 20, EDA needs contact) hold exactly in the data.
+  """
+  n = tl.n
+  worn = _worn(traits, tl, rng)
   ch = CHANNEL_INDEX
   obs = np.repeat(worn[:, None], len(DEFAULT_CHANNELS), axis=1)
-  outage = lambda p, lo_h, hi_h: _day_outages(rng, days, p, lo_h, hi_h)  # noqa: E731
+  outage = functools.partial(_day_outages, rng, n // T_DAY)
   # PPG: motion artifacts, poor perfusion episodes and whole-sensor outages.
   act = tl.activity
   motion_loss = rng.random(n) < _PROFILE_TABLE["ppg_loss"][act] * tl.intensity * (met > 1.5)
@@ -399,8 +408,7 @@ def _observed_mask(traits: SubjectTraits, tl: _Timeline, x: np.ndarray, met: np.
   ppg_ok = worn & ~motion_loss & ~perfusion & ~outage(0.05, 2, 10)
   ppg = [ch[c] for c in ("hr", "hrv_percent_good", "hr_at_rest_mean", *HRV_CHANNELS)]
   obs[:, ppg] &= ppg_ok[:, None]
-  noisy_good = x[:, ch["hrv_percent_good"]] + NOISE_STD["hrv_percent_good"] * rng.standard_normal(n)
-  hrv_ok = noisy_good >= HRV_MIN_PERCENT_GOOD
+  hrv_ok = x[:, ch["hrv_percent_good"]] >= HRV_MIN_PERCENT_GOOD
   obs[:, [ch[c] for c in HRV_CHANNELS]] &= hrv_ok[:, None]
   obs[:, ch["hr_at_rest_mean"]] &= met < 1.6
   # EDA: no value without skin contact; the sensor is sometimes off for a day.
@@ -435,11 +443,12 @@ def generate_subject(seed: int, index: int, days: int) -> tuple[SubjectTraits, l
   rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
   traits = sample_traits(rng)
   tl = _Timeline(traits, days, rng)
-  clean, observed = _generate_channels(traits, tl, rng)
+  clean, met = _generate_channels(traits, tl, rng)
   noisy = clean + NOISE_STD_VECTOR * rng.standard_normal(clean.shape)
   lo = np.array([c.valid_min for c in DEFAULT_CHANNELS])
   hi = np.array([c.valid_max for c in DEFAULT_CHANNELS])
   noisy = np.clip(noisy, lo, hi).astype(np.float32)
+  observed = _observed_mask(traits, tl, noisy, met, rng)
   noisy[~observed] = 0.0
   subject_id = f"synth{index:06d}"
   start = _EPOCH + datetime.timedelta(days=int(rng.integers(0, 365)))

@@ -1,0 +1,403 @@
+"""Day-record format: encoding, shards, metadata validation and the documented errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lsm2.data import crc32c, dataset, example, metadata, shards
+from lsm2.data.channels import DEFAULT_CHANNELS, Channel, get_channel
+from lsm2.data.metadata import LabelSpec, MetadataError
+from lsm2.data.record import DayRecord, sanitize
+from lsm2.data.writer import DatasetWriter
+
+CHANNELS = (Channel("a", "ppg", "bpm", 0, 250), Channel("b", "accel", "g", -5, 5),
+            Channel("c", "other", "1", -1e6, 1e6))
+LABELS = (LabelSpec("flag", "binary", "subject", ("no", "yes")),
+          LabelSpec("kind", "categorical", "day", ("x", "y", "z")),
+          LabelSpec("score", "regression", "subject"))
+
+
+def _record(rng, subject, day, labels=None):
+  signals = np.clip(rng.normal(0, 2, (1440, len(CHANNELS))), -4.9, 4.9).astype(np.float32)
+  signals[:, 0] = rng.uniform(40, 200, 1440)  # All within the channels' validity ranges.
+  observed = rng.random((1440, len(CHANNELS))) < 0.6
+  signals[~observed] = 0
+  return DayRecord(subject, day, signals, observed,
+                   labels or {"flag": 1, "kind": int(rng.integers(0, 3)),
+                              "score": float(rng.normal())})
+
+
+def _write(out, records_by_split, fmt="tfrecord", shards_per_split=2):
+  w = DatasetWriter(out, channels=CHANNELS, labels=LABELS, fmt=fmt)
+  for split, recs in records_by_split.items():
+    w.write_split(split, recs, num_records=len(recs), num_shards=shards_per_split)
+  return w.finish()
+
+
+@pytest.fixture(scope="module")
+def records():
+  rng = np.random.default_rng(0)
+  recs = {"train": [_record(rng, f"s{i}", f"2024-01-0{d + 1}") for i in range(3) for d in range(3)],
+          "validation": [_record(rng, "s9", "2024-02-01")]}
+  recs["validation"][0].labels["score"] = float("nan")  # A missing regression label.
+  recs["validation"][0].labels["kind"] = -1  # A missing class label.
+  return recs
+
+
+@pytest.fixture(scope="module")
+def tf_dir(tmp_path_factory, records):
+  out = tmp_path_factory.mktemp("tfrecord")
+  _write(out, records, fmt="tfrecord")
+  return out
+
+
+@pytest.fixture(scope="module")
+def ar_dir(tmp_path_factory, records):
+  out = tmp_path_factory.mktemp("array_record")
+  _write(out, records, fmt="array_record")
+  return out
+
+
+@pytest.fixture(params=["tfrecord", "array_record"])
+def written(request):
+  """(directory, format) for tests that hold for both formats."""
+  name = "tf_dir" if request.param == "tfrecord" else "ar_dir"
+  return request.getfixturevalue(name), request.param
+
+
+def test_crc32c_known_values():
+  # RFC 3720 test vectors plus a long input through the lane-parallel path.
+  assert crc32c.crc32c(b"123456789") == 0xE3069283
+  assert crc32c.crc32c(bytes(32)) == 0x8A9136AA
+  assert crc32c.crc32c(b"\xff" * 32) == 0x62A8AB43
+  data = np.random.default_rng(1).bytes(150_001)
+  assert crc32c.crc32c(data) == crc32c._crc_python(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+def test_round_trip_is_bit_exact(written, records):
+  out, fmt = written
+  meta = metadata.load_metadata(out)
+  assert meta.format == fmt
+  for split, recs in records.items():
+    got = sorted(dataset.iter_records(meta, split), key=lambda r: (r.subject_id, r.day))
+    want = sorted(recs, key=lambda r: (r.subject_id, r.day))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      assert (g.subject_id, g.day) == (w.subject_id, w.day)
+      assert g.signals.dtype == np.float32 and g.observed.dtype == np.bool_
+      assert g.signals.tobytes() == w.signals.tobytes()  # Bit-exact.
+      assert np.array_equal(g.observed, w.observed)
+      for name in ("flag", "kind"):
+        assert g.labels[name] == w.labels[name]
+      assert np.float32(g.labels["score"]).tobytes() == np.float32(w.labels["score"]).tobytes()
+
+
+def test_read_split_arrays_and_missing_labels(written, records):
+  out, _ = written
+  meta = metadata.load_metadata(out)
+  raw = dataset.read_split(out, "validation", normalize=False)
+  z = dataset.read_split(out, "validation")
+  rec = records["validation"][0]
+  assert raw["subject_id"].tolist() == ["s9"] and raw["day"].tolist() == ["2024-02-01"]
+  np.testing.assert_array_equal(raw["signals"][0], rec.signals)
+  np.testing.assert_array_equal(
+      z["signals"][0], metadata.normalize(rec.signals, rec.observed, meta.norm_mean, meta.norm_std))
+  assert z["signals"].dtype == np.float32
+  assert np.all(z["signals"][~z["observed"]] == 0) and np.abs(z["signals"]).max() <= 5
+  assert np.isnan(z["label/score"][0]) and z["label/kind"][0] == -1 and z["label/flag"][0] == 1
+  assert z["label/kind"].dtype == np.int64
+  assert len(dataset.read_split(out, "train", limit=4)["signals"]) == 4
+
+
+def test_tensorflow_reads_the_records(tf_dir, records):
+  """Plain tf.data / tf.io.parse_single_example read the shards (CRC checked by TF)."""
+  out = tf_dir
+  tf = pytest.importorskip("tensorflow")
+  meta = metadata.load_metadata(out)
+  c = meta.num_channels
+  spec = {"signals": tf.io.FixedLenFeature([1440 * c], tf.float32),
+          "observed": tf.io.FixedLenFeature([], tf.string),
+          "subject_id": tf.io.FixedLenFeature([], tf.string),
+          "day": tf.io.FixedLenFeature([], tf.string),
+          "label/flag": tf.io.FixedLenFeature([], tf.int64),
+          "label/kind": tf.io.FixedLenFeature([], tf.int64),
+          "label/score": tf.io.FixedLenFeature([], tf.float32)}
+  files = [str(p) for p in meta.shard_paths("train")]
+  got = {}
+  for serialized in tf.data.TFRecordDataset(files):
+    ex = tf.io.parse_single_example(serialized, spec)
+    # The documented way to unpack `observed` (docs/data.md).
+    bits = tf.bitwise.right_shift(tf.io.decode_raw(ex["observed"], tf.uint8)[:, None],
+                                  tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.uint8))
+    observed = tf.reshape(tf.cast(tf.bitwise.bitwise_and(bits, 1), tf.bool), [1440, c])
+    key = (ex["subject_id"].numpy().decode(), ex["day"].numpy().decode())
+    got[key] = (tf.reshape(ex["signals"], [1440, c]).numpy(), observed.numpy(),
+                int(ex["label/kind"]))
+  assert len(got) == len(records["train"])
+  for r in records["train"]:
+    s, o, kind = got[(r.subject_id, r.day)]
+    assert s.tobytes() == r.signals.tobytes() and np.array_equal(o, r.observed)
+    assert kind == r.labels["kind"]
+
+
+def test_decoder_reads_tensorflow_written_examples():
+  """Our wire-level decoder agrees with protobuf serialization by TensorFlow."""
+  tf = pytest.importorskip("tensorflow")
+  rng = np.random.default_rng(2)
+  rec = _record(rng, "tf-subject", "2024-03-04")
+  feature = {
+      "signals": tf.train.Feature(float_list=tf.train.FloatList(value=rec.signals.reshape(-1))),
+      "observed": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[np.packbits(rec.observed.reshape(-1)).tobytes()])),
+      "subject_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"tf-subject"])),
+      "day": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"2024-03-04"])),
+      "label/flag": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+      "label/kind": tf.train.Feature(int64_list=tf.train.Int64List(value=[-1])),
+      "label/score": tf.train.Feature(float_list=tf.train.FloatList(value=[2.5])),
+  }
+  data = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  got = example.decode_record(data, len(CHANNELS), {s.name: s.kind for s in LABELS})
+  assert got.signals.tobytes() == rec.signals.tobytes()
+  assert np.array_equal(got.observed, rec.observed)
+  assert got.labels == {"flag": 1, "kind": -1, "score": 2.5}
+
+
+def test_metadata_contents(written, records):
+  out, _ = written
+  meta = metadata.load_metadata(out)
+  train = records["train"]
+  sig = np.stack([r.signals for r in train]).reshape(-1, len(CHANNELS)).astype(np.float64)
+  obs = np.stack([r.observed for r in train]).reshape(-1, len(CHANNELS))
+  for c in range(len(CHANNELS)):
+    v = sig[obs[:, c], c]
+    np.testing.assert_allclose(meta.norm_mean[c], v.mean(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(meta.norm_std[c], v.std(), rtol=1e-5)
+  assert meta.record_counts == {"train": 9, "validation": 1}
+  assert meta.subjects == {"train": ["s0", "s1", "s2"], "validation": ["s9"]}
+  assert meta.splits["train"][0].startswith("train-00000-of-00002")
+  assert meta.splits["validation"] == [meta.splits["validation"][0]]  # min(shards, records)
+  assert meta.noise_std is None
+  miss = meta.missingness
+  assert sum(miss["histogram"]["counts"]["train"]) == 9
+  all_obs = np.concatenate([obs.reshape(-1), records["validation"][0].observed.reshape(-1)])
+  assert miss["overall_fraction"] == pytest.approx(1 - all_obs.mean())
+  assert set(miss["day_fraction_percentiles"]) == {"p10", "p50", "p90"}
+  assert meta.labels["kind"] == LABELS[1]
+
+
+def test_sanitize_masks_and_counts_bad_values():
+  rng = np.random.default_rng(3)
+  rec = _record(rng, "s", "2024-01-01")
+  rec.observed[:] = True
+  rec.signals[5, 1] = np.nan
+  rec.signals[6, 1] = np.inf
+  rec.signals[7, 0] = 300.0  # Above channel a's valid_max of 250.
+  rec.observed[8, 2] = False
+  rec.signals[8, 2] = np.nan  # Already unobserved: filled, not counted.
+  clean, counts = sanitize(rec, CHANNELS)
+  assert (counts.nonfinite, counts.out_of_range) == (2, 1)
+  assert not clean.observed[5, 1] and not clean.observed[6, 1] and not clean.observed[7, 0]
+  assert clean.signals[5, 1] == 0 and clean.signals[8, 2] == 0
+  assert np.all(np.isfinite(clean.signals))
+  assert np.isnan(rec.signals[5, 1])  # The caller's record is untouched.
+
+
+def test_writer_counts_sanitized_values_in_metadata(tmp_path):
+  rng = np.random.default_rng(4)
+  rec = _record(rng, "s", "2024-01-01")
+  rec.observed[:3, 0] = True
+  rec.signals[:3, 0] = [np.nan, -np.inf, 1e9]
+  meta = _write(tmp_path, {"train": [rec]}, shards_per_split=1)
+  assert meta.sanitized == {"nonfinite": 2, "out_of_range": 1}
+  back = next(dataset.iter_records(meta, "train"))
+  assert not back.observed[:3, 0].any() and np.all(back.signals[:3, 0] == 0)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda r: setattr(r, "signals", r.signals[:1000]), ValueError, r"shape \(1000, 3\)"),
+    (lambda r: setattr(r, "signals", r.signals.astype(np.int32)), TypeError, "floating-point"),
+    (lambda r: setattr(r, "observed", r.observed.astype(np.uint8)), TypeError, "bool"),
+    (lambda r: setattr(r, "day", "2024-13-01"), ValueError, "ISO date"),
+    (lambda r: setattr(r, "subject_id", ""), ValueError, "subject_id"),
+    (lambda r: r.labels.update(extra=1), ValueError, "unknown labels"),
+    (lambda r: r.labels.pop("kind"), ValueError, "missing label 'kind'"),
+    (lambda r: r.labels.update(kind=3), ValueError, r"class index 3 outside"),
+    (lambda r: r.labels.update(score="high"), ValueError, "must be a number"),
+])
+def test_writer_rejects_bad_records(tmp_path, mutate, error, match):
+  rec = _record(np.random.default_rng(5), "s0", "2024-01-01")
+  mutate(rec)
+  w = DatasetWriter(tmp_path, channels=CHANNELS, labels=LABELS)
+  with pytest.raises(error, match=match) as e:
+    w.write_split("train", [rec], num_records=1)
+  assert "split 'train'" in str(e.value)
+
+
+def test_writer_rejects_duplicates_overlap_and_existing_data(tmp_path):
+  rng = np.random.default_rng(6)
+  w = DatasetWriter(tmp_path / "a", channels=CHANNELS, labels=LABELS)
+  with pytest.raises(ValueError, match="duplicate subject-day"):
+    w.write_split("train", [_record(rng, "s", "2024-01-01")] * 2, num_records=2)
+  w = DatasetWriter(tmp_path / "b", channels=CHANNELS, labels=LABELS)
+  w.write_split("train", [_record(rng, "s", "2024-01-01")], num_records=1)
+  w.write_split("test", [_record(rng, "s", "2024-01-02")], num_records=1)
+  with pytest.raises(ValueError, match="subject 's' appears in splits 'train' and 'test'"):
+    w.finish()
+  _write(tmp_path / "c", {"train": [_record(rng, "s", "2024-01-01")]})
+  with pytest.raises(FileExistsError, match="already holds a dataset"):
+    DatasetWriter(tmp_path / "c", channels=CHANNELS)
+
+
+def test_unknown_channel_and_bad_channel_declarations():
+  assert get_channel("hr") == DEFAULT_CHANNELS[0]
+  with pytest.raises(ValueError, match="unknown channel 'heartbeat'"):
+    get_channel("heartbeat")
+  with pytest.raises(ValueError, match="unknown sensor group 'brain'"):
+    Channel("eeg", "brain", "uV", 0, 1)
+  with pytest.raises(ValueError, match="NAME:GROUP:UNIT:MIN:MAX"):
+    Channel.parse_spec("eeg:other")
+  assert Channel.parse_spec("eeg:other:uV:-1:1") == Channel("eeg", "other", "uV", -1.0, 1.0)
+
+
+def test_default_channels_match_the_spec():
+  assert len(DEFAULT_CHANNELS) == 26
+  groups = [c.group for c in DEFAULT_CHANNELS]
+  assert (groups.count("ppg"), groups.count("eda"), groups.count("accel"),
+          groups.count("temp")) == (10, 3, 11, 2)
+  assert [c.name for c in DEFAULT_CHANNELS[:2]] == ["hr", "hrv_shannon_entropy_rr"]
+  assert DEFAULT_CHANNELS[-1].name == "skin_temperature_slope"
+
+
+def _copy(src, dst):
+  shutil.copytree(src, dst)
+  for p in dst.iterdir():
+    p.chmod(0o644)
+  return dst
+
+
+def test_truncated_tfrecord_shard_names_file_and_record(tf_dir, tmp_path):
+  d = _copy(tf_dir, tmp_path / "d")
+  meta = metadata.load_metadata(d)
+  shard = meta.shard_paths("train")[0]
+  data = shard.read_bytes()
+  record_size = len(data) // meta.shard_records[shard.name]
+  shard.write_bytes(data[:2 * record_size + 100])  # Cut inside the third record.
+  with pytest.raises(shards.CorruptShardError, match=rf"{shard.name}: record 2: truncated record"):
+    list(shards.iter_tfrecord(shard))
+  with pytest.raises(MetadataError, match=rf"{shard.name} has \d+ bytes, metadata says"):
+    metadata.load_metadata(d)
+
+
+def test_corrupt_tfrecord_bytes_are_detected(tf_dir, tmp_path):
+  d = _copy(tf_dir, tmp_path / "d")
+  meta = metadata.load_metadata(d)
+  shard = meta.shard_paths("train")[0]
+  data = bytearray(shard.read_bytes())
+  record_size = len(data) // meta.shard_records[shard.name]
+  flipped = bytearray(data)
+  flipped[record_size + 5000] ^= 0x40  # Inside the float payload of record 1.
+  shard.write_bytes(bytes(flipped))
+  with pytest.raises(shards.CorruptShardError, match=rf"{shard.name}: record 1: data checksum"):
+    list(dataset.iter_records(meta, "train"))
+  header = bytearray(data)
+  header[record_size + 3] ^= 0x01  # The length field of record 1.
+  shard.write_bytes(bytes(header))
+  with pytest.raises(shards.CorruptShardError, match=rf"{shard.name}: record 1: length checksum"):
+    list(shards.iter_tfrecord(shard))
+
+
+def test_bad_record_payload_names_file_and_record(tmp_path):
+  path = tmp_path / "train-00000-of-00001.tfrecord"
+  w = shards.TFRecordWriter(path)
+  good = example.encode_record(_record(np.random.default_rng(7), "s", "2024-01-01"),
+                               {s.name: s.kind for s in LABELS})
+  w.write(good)
+  w.write(good.replace(b"signals", b"signalz"))  # Valid framing, wrong content.
+  w.close()
+  raws = list(shards.iter_tfrecord(path, verify_checksums=True))
+  example.decode_arrays(raws[0], len(CHANNELS))
+  with pytest.raises(example.RecordDecodeError, match="'signals' must be a float_list"):
+    example.decode_arrays(raws[1], len(CHANNELS))
+  with pytest.raises(example.RecordDecodeError, match="expected 2880 = 1440 x 2 channels"):
+    example.decode_arrays(raws[0], 2)
+
+
+def test_corrupt_array_record_names_file(ar_dir, tmp_path):
+  d = _copy(ar_dir, tmp_path / "d")
+  shard = sorted(d.glob("train-*.array_record"))[0]
+  shard.write_bytes(shard.read_bytes()[:1000])
+  with pytest.raises(shards.CorruptShardError, match=shard.name):
+    list(shards.iter_shard(shard, "array_record"))
+
+
+def _edit_metadata(d, edit):
+  path = d / "metadata.json"
+  m = json.loads(path.read_text())
+  edit(m)
+  path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["record_counts"].update(train=10), "shards hold 9 records, record_counts says 10"),
+    (lambda m: m["normalization"].update(std=[1.0, 0.0, 1.0]), r"normalization.std must be finite and > 0"),
+    (lambda m: m["normalization"].update(mean=[0.0]), "normalization.mean must be a list of 3"),
+    (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
+    (lambda m: m["channels"][1].update(group="brain"), "unknown sensor group 'brain'"),
+    (lambda m: m.pop("splits"), "missing field 'splits'"),
+    (lambda m: m["subjects"]["validation"].append("s0"), "subject 's0' is in splits"),
+    (lambda m: m["labels"]["kind"].update(kind="ordinal"), "kind must be one of"),
+    (lambda m: m["splits"]["train"].reverse(), r"splits\['train'\]\[0\] = .* should be"),
+])
+def test_metadata_mismatch_is_refused(written, tmp_path, edit, match):
+  out, _ = written
+  d = _copy(out, tmp_path / "d")
+  _edit_metadata(d, edit)
+  with pytest.raises(MetadataError, match=match):
+    metadata.load_metadata(d)
+
+
+def test_missing_extra_and_unreadable_files_are_refused(written, tmp_path):
+  out, fmt = written
+  d = _copy(out, tmp_path / "d")
+  victim = sorted(d.glob("validation-*"))[0]
+  victim.unlink()
+  with pytest.raises(MetadataError, match=f"{victim.name} is listed but missing"):
+    metadata.load_metadata(d)
+  d2 = _copy(out, tmp_path / "d2")
+  (d2 / f"train-00005-of-00009.{'tfrecord' if fmt == 'tfrecord' else 'array_record'}").write_bytes(b"")
+  with pytest.raises(MetadataError, match="not listed in metadata"):
+    metadata.load_metadata(d2)
+  (d2 / "metadata.json").write_text("{not json")
+  with pytest.raises(MetadataError, match="not valid JSON"):
+    metadata.load_metadata(d2)
+  with pytest.raises(MetadataError, match="not an lsm2 dataset directory"):
+    metadata.load_metadata(tmp_path / "nowhere")
+
+
+def test_normalize_and_denormalize():
+  signals = np.array([[0.0, 10.0], [np.nan, 1e6], [3.0, -np.inf]], np.float32)
+  observed = np.array([[True, True], [True, True], [False, True]])
+  mean, std = np.array([1.0, 0.0], np.float32), np.array([2.0, 10.0], np.float32)
+  z = metadata.normalize(signals, observed, mean, std)
+  np.testing.assert_array_equal(z, [[-0.5, 1.0], [0.0, 5.0], [0.0, 0.0]])
+  np.testing.assert_allclose(metadata.denormalize(z[:1], mean, std), signals[:1])
+
+
+def test_label_spec_validation():
+  with pytest.raises(ValueError, match="binary label needs 2 class names"):
+    LabelSpec("x", "binary", "subject")
+  with pytest.raises(ValueError, match="level must be one of"):
+    LabelSpec("x", "regression", "week")
+  spec = LabelSpec("x", "regression", "day")
+  assert np.isnan(spec.check_value(float("nan")))
+  with pytest.raises(ValueError, match="not finite"):
+    spec.check_value(float("inf"))
+
+
+def test_shard_names_round_trip():
+  name = shards.shard_filename("train", 3, 12, "array_record")
+  assert name == "train-00003-of-00012.array_record"
+  assert shards.parse_shard_filename(name) == ("train", 3, 12, "array_record")
+  with pytest.raises(ValueError, match="not a shard file name"):
+    shards.parse_shard_filename("train-3-of-12.tfrecord")
