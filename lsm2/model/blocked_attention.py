@@ -173,13 +173,44 @@ def blocked_attention(
     block_q: int = 512,
     block_k: int = 512,
 ) -> Float[Array, "b lq h d"]:
-  """Placeholder docstring."""
+  """Softmax attention (scale 1/sqrt(d)) that only computes the valid blocks of each example.
+
+  Keys at index >= kv_lengths[i] are excluded; query rows at index >= q_lengths[i] are not
+  computed, their outputs are exactly 0 and they pass no gradient. An example without keys
+  gives 0 (never NaN). Valid rows equal full masked attention, and so do the gradients.
+  Lengths are clipped to [0, length]; None means all positions are valid. Inputs of any float
+  dtype are computed in float32 and returned in their own dtype.
+
+  Args:
+    q: queries, [batch, q_len, heads, head_dim] (the layout of jax.nn.dot_product_attention).
+    k: keys, [batch, kv_len, heads, head_dim].
+    v: values, [batch, kv_len, heads, head_dim].
+    q_lengths: number of leading valid query rows per example.
+    kv_lengths: number of leading valid keys per example.
+    block_q: query rows per block (capped at q_len); lengths need not be multiples of it.
+    block_k: keys per block (capped at kv_len).
+
+  Returns:
+    [batch, q_len, heads, head_dim] attention outputs, 0 past q_lengths.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+  if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"q and k must agree in batch, heads and head_dim; got {q.shape} and {k.shape}")
   b, lq = q.shape[:2]
   lk = k.shape[1]
-  if q_lengths is None:
-    q_lengths = jnp.full((b,), lq, jnp.int32)
-  if kv_lengths is None:
-    kv_lengths = jnp.full((b,), lk, jnp.int32)
-  q_lengths = jnp.clip(q_lengths.astype(jnp.int32), 0, lq)
-  kv_lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, lk)
-  return _blocked(q, k, v, q_lengths, kv_lengths, block_q, block_k)
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if not isinstance(block, int) or block < 1:
+      raise ValueError(f"{name} must be a positive int; got {block!r}")
+  lengths = []
+  for name, n, full in (("q_lengths", q_lengths, lq), ("kv_lengths", kv_lengths, lk)):
+    if n is None:
+      n = jnp.full((b,), full, jnp.int32)
+    elif jnp.shape(n) != (b,) or not jnp.issubdtype(jnp.result_type(n), jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape ({b},); got "
+                       f"{jnp.result_type(n)} {jnp.shape(n)}")
+    lengths.append(jnp.clip(jnp.asarray(n, jnp.int32), 0, full))
+  return _blocked(q, k, v, *lengths, min(block_q, lq), min(block_k, lk))
