@@ -1,0 +1,159 @@
+"""Forward+backward step time of the LSM-2 MAE under AIM, attention-only and LSM-1 masking.
+
+At the paper geometry (1440 minutes x 26 signals, 10-minute patches: 3,744
+tokens) the three variants differ only in how many tokens the encoder sees:
+AIM keeps 3,744 - n_drop = 2,262, attention-only keeps all 3,744 and LSM-1
+keeps the 749 unmasked tokens. The script times value_and_grad of the masked
+reconstruction loss w.r.t. the parameters (median of several steps), counts
+the step's FLOPs analytically (matmuls and attention of the static shapes,
+backward = 2x forward) and with XLA's cost analysis, and compares the time
+with the FLOP-count prediction at a measured matmul rate.
+
+  python benchmarks/aim_step.py --json /tmp/aim_step.json
+  python benchmarks/aim_step.py --full_size --model S --dtype bfloat16 --batch 32   # accelerator
+"""
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsm2.model.aim import aim_masks
+from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
+from lsm2.model.loss import reconstruction_loss
+from lsm2.model.mae import LSM2MAE
+
+VARIANTS = ("aim", "attention_only", "lsm1")
+# CPU-sized default: the paper geometry with a narrow, shallow model (head size 64
+# like ViT-S); --full_size --model S gives the paper model.
+CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
+                     dec_width=128, dec_depth=1, dec_heads=2, dec_mlp=512)
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
+  """Forward FLOPs of `depth` blocks over `tokens` tokens (full attention over them)."""
+  per_layer = (2 * tokens * width * 3 * width      # qkv
+               + 2 * 2 * tokens * tokens * width   # q k^T and p v
+               + 2 * tokens * width * width        # output projection
+               + 2 * 2 * tokens * width * mlp)     # MLP
+  return depth * per_layer
+
+
+def step_flops(cfg: ModelConfig, n_keep: int, batch: int) -> float:
+  """Analytic FLOPs of one forward+backward step (backward = 2x forward)."""
+  n = cfg.num_tokens
+  patch_in = cfg.patch_size * (2 if cfg.observed_in_embedding else 1)
+  forward = (2 * n * patch_in * cfg.enc_width
+             + transformer_flops(n_keep, cfg.enc_width, cfg.enc_depth, cfg.enc_mlp)
+             + 2 * n_keep * cfg.enc_width * cfg.dec_width
+             + transformer_flops(n, cfg.dec_width, cfg.dec_depth, cfg.dec_mlp)
+             + 2 * n * cfg.dec_width * cfg.patch_size)
+  return 3.0 * batch * forward
+
+
+def matmul_rate(dtype, size: int = 1024, repeats: int = 5) -> float:
+  """Achieved FLOP/s of a square matmul, the yardstick of the prediction."""
+  a = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times)
+
+
+def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0):
+  """Roughly half-missing days: an off-wrist block, scattered gaps, a dead channel."""
+  rng = np.random.default_rng(seed)
+  obs = rng.random((batch, cfg.time_steps, cfg.num_channels)) > 0.15
+  for i in range(batch):
+    start = rng.integers(0, cfg.time_steps // 2)
+    obs[i, start:start + int(0.4 * cfg.time_steps)] = False
+    obs[i, :, rng.integers(cfg.num_channels)] = False
+  signals = rng.normal(size=obs.shape).astype(np.float32)
+  return jnp.asarray(signals), jnp.asarray(obs)
+
+
+def run_variant(cfg, mask_cfg, signals, observed, steps):
+  model = LSM2MAE(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  masks = aim_masks(observed, jax.random.key(0), mask_cfg, cfg)
+
+  def loss_fn(params):
+    pred = nnx.merge(graphdef, params)(signals, observed, masks)
+    return reconstruction_loss(pred, signals, masks, mask_cfg.strategy_names)[0]
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  start = time.perf_counter()
+  compiled = step.lower(params).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  jax.block_until_ready(compiled(params))  # warm-up
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params))
+    times.append(time.perf_counter() - start)
+  visible = np.asarray(masks.visible_len)
+  return dict(step_s=statistics.median(times), times=times, compile_s=compile_s,
+              xla_flops=float(cost.get("flops", float("nan"))) if cost else float("nan"),
+              n_keep=masks.n_keep, mean_visible=float(visible.mean()))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="S", help="named size (tiny, S, B, L)")
+  parser.add_argument("--full_size", action="store_true",
+                      help=f"use the named size as is (default overrides it with {CPU_OVERRIDES})")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--attention", default="xla")
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--json", default=None, help="write the results here")
+  args = parser.parse_args()
+
+  overrides = {} if args.full_size else dict(CPU_OVERRIDES)
+  cfg = get_model_config(args.model, dtype=args.dtype, attention=args.attention,
+                         remat=args.remat, **overrides)
+  signals, observed = synthetic_batch(cfg, args.batch)
+  rate = matmul_rate(jnp.dtype(args.dtype))
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} model={args.model} "
+        f"{dataclasses.asdict(cfg)}")
+  print(f"tokens={cfg.num_tokens} batch={args.batch} observed={float(observed.mean()):.2f} "
+        f"matmul rate={rate / 1e9:.1f} GFLOP/s ({args.dtype})")
+  results = {"config": dataclasses.asdict(cfg), "batch": args.batch, "steps": args.steps,
+             "matmul_gflops": rate / 1e9}
+  for variant in args.variants.split(","):
+    if variant not in VARIANTS:
+      raise ValueError(f"--variants: unknown variant {variant!r}; expected {VARIANTS}")
+    mask_cfg = effective_mask_config(MaskConfig(scheme=variant), cfg)
+    r = run_variant(cfg, mask_cfg, signals, observed, args.steps)
+    flops = step_flops(cfg, r["n_keep"], args.batch)
+    predicted = flops / rate
+    print(f"{variant:15s} n_keep={r['n_keep']:5d} visible={r['mean_visible']:7.1f} "
+          f"step={r['step_s']:.3f}s (steps {', '.join(f'{t:.3f}' for t in r['times'])}) "
+          f"compile={r['compile_s']:.1f}s flops={flops / 1e9:.1f}G (xla {r['xla_flops'] / 1e9:.1f}G) "
+          f"predicted={predicted:.3f}s measured/predicted={r['step_s'] / predicted:.2f}")
+    results.update({f"step_s_{variant}": r["step_s"], f"flops_{variant}": flops,
+                    f"xla_flops_{variant}": r["xla_flops"], f"n_keep_{variant}": r["n_keep"],
+                    f"time_over_flop_prediction_{variant}": r["step_s"] / predicted})
+  results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print(f"peak RSS {results['peak_rss_gib']:.2f} GiB")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
