@@ -348,6 +348,7 @@ def _edit_metadata(d, edit):
     (lambda m: m["subjects"]["validation"].append("s0"), "subject 's0' is in splits"),
     (lambda m: m["labels"]["kind"].update(kind="ordinal"), "kind must be one of"),
     (lambda m: m["splits"]["train"].reverse(), r"splits\['train'\]\[0\] = .* should be"),
+    (lambda m: m["shards"][m["splits"]["train"][0]].update(records=0), "holds no records"),
 ])
 def test_metadata_mismatch_is_refused(written, tmp_path, edit, match):
   out, _ = written

@@ -154,6 +154,9 @@ def test_bad_arguments_are_refused(data_dirs):
   with pytest.raises(ValueError, match="2 TFRecord shards for 3 processes"):
     pipeline.make_train_iterator(d, "train", global_batch_size=3, seed=0, process_index=0,
                                  process_count=3)
+  with pytest.raises(ValueError, match="has 3 records for 4 processes"):
+    pipeline.make_train_iterator(data_dirs["array_record"], "validation", global_batch_size=4,
+                                 seed=0, process_index=0, process_count=4)
   with pytest.raises(KeyError, match="split 'nope'"):
     pipeline.make_train_iterator(d, "nope", global_batch_size=2, seed=0)
   with pytest.raises(ValueError, match="process_index"):

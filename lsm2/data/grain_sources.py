@@ -215,22 +215,18 @@ class _InterleaveIterator(grain.DatasetIterator):
       for k in range(self._cycle):
         self._open(k)
       self._started = True
-    for _ in range(2 * self._cycle + 1):
+    while any(e is not None for e in self._slots):
       entry = self._slots[self._next_slot]
       if entry is not None:
         try:
           item = next(entry[1])
-          self._next_slot = (self._next_slot + 1) % self._cycle
-          return item
         except StopIteration:
-          self._open(self._next_slot)
-          if self._slots[self._next_slot] is not None:
-            continue  # Read from the replacement in this slot.
+          self._open(self._next_slot)  # Continue in this slot with the next file.
+          continue
+        self._next_slot = (self._next_slot + 1) % self._cycle
+        return item
       self._next_slot = (self._next_slot + 1) % self._cycle
-      if all(e is None for e in self._slots):
-        raise StopIteration
-    # Only empty shards were opened in a whole cycle: keep going from the next call.
-    return self.__next__()
+    raise StopIteration
 
   def get_state(self) -> dict[str, Any]:
     return {"started": self._started, "next_file": self._next_file, "next_slot": self._next_slot,

@@ -247,6 +247,8 @@ def validate_shards(meta: DatasetMetadata, data_dir: pathlib.Path, where: str) -
       if size != meta.shard_bytes[f]:
         raise MetadataError(f"{where}: shard {path} has {size} bytes, metadata says "
                             f"{meta.shard_bytes[f]} (truncated, replaced or rewritten)")
+      if meta.shard_records[f] < 1:
+        raise MetadataError(f"{where}: shard {f} holds no records (writers never leave one empty)")
       listed.add(f)
     total = sum(meta.shard_records[f] for f in files)
     if total != meta.record_counts[split]:

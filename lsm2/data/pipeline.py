@@ -99,6 +99,8 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
       ds = grain_sources.WindowShuffle(ds, window_size=window_size, seed=seed)
   else:
     source = grain_sources.ArrayRecordShards(paths, counts)
+    if len(source) < pc:
+      raise ValueError(f"split {split!r} has {len(source)} records for {pc} processes")
     records = grain_sources.EpochPartition(len(source), seed=seed, shuffle=shuffle,
                                            process_index=pi, process_count=pc)
     ds = (grain.MapDataset.range(records.num_local).repeat(num_epochs)
