@@ -14,7 +14,7 @@ def param_count(cfg: ModelConfig) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-@pytest.mark.parametrize("size, millions", [("S", 25), ("B", 110), ("L", 330)])
+@pytest.mark.parametrize("size, millions", [("S", 25), ("B", 110)])
 def test_named_sizes_have_the_paper_parameter_counts(size, millions):
   assert param_count(get_model_config(size)) == pytest.approx(millions * 1e6, rel=0.05)
 
