@@ -8,6 +8,11 @@ decoder width, scatter onto the full grid with one learnable (zero-init) mask
 token at every masked position, positions again, full attention, and a linear
 head that predicts every minute of every patch.
 
+`observed` is the minute mask the model may trust; for the LSM-1 baseline
+(filled values treated as data) pass `aim.effective_observed(observed, mask_cfg)`
+(all True). `cfg.remat`: "attention" recomputes each attention core in the
+backward pass, "full" each block.
+
 Logical axis names (nnx metadata `out_sharding` of each `nnx.Param`):
   "embed"    model width (encoder or decoder) of kernels, biases, norms,
              the mask token; the encoder->decoder projection is ("embed", None)
