@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lsm2.data import dataset, metadata
+from lsm2.data import dataset
+from lsm2.data.channels import Channel
 from lsm2.data.convert import convert
 from lsm2.data.converters.common import NonWearRule
 from lsm2.data.synthesize import write_synthetic_dataset
@@ -149,7 +150,7 @@ def test_long_table_channel_declarations_and_errors(tmp_path):
   with pytest.raises(ValueError, match=r"t.csv: unknown channel 'spo2'"):
     convert("long_csv", path, tmp_path / "a")
   meta, _ = convert("long_csv", path, tmp_path / "b",
-                    long_options={"declared": [metadata.Channel("spo2", "ppg", "%", 50, 100)]})
+                    long_options={"declared": [Channel("spo2", "ppg", "%", 50, 100)]})
   assert meta.channels[1].name == "spo2" and meta.channels[1].unit == "%"
   df["steps"] = df["steps"].astype(object)
   df.loc[3, "steps"] = "lots"

@@ -1,10 +1,11 @@
 """The Grain training input pipeline: shards -> normalized per-process batches -> global jax.Arrays.
 
 TFRecord:     per-epoch file shuffle, per-process file slicing, interleave,
-              window shuffle of raw records, parse + normalize, batch.
+              window shuffle of raw records, decode, batch.
 ArrayRecord:  per-epoch global record shuffle, per-process record slicing
-              (random access), parse + normalize, batch.
-Both then prefetch in `worker_count` processes (Grain mp_prefetch).
+              (random access), decode, batch.
+Both optionally run in `worker_count` processes (Grain mp_prefetch), then
+normalize each batch. docs/data.md explains the design and its measurements.
 
 Within each epoch the processes read disjoint parts that together cover the
 split exactly once. With N records (or files) not divisible by the process
@@ -48,8 +49,9 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
   dataset's train statistics, clipped to [-5, 5], 0 at unobserved minutes.
   Incomplete last batches are dropped. num_epochs=None repeats forever.
 
-  max_subjects keeps the first K subjects of a seeded shuffle of the split's
-  subjects (data-size sweeps; the other records are still read, then dropped).
+  max_subjects keeps the first K subjects of a fixed shuffle of the split's
+  subjects, so smaller subsets are nested in larger ones (data-size sweeps;
+  the other records are still read, then dropped).
   verify_checksums checks every TFRecord data CRC (~0.5 ms per record).
 
   Resuming: `it.get_state()` / `it.set_state(state)` (JSON-able), or with Orbax
@@ -108,9 +110,12 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
           .map(source.__getitem__)
           .to_iter_dataset(grain.ReadOptions(num_threads=0)))
   if max_subjects is not None:
+    if max_subjects < 1:
+      raise ValueError(f"max_subjects must be None or >= 1, got {max_subjects}")
     subjects = sorted(meta.subjects[split])
-    keep = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
-    ds = ds.filter(grain_sources.SubjectFilter(set(keep[:max_subjects])))
+    order = np.random.default_rng(0).permutation(len(subjects))
+    keep = {subjects[i] for i in order[:max_subjects]}
+    ds = ds.filter(grain_sources.SubjectFilter(keep))
   ds = ds.map(grain_sources.DecodeDay(meta.num_channels)).batch(local_batch, drop_remainder=True)
   if worker_count:
     if not flags.FLAGS.is_parsed():

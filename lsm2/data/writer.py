@@ -70,7 +70,9 @@ class DatasetWriter:
     existing = [p for p in self.out_dir.iterdir()
                 if p.name == METADATA_FILE or p.suffix in FORMATS.values()]
     if existing and not overwrite:
-      raise FileExistsError(f"{self.out_dir} already holds a dataset ({existing[0].name}); "
+      what = ("a dataset" if (self.out_dir / METADATA_FILE).exists()
+              else "shards of an unfinished write (no metadata.json)")
+      raise FileExistsError(f"{self.out_dir} already holds {what}, e.g. {existing[0].name}; "
                             "pass overwrite=True (--overwrite) or choose an empty directory")
     for p in existing:
       p.unlink()

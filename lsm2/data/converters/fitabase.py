@@ -58,6 +58,9 @@ def load(input_dir: str | pathlib.Path, stats: DayStats
       raise ValueError(f"{path}: user-hour {tuple(df.loc[dup, ['Id', 'ActivityHour']].iloc[0])} "
                        "appears twice")
     values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
+    bad = int(np.isnan(values).sum() - df[cols].isna().to_numpy().sum())
+    if bad:
+      stats.notes.append(f"{name}: {bad} non-numeric cells treated as unobserved")
     tables.append((c, df["Id"].astype(str).to_numpy(), df["time"].to_numpy(), values))
 
   users = sorted(set(np.concatenate([t[1] for t in tables])))
