@@ -5,6 +5,7 @@ r"""Entry point: parses flags, joins the multi-process runtime, dispatches.
 
 The config's `mode` field (default "pretrain") picks what runs.
 """
+import logging as std_logging
 import os
 
 from absl import app
@@ -48,10 +49,18 @@ def _is_cluster_job() -> bool:
           or any(os.environ.get(k) for k in _CLUSTER_FLAG_ENV))
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   _initialize_distributed()
   config = _CONFIG.value
   mode = config.get("mode", "pretrain")
