@@ -79,5 +79,21 @@ def test_export_round_trip(tmp_path):
   assert checkpoint.read_description(out) == {"model": {"enc_width": 8}}
   back = checkpoint.restore_params(out / checkpoint.EXPORT_PARAMS, _abstract(mesh, P()))
   np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(params["w"]))
-  with pytest.raises(FileNotFoundError, match="no lsm2 export description"):
+  with pytest.raises(FileNotFoundError, match="no lsm2 description here"):
     checkpoint.read_description(tmp_path / "nowhere")
+
+
+def test_restore_params_only_at_a_chosen_step(tmp_path):
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=3)
+  for step in (1, 2):
+    state = {"params": _state(mesh, P(), value=float(step)), "opt": jnp.ones((3,)) * step}
+    ckpt.maybe_save(step, state, _data_iter(), force=True)
+  ckpt.wait()
+  abstract = _abstract(mesh, P())
+  step, params = ckpt.restore_params(abstract)
+  assert step == 2 and int(params["step"]) == 2
+  step, params = ckpt.restore_params(abstract, step=1)
+  assert step == 1 and float(params["w"][0, 0]) == 1.0
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
+    ckpt.restore_params(abstract, step=7)

@@ -1,6 +1,7 @@
 """Orbax checkpoints: periodic async saves, exact resume, params-only export.
 
 Layout under the workdir:
+  lsm2.json                       model + masking config, dataset channels/statistics
   checkpoints/<step>/state/       params, optimizer state, step, RNG (sharded arrays)
   checkpoints/<step>/data_iter/   Grain iterator state, one file per process
   export/params/                  model parameters only (no optimizer state)
@@ -88,6 +89,23 @@ class Checkpointer:
       logging.warning("Ignoring incomplete checkpoint directories in %s: %s",
                       self.directory, ", ".join(sorted(partial)))
 
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restores only `state["params"]` (no optimizer state) at `step` (default: latest)."""
+    steps = self.manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{self.directory}: no checkpoints")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; have {sorted(steps)}")
+    reader = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+    item = {"params": abstract_params}
+    restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)}))
+    return step, restored[STATE]["params"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -102,8 +120,7 @@ def export_params(workdir: str | pathlib.Path, params: Any, description: dict[st
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out / EXPORT_PARAMS, params, force=True)
     ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    (out / EXPORT_CONFIG).write_text(json.dumps(description, indent=1, sort_keys=True))
+  write_description(out, description)
   return out
 
 
@@ -113,10 +130,17 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
     return ckptr.restore(pathlib.Path(path), abstract_params)
 
 
-def read_description(export_dir: str | pathlib.Path) -> dict[str, Any]:
-  path = pathlib.Path(export_dir) / EXPORT_CONFIG
+def write_description(directory: str | pathlib.Path, description: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    path = pathlib.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / EXPORT_CONFIG).write_text(json.dumps(description, indent=1, sort_keys=True))
+
+
+def read_description(directory: str | pathlib.Path) -> dict[str, Any]:
+  path = pathlib.Path(directory) / EXPORT_CONFIG
   if not path.exists():
-    raise FileNotFoundError(f"{path}: no lsm2 export description here; expected a directory "
-                            f"written by training (WORKDIR/{EXPORT_DIR}).")
+    raise FileNotFoundError(f"{path}: no lsm2 description here; expected a training workdir "
+                            f"or its {EXPORT_DIR}/ directory.")
   return json.loads(path.read_text())
 

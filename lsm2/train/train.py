@@ -6,6 +6,7 @@ metrics, TensorBoard events and Orbax checkpoints on the side.
 """
 from collections.abc import Mapping
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -341,6 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- State: restore or initialise ------------------------------------------
   setup = make_setup(config, model_cfg, mask_cfg, mesh)
+  description = export_description(config, model_cfg, mask_cfg, meta)
+  checkpoint_lib.write_description(workdir, description)  # Lets eval restore mid-run steps.
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
                                      keep=config.keep_checkpoints)
   restored = ckpt.restore_latest(abstract_state(setup), train_iter)
@@ -416,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt.close()
   writer.flush()
   if not preemption.requested:
-    checkpoint_lib.export_params(workdir, state["params"], export_description(config, model_cfg, mask_cfg, meta))
+    checkpoint_lib.export_params(workdir, state["params"], description)
   return last
 
 
@@ -430,7 +433,34 @@ def export_description(config, model_cfg, mask_cfg, meta) -> dict[str, Any]:
       "norm_mean": np.asarray(meta.norm_mean).tolist(),
       "norm_std": np.asarray(meta.norm_std).tolist(),
       "data_dir": str(config.data.dir),
+      "run_config": json.loads(config.to_json_best_effort()),
   }
+
+
+def load_pretrained(path: str | pathlib.Path, step: int | None = None
+                    ) -> tuple[mae.LSM2MAE, dict[str, Any]]:
+  """A model with pretrained parameters, and its description (configs, channels, stats).
+
+  `path` is a training workdir (its export/ when `step` is None and training
+  finished, else the checkpoint at `step` or the latest) or an export/
+  directory. Parameters are replicated over all devices of this job, whatever
+  the process and device count of the job that wrote them.
+  """
+  path = pathlib.Path(path)
+  description = checkpoint_lib.read_description(path)
+  model_cfg = model_config_lib.ModelConfig(**description["model"])
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: _init_model(model_cfg, 0)))
+  replicated = sharding_lib.replicated(sharding_lib.make_mesh({"data": -1}))
+  abstract_params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_params)
+  export = path if (path / checkpoint_lib.EXPORT_PARAMS).exists() else path / checkpoint_lib.EXPORT_DIR
+  if step is None and (export / checkpoint_lib.EXPORT_PARAMS).exists():
+    params = checkpoint_lib.restore_params(export / checkpoint_lib.EXPORT_PARAMS, abstract_params)
+  else:
+    ckpt = checkpoint_lib.Checkpointer(path, save_every=1, keep=1)
+    step, params = ckpt.restore_params(abstract_params, step)
+    ckpt.close()
+  return nnx.merge(graphdef, params), description
 
 
 def _hms(seconds: float) -> str:
