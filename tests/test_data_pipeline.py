@@ -2,11 +2,12 @@
 import collections
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
 
-from lsm2.data import dataset, metadata, pipeline
+from lsm2.data import dataset, grain_sources, metadata, pipeline
 from lsm2.data.synthesize import write_synthetic_dataset
 
 FORMATS = ("tfrecord", "array_record")
@@ -124,6 +125,11 @@ def test_global_batch_from_process_local_data(data_dirs):
   assert batch["signals"].sharding == sharding
   assert len(batch["signals"].addressable_shards) == 4
   np.testing.assert_array_equal(np.asarray(batch["signals"]), local["signals"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_malloc_tuning_applies_on_glibc():
+  assert grain_sources.keep_freed_memory()
 
 
 def test_max_subjects_keeps_that_many_subjects(data_dirs):

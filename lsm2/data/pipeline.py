@@ -41,7 +41,8 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
                         worker_count: int = 0, process_index: int | None = None,
                         process_count: int | None = None, max_subjects: int | None = None,
                         window_size: int = DEFAULT_WINDOW, cycle_length: int = DEFAULT_CYCLE,
-                        verify_checksums: bool = False) -> grain.DatasetIterator:
+                        verify_checksums: bool = False,
+                        tune_malloc: bool = True) -> grain.DatasetIterator:
   """Returns a checkpointable iterator of this process's batches of one split.
 
   Each element is {"signals": float32[b, 1440, C], "observed": bool[b, 1440, C]}
@@ -53,6 +54,8 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
   subjects, so smaller subsets are nested in larger ones (data-size sweeps;
   the other records are still read, then dropped).
   verify_checksums checks every TFRecord data CRC (~0.5 ms per record).
+  tune_malloc keeps large freed blocks in glibc's heap, in this process and the
+  workers (grain_sources.keep_freed_memory; up to 2x faster, process-wide).
 
   Resuming: `it.get_state()` / `it.set_state(state)` (JSON-able), or with Orbax
   via Grain's handler, e.g. in a composite CheckpointManager:
@@ -81,6 +84,8 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
     raise ValueError(f"worker_count must be >= 0, got {worker_count}")
   local_batch = global_batch_size // pc
   meta = load_metadata(data_dir)
+  if tune_malloc:
+    grain_sources.keep_freed_memory()
   paths = [str(p) for p in meta.shard_paths(split)]
   counts = [meta.shard_records[os.path.basename(p)] for p in paths]
   if sum(counts) == 0:
@@ -124,7 +129,8 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
     # Workers hand over stacked batches in shared memory (only a plain batch
     # can), so normalization runs after the hand-over, vectorised per batch.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=2))
+                                                     per_worker_buffer_size=2),
+                        worker_init_fn=grain_sources.keep_freed_memory if tune_malloc else None)
   ds = ds.map(grain_sources.NormalizeBatch(meta.norm_mean, meta.norm_std))
   return iter(ds)
 
