@@ -367,7 +367,7 @@ def _worn(traits: SubjectTraits, tl: _Timeline, rng: np.random.Generator) -> np.
   lack = 1.0 - traits.compliance
   if rng.random() < 0.7:  # The watch is put on during the first day...
     off[:int(rng.uniform(8, 18) * 60)] = True
-  if rng.random() < 0.7:  # ...and returned during the last one.
+  if rng.random() < 0.7 and n > T_DAY:  # ...and returned during the last one.
     off[n - T_DAY + int(rng.uniform(6, 22) * 60):] = True
   for onset, wake in tl.nights:  # Nights without the watch.
     if rng.random() < 0.95 * lack:
