@@ -98,6 +98,17 @@ def test_processes_read_disjoint_parts_that_cover_the_split(data_dirs, expected,
   assert sorted(len(k) for k in per_process) != [0, 45]  # Both processes did read.
 
 
+def test_array_record_global_batches_do_not_depend_on_process_count(data_dirs):
+  """Two processes' local batches side by side are the single-process batches."""
+  def batches(p, pc):
+    it = pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=4,
+                                      seed=5, num_epochs=1, process_index=p, process_count=pc)
+    return [[k for k, _ in _records(iter([b]))] for b in it]
+  single = batches(0, 1)
+  two = [a + b for a, b in zip(batches(0, 2), batches(1, 2))]
+  assert len(two) == 3 and two == single[:3]
+
+
 def test_epochs_are_reshuffled(data_dirs):
   it = pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=1,
                                     seed=2, num_epochs=2, process_index=0, process_count=1)

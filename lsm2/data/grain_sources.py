@@ -49,26 +49,36 @@ class EpochPartition:
   """Maps position k of a process's stream to an item index, epoch by epoch.
 
   Epoch e = k // n_local. Every epoch draws a fresh permutation of the N items
-  (shared by all processes: same seed) and process p takes its positions
-  p, p + P, p + 2P, ... So within an epoch the processes' items are disjoint
-  and together cover all N exactly once. The permutation is a numpy one,
-  cached per epoch (grain's index_shuffle costs ~100 us per call for small N).
+  (shared by all processes: same seed). The permuted positions are dealt to
+  the processes in blocks of `block` items, round robin: process p takes
+  blocks p, p + P, p + 2P, ... So within an epoch the processes' items are
+  disjoint and together cover all N exactly once. With `block` = the local
+  batch size, global batch k (the processes' k-th local batches side by side)
+  holds exactly the items a single process would put in its k-th batch, in
+  the same order: training does not depend on the process count. The
+  permutation is a numpy one, cached per epoch (grain's index_shuffle costs
+  ~100 us per call for small N).
   """
 
   def __init__(self, num_items: int, *, seed: int, shuffle: bool, process_index: int,
-               process_count: int):
+               process_count: int, block: int = 1):
+    if block < 1:
+      raise ValueError(f"block must be >= 1, got {block}")
     self.num_items = num_items
     self.seed = seed
     self.shuffle = shuffle
     self.process_index = process_index
     self.process_count = process_count
-    self.num_local = len(range(process_index, num_items, process_count))
+    self.block = block
+    blocks = range(process_index, -(-num_items // block), process_count)
+    self.num_local = sum(min(block, num_items - b * block) for b in blocks)
     self._epoch = -1
     self._perm = None
 
   def __call__(self, k: int, _: Any = None) -> int:
     epoch, j = divmod(k, self.num_local)
-    position = self.process_index + j * self.process_count
+    local_block, within = divmod(j, self.block)
+    position = (local_block * self.process_count + self.process_index) * self.block + within
     if not self.shuffle:
       return position
     if epoch != self._epoch:

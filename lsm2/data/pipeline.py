@@ -2,8 +2,9 @@
 
 TFRecord:     per-epoch file shuffle, per-process file slicing, interleave,
               window shuffle of raw records, decode, batch.
-ArrayRecord:  per-epoch global record shuffle, per-process record slicing
-              (random access), decode, batch.
+ArrayRecord:  per-epoch global record shuffle, per-process slicing in blocks of
+              one local batch (random access), decode, batch: the global
+              batches are the same for any process count.
 Both optionally run in `worker_count` processes (Grain mp_prefetch), then
 normalize each batch. docs/data.md explains the design and its measurements.
 
@@ -109,7 +110,11 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
     if len(source) < pc:
       raise ValueError(f"split {split!r} has {len(source)} records for {pc} processes")
     records = grain_sources.EpochPartition(len(source), seed=seed, shuffle=shuffle,
-                                           process_index=pi, process_count=pc)
+                                           process_index=pi, process_count=pc,
+                                           block=local_batch)
+    if records.num_local == 0:
+      raise ValueError(f"split {split!r} has {len(source)} records: too few for {pc} processes "
+                       f"with local batches of {local_batch}")
     ds = (grain.MapDataset.range(records.num_local).repeat(num_epochs)
           .map_with_index(records)
           .map(source.__getitem__)
