@@ -39,9 +39,9 @@ def test_restore_reshards_and_resumes_data_iterator(tmp_path):
   # Restore onto a different layout: fsdp x tensor, with columns split too.
   new_mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   it2 = _data_iter()
-  step, state = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2).restore_latest(
+  step, state, data_restored = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2).restore_latest(
       _abstract(new_mesh, P("fsdp", "tensor")), it2)
-  assert step == 3
+  assert step == 3 and data_restored
   np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64).reshape(8, 8))
   assert state["w"].sharding.spec == P("fsdp", "tensor")
   assert state["w"].sharding.mesh.shape == new_mesh.shape
@@ -59,7 +59,7 @@ def test_corrupt_latest_step_falls_back_with_warning(tmp_path, caplog):
     if f.is_file() and f.suffix not in (".json",) and "metadata" not in f.name:
       f.write_bytes(b"")
   with caplog.at_level(logging.WARNING):
-    step, state = checkpoint.Checkpointer(tmp_path, save_every=1, keep=3).restore_latest(
+    step, state, _ = checkpoint.Checkpointer(tmp_path, save_every=1, keep=3).restore_latest(
         _abstract(mesh, P()), _data_iter())
   assert step == 1
   assert int(state["step"]) == 1

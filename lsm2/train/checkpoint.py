@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 STATE = "state"
 DATA_ITER = "data_iter"
+LAYOUT = "layout"  # {"process_count": P}: data iterator states are per process.
 EXPORT_DIR = "export"
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "lsm2.json"
@@ -47,38 +48,50 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA_ITER: grain.checkpoint.CheckpointHandler()})
+                       DATA_ITER: grain.checkpoint.CheckpointHandler(),
+                       LAYOUT: ocp.JsonCheckpointHandler()})
 
   def maybe_save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
     """Saves when `step` is on the save interval (or `force`); returns whether it did."""
     return self.manager.save(
         step,
         args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                   DATA_ITER: grain.checkpoint.CheckpointSave(data_iter)}),
+                                   DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+                                   LAYOUT: ocp.args.JsonSave({"process_count": jax.process_count()})}),
         force=force)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[int, Any] | None:
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None
+                     ) -> tuple[int, Any, bool] | None:
     """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings, so a
     checkpoint written on one mesh restores onto another (Orbax reshards).
-    `data_iter` (if given) is restored in place. Returns (step, state) or None.
+    `data_iter` (if given) is restored in place when the checkpoint was written
+    by as many processes as this job has (iterator states are per process).
+    Returns (step, state, whether data_iter was restored) or None.
     """
     self._warn_about_partial_saves()
     for step in sorted(self.manager.all_steps(), reverse=True):
-      items = {STATE: ocp.args.StandardRestore(abstract_state)}
-      if data_iter is not None:
-        items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
+        layout = self.manager.restore(step, args=ocp.args.Composite(
+            **{LAYOUT: ocp.args.JsonRestore()}))[LAYOUT]
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        same_layout = layout["process_count"] == jax.process_count()
+        if data_iter is not None and same_layout:
+          items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # A truncated or corrupt step: fall back to the previous one.
         logging.warning("Checkpoint step %d in %s could not be restored (%s: %s); "
                         "trying the previous one.", step, self.directory, type(e).__name__, e)
         continue
-      return step, restored[STATE]
+      if data_iter is not None and not same_layout:
+        logging.warning("Checkpoint step %d was written by %d processes, this job has %d: the "
+                        "data iterator starts afresh.", step, layout["process_count"],
+                        jax.process_count())
+      return step, restored[STATE], DATA_ITER in items
     return None
 
   def _warn_about_partial_saves(self) -> None:

@@ -335,10 +335,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding_lib.make_mesh(config.mesh)
   validate_config(config, model_cfg, mask_cfg, mesh)
   strategy_names = mask_cfg.strategy_names
-  train_iter = pipeline.make_train_iterator(
+  make_iterator = lambda seed: pipeline.make_train_iterator(
       config.data.dir, config.data.train_split, global_batch_size=config.batch_size,
-      seed=config.seed, shuffle=True, worker_count=config.data.worker_count,
+      seed=seed, shuffle=True, worker_count=config.data.worker_count,
       max_subjects=config.data.max_train_subjects or None)
+  train_iter = make_iterator(config.seed)
 
   # --- State: restore or initialise ------------------------------------------
   setup = make_setup(config, model_cfg, mask_cfg, mesh)
@@ -352,8 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Initialised a new %s model (%s parameters).", config.model.size,
                  f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
   else:
-    step, state = restored
+    step, state, data_restored = restored
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+    if not data_restored:  # Another process count wrote it: a fresh, step-dependent order.
+      train_iter = make_iterator(config.seed + step)
   start_step = int(jax.device_get(state["step"]))
 
   # --- Compiled functions ------------------------------------------------------

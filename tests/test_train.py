@@ -1,0 +1,269 @@
+"""The sharded pretraining system: config validation, mesh equivalence, buckets, resume."""
+import importlib.util
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from flax import nnx
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+import tensorflow as tf
+
+from lsm2.data import pipeline
+from lsm2.data import synthesize
+from lsm2.train import sharding
+from lsm2.train import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_pretrain_config_module():
+  spec = importlib.util.spec_from_file_location("pretrain_cfg", REPO / "configs" / "pretrain.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# A test geometry: 60-minute x 2-signal tokens (24 x 13 = 312 tokens), so that
+# every compile and step takes a fraction of the paper geometry's time.
+SMALL = {
+    "model.patch_time": 60, "model.patch_channels": 2, "masking.time_bars": 10,
+    "batch_size": 8, "total_steps": 30, "checkpoint_every": 5, "log_every": 5,
+    "eval_every": 15, "eval_batches": 1, "data.synthesize_subjects": 0,
+}
+
+
+def small_config(data_dir, **overrides):
+  config = _load_pretrain_config_module().get_config("tiny,aim,runlocal")
+  with config.unlocked():
+    config.data.dir = str(data_dir)
+    for key, value in {**SMALL, **overrides}.items():
+      *parents, leaf = key.split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def cli_overrides(data_dir, **overrides):
+  flags = [f"--config.data.dir={data_dir}"]
+  flags += [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+  return flags
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("data") / "synth"
+  # 20 subjects x 2 days: 32 train days, 4 validation days; ArrayRecord so that
+  # process slicing is by record.
+  synthesize.write_synthetic_dataset(out, subjects=20, days=2, seed=0, fmt="array_record",
+                                     shards=2, split_fractions=(0.8, 0.2, 0.0))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Config validation: fails before compiling, naming the field.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.patch_time": 7}, "patch_time=7 does not divide time_steps=1440"),
+    ({"batch_size": 6}, "config.batch_size=6 must be a positive multiple of the data-parallel size 8"),
+    ({"masking.n_drop": 100000}, "n_drop=100000"),
+    ({"mesh.data": 3}, "config.mesh"),
+    ({"masking.scheme": "nope"}, "scheme"),
+])
+def test_invalid_config_fails_before_compiling(data_dir, tmp_path, overrides, message):
+  config = small_config(data_dir, **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------
+# Meshes: data, FSDP and tensor parallel give the single-device loss.
+# ---------------------------------------------------------------------------
+def _run_steps(config, mesh, batches, buckets=None):
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
+  train.validate_config(config, model_cfg, mask_cfg, mesh)
+  setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
+  state = train.create_state(setup)
+  runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets)
+  losses = []
+  with jax.set_mesh(mesh):
+    for local in batches:
+      batch = pipeline.to_global_batch(local, setup.batch_sharding)
+      masks = runner.masks(state["rng"], state["step"], batch["observed"])
+      state, out = runner.step_fn(state, batch, masks)
+      losses.append(float(out["loss"]))
+  return losses, state, runner
+
+
+@pytest.fixture(scope="module")
+def batches(data_dir):
+  it = pipeline.make_train_iterator(data_dir, "train", global_batch_size=8, seed=0,
+                                    process_index=0, process_count=1)
+  return [next(it) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def single_device_run(data_dir, batches):
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  return _run_steps(small_config(data_dir), mesh, batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_sizes", [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 1, "fsdp": 8, "tensor": 1},
+    {"data": 2, "fsdp": 2, "tensor": 2},
+])
+def test_parallel_meshes_match_single_device(data_dir, batches, single_device_run, mesh_sizes):
+  mesh = sharding.make_mesh(mesh_sizes)
+  config = small_config(data_dir)
+  losses, state, _ = _run_steps(config, mesh, batches)
+  reference, _, _ = single_device_run
+  # Same math, different reduction orders across shards: float32 round-off only.
+  np.testing.assert_allclose(losses, reference, rtol=2e-5)
+  assert losses[-1] < losses[0]
+
+  # Parameters (and Adam moments) are laid out as the logical axis rules say.
+  fc1 = state["params"]["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"].value
+  assert fc1.sharding.spec == P("fsdp", "tensor")  # ("embed", "mlp") -> (fsdp, tensor)
+  qkv = state["params"]["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"].value
+  assert qkv.sharding.spec == P("fsdp", None, "tensor", None)  # (embed, None, heads, kv)
+  mu = state["opt_state"][1][0].mu["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"].value
+  assert mu.sharding.spec == fc1.sharding.spec
+  if mesh_sizes["fsdp"] > 1:
+    shard_rows = {s.data.shape[0] for s in fc1.addressable_shards}
+    assert shard_rows == {fc1.shape[0] // mesh_sizes["fsdp"]}
+
+
+@pytest.mark.slow
+def test_encoder_buckets_are_exact_and_bounded(data_dir, batches, single_device_run):
+  config = small_config(data_dir)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
+  buckets = train.encoder_buckets(4, model_cfg.num_tokens - mask_cfg.n_drop)
+  losses, _, runner = _run_steps(config, mesh, batches * 2, buckets=buckets)
+  reference, _, _ = single_device_run
+  np.testing.assert_allclose(losses[:3], reference, rtol=1e-5)
+  # Only the buckets' lengths were compiled, one program each, and some
+  # batches ran the encoder on fewer tokens than the fixed split keeps.
+  assert runner.compiled_lengths <= set(buckets)
+  assert runner.step_fn._cache_size() == len(runner.compiled_lengths)
+  assert min(runner.compiled_lengths) < buckets[-1]
+
+
+def test_encoder_bucket_lengths():
+  assert train.encoder_buckets(4, 2262) == (576, 1136, 1696, 2262)
+  assert train.encoder_buckets(1, 2262) == (2262,)
+
+
+# ---------------------------------------------------------------------------
+# Preemption, crash and exact resume (real processes).
+# ---------------------------------------------------------------------------
+def _launch(workdir, data_dir, **overrides):
+  cmd = [sys.executable, "-m", "lsm2.main", "--config=configs/pretrain.py:tiny,aim,runlocal",
+         f"--workdir={workdir}", *cli_overrides(data_dir, **overrides)]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  with open(pathlib.Path(workdir).with_suffix(".log"), "ab") as log:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  path = pathlib.Path(workdir) / "checkpoints" / str(step)
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert proc.poll() is None, f"training exited early ({proc.returncode}); see {workdir}.log"
+    assert time.time() < deadline, f"no checkpoint {path} after {timeout}s"
+    time.sleep(0.02)
+
+
+def _scalars(workdir, tag) -> dict[int, float]:
+  """Scalar `tag` per step from the workdir's TensorBoard events (later files win)."""
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+
+def _export_params(workdir):
+  model, _ = train.load_pretrained(workdir)
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+@pytest.mark.slow
+def test_preempt_crash_and_resume_equals_uninterrupted(data_dir, tmp_path):
+  steps = 60
+  straight = tmp_path / "straight"
+  proc = _launch(straight, data_dir, total_steps=steps)
+  assert proc.wait(timeout=600) == 0
+
+  resumed = tmp_path / "resumed"
+  # 1. Preemption: SIGTERM saves a checkpoint and exits cleanly.
+  proc = _launch(resumed, data_dir, total_steps=steps)
+  _wait_for_step(resumed, 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0
+  log = pathlib.Path(f"{resumed}.log").read_text()
+  assert "Preempted at step" in log
+  preempted_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+  assert 5 <= preempted_at < steps
+
+  # 2. Crash: kill -9 right after a later checkpoint lands.
+  proc = _launch(resumed, data_dir, total_steps=steps)
+  target = (preempted_at // 5 + 2) * 5
+  _wait_for_step(resumed, target, proc)
+  proc.kill()
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+  assert not (resumed / "export").exists()
+
+  # 3. Resume to the end.
+  proc = _launch(resumed, data_dir, total_steps=steps)
+  assert proc.wait(timeout=600) == 0
+  assert "Resumed from" in pathlib.Path(f"{resumed}.log").read_text()
+
+  for a, b in zip(_export_params(straight), _export_params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # Validation metrics depend on the parameters only: equal at every evaluation.
+  # Training averages cover log_every steps; the preempted run resumed mid-window,
+  # so compare them once the crash resume (on a checkpoint step) has taken over.
+  for tag, first in (("val/mse", 0), ("train/loss", target + 1)):
+    want, got = _scalars(straight, tag), _scalars(resumed, tag)
+    assert steps in want
+    for step in (s for s in want if s >= first):
+      assert got[step] == pytest.approx(want[step], rel=1e-6), (tag, step)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_as_one(data_dir, tmp_path):
+  """launch/local.sh 2 over loopback gives the single-process losses; 1 process resumes it."""
+  overrides = cli_overrides(data_dir, total_steps=10, eval_every=100, **{"mesh.data": 2})
+  env = {**os.environ, "PYTHON": sys.executable}
+  two = tmp_path / "two"
+  subprocess.run(["bash", "launch/local.sh", "2", "--config", "configs/pretrain.py:tiny,aim,runlocal",
+                  "--workdir", str(two), *overrides], cwd=REPO, env=env, check=True, timeout=600)
+  one = tmp_path / "one"  # One process with two devices: the same mesh, the same global batches.
+  subprocess.run([sys.executable, "-m", "lsm2.main", "--config=configs/pretrain.py:tiny,aim,runlocal",
+                  f"--workdir={one}", *overrides], cwd=REPO, check=True, timeout=600,
+                 env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  want, got = _scalars(one, "train/loss"), _scalars(two, "train/loss")
+  assert sorted(want) == sorted(got) == [5, 10]
+  for step in want:  # CPU collectives across processes vs within one: round-off only.
+    assert got[step] == pytest.approx(want[step], rel=1e-5)
+
+  # The 2-process checkpoint resumes in a 1-process job (with 2 devices).
+  overrides = cli_overrides(data_dir, total_steps=15, eval_every=100, **{"mesh.data": 2})
+  log = subprocess.run([sys.executable, "-m", "lsm2.main", "--config=configs/pretrain.py:tiny,aim,runlocal",
+                        f"--workdir={two}", *overrides], cwd=REPO, check=True, timeout=600,
+                       capture_output=True, text=True,
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).stderr
+  assert "Resumed from" in log and "at step 10" in log
+  assert "written by 2 processes, this job has 1" in log
+  assert 15 in _scalars(two, "train/loss")
