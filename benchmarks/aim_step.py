@@ -26,6 +26,7 @@ from flax import nnx
 
 from lsm2.model.aim import aim_masks
 from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
+from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
 
@@ -34,27 +35,6 @@ VARIANTS = ("aim", "attention_only", "lsm1")
 # like ViT-S); --full_size --model S gives the paper model.
 CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
                      dec_width=128, dec_depth=1, dec_heads=2, dec_mlp=512)
-
-
-def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
-  """Forward FLOPs of `depth` blocks over `tokens` tokens (full attention over them)."""
-  per_layer = (2 * tokens * width * 3 * width      # qkv
-               + 2 * 2 * tokens * tokens * width   # q k^T and p v
-               + 2 * tokens * width * width        # output projection
-               + 2 * 2 * tokens * width * mlp)     # MLP
-  return depth * per_layer
-
-
-def step_flops(cfg: ModelConfig, n_keep: int, batch: int) -> float:
-  """Analytic FLOPs of one forward+backward step (backward = 2x forward)."""
-  n = cfg.num_tokens
-  patch_in = cfg.patch_size * (2 if cfg.observed_in_embedding else 1)
-  forward = (2 * n * patch_in * cfg.enc_width
-             + transformer_flops(n_keep, cfg.enc_width, cfg.enc_depth, cfg.enc_mlp)
-             + 2 * n_keep * cfg.enc_width * cfg.dec_width
-             + transformer_flops(n, cfg.dec_width, cfg.dec_depth, cfg.dec_mlp)
-             + 2 * n * cfg.dec_width * cfg.patch_size)
-  return 3.0 * batch * forward
 
 
 def matmul_rate(dtype, size: int = 1024, repeats: int = 5) -> float:

@@ -1,0 +1,27 @@
+"""Analytic FLOP counts of the LSM-2 MAE, for step-time predictions and MFU.
+
+Matmuls and attention of the static shapes only (norms, softmax and the AIM
+gathers are a few percent); a backward pass counts as twice the forward.
+"""
+from lsm2.model.config import ModelConfig
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
+  """Forward FLOPs of `depth` blocks over `tokens` tokens (full attention over them)."""
+  per_layer = (2 * tokens * width * 3 * width      # qkv
+               + 2 * 2 * tokens * tokens * width   # q k^T and p v
+               + 2 * tokens * width * width        # output projection
+               + 2 * 2 * tokens * width * mlp)     # MLP
+  return depth * per_layer
+
+
+def step_flops(cfg: ModelConfig, n_keep: int, batch: int) -> float:
+  """FLOPs of one forward+backward training step with `n_keep` encoder tokens."""
+  n = cfg.num_tokens
+  patch_in = cfg.patch_size * (2 if cfg.observed_in_embedding else 1)
+  forward = (2 * n * patch_in * cfg.enc_width
+             + transformer_flops(n_keep, cfg.enc_width, cfg.enc_depth, cfg.enc_mlp)
+             + 2 * n_keep * cfg.enc_width * cfg.dec_width
+             + transformer_flops(n, cfg.dec_width, cfg.dec_depth, cfg.dec_mlp)
+             + 2 * n * cfg.dec_width * cfg.patch_size)
+  return 3.0 * batch * forward
