@@ -3,10 +3,14 @@ r"""Entry point: parses flags, joins the multi-process runtime, dispatches.
   python -m lsm2.main --config=configs/pretrain.py:S,aim --workdir=DIR \
       [--config.key=value ...] [--coordinator_address=H:P --num_processes=N --process_id=I]
 
-The config's `mode` field (default "pretrain") picks what runs.
+The config's `mode` field (default "pretrain") picks what runs: "pretrain",
+"evaluate" (configs/eval.py) or "demo" (configs/demo.py: pretrain, then
+evaluate with the sibling configs/eval.py:synthetic into WORKDIR/eval).
 """
+import importlib.util
 import logging as std_logging
 import os
+import pathlib
 
 from absl import app
 from absl import flags
@@ -67,8 +71,24 @@ def main(argv):
   if mode == "pretrain":
     from lsm2.train import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif mode == "evaluate":
+    from lsm2.eval import run  # pylint: disable=g-import-not-at-top
+    run.evaluate(config, _WORKDIR.value)
+  elif mode == "demo":
+    from lsm2.eval import run  # pylint: disable=g-import-not-at-top
+    run.demo(config, _WORKDIR.value, _sibling_config("eval.py", "synthetic"))
   else:
-    raise app.UsageError(f"config.mode={mode!r} is not a known mode ('pretrain')")
+    raise app.UsageError(
+        f"config.mode={mode!r} is not a known mode ('pretrain', 'evaluate', 'demo')")
+
+
+def _sibling_config(filename: str, arg: str):
+  """get_config(arg) of a config file beside the --config file."""
+  path = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).with_name(filename)
+  spec = importlib.util.spec_from_file_location(f"lsm2_configs_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 if __name__ == "__main__":

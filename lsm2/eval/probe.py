@@ -331,3 +331,29 @@ def subject_labels(labels: np.ndarray, subject_ids: Sequence) -> tuple[np.ndarra
     raise ValueError(f"subjects {bad.tolist()} have more than one label; "
                      "subject-level labels must be constant")
   return subjects, per_subject
+
+
+def subject_kfold(
+    subject_ids: Sequence, k: int, seed: int, stratify: np.ndarray | None = None
+) -> list[tuple[Int[np.ndarray, "n_train"], Int[np.ndarray, "n_test"]]]:
+  """k (train, test) example-index pairs; each subject is in exactly one test fold.
+
+  Subjects are shuffled (seeded) and dealt round-robin into folds; with
+  `stratify` (one label per example, constant within a subject) they are dealt
+  label by label, so every fold gets a share of each class.
+  """
+  subject_ids = np.asarray(subject_ids)
+  subjects, inverse = np.unique(subject_ids, return_inverse=True)
+  if not 2 <= k <= len(subjects):
+    raise ValueError(f"k={k} folds need 2 <= k <= number of subjects ({len(subjects)})")
+  strata = (np.zeros(len(subjects), np.int64) if stratify is None
+            else subject_labels(stratify, subject_ids)[1])
+  rng = np.random.default_rng(seed)
+  fold_of = np.empty(len(subjects), np.int64)
+  dealt = 0
+  for stratum in np.unique(strata):
+    members = rng.permutation(np.flatnonzero(strata == stratum))
+    fold_of[members] = (dealt + np.arange(len(members))) % k
+    dealt += len(members)
+  example_fold = fold_of[inverse]
+  return [(np.flatnonzero(example_fold != f), np.flatnonzero(example_fold == f)) for f in range(k)]

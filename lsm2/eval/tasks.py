@@ -184,22 +184,24 @@ def signal_imputation(
 
 
 def generative_task_suite(
-    num_channels: int, patch_channels: int = 1
+    num_channels: int, patch_channels: int = 1, patch_time: int = 1
 ) -> list[tuple[str, TaskBuilder]]:
   """The generative evaluation tasks of issue 5 as (name, builder) pairs.
 
   Random imputation (80%), temporal interpolation and extrapolation with
-  10/30/60/180-minute gaps, and signal imputation with 2/6/12/20 channels
-  (those below C that are multiples of `patch_channels`) plus all-but-one
+  10/30/60/180-minute gaps (those that are multiples of `patch_time`: masks
+  are token-aligned), and signal imputation with 2/6/12/20 channels (those
+  below C that are multiples of `patch_channels`) plus all-but-one
   (`C - patch_channels` channels) when that is not already in the list.
   """
   partial = functools.partial
   suite: list[tuple[str, TaskBuilder]] = [
       ("random_imputation_80", partial(random_imputation, ratio=0.8))]
-  for gap in GAP_MINUTES:
+  gaps = [gap for gap in GAP_MINUTES if gap % patch_time == 0]
+  for gap in gaps:
     suite.append((f"temporal_interpolation_{gap}min",
                   partial(temporal_interpolation, gap_minutes=gap)))
-  for gap in GAP_MINUTES:
+  for gap in gaps:
     suite.append((f"temporal_extrapolation_{gap}min",
                   partial(temporal_extrapolation, gap_minutes=gap)))
   all_but_one = num_channels - patch_channels

@@ -1,0 +1,291 @@
+"""The evaluation driver: restore a pretrained model, run the configured evaluations, write results.
+
+  python -m lsm2.main --config=configs/eval.py:synthetic --workdir=OUT \
+      --config.init_from=PRETRAIN_WORKDIR_OR_EXPORT
+
+Steps: restore (`lsm2.api.load`, i.e. `lsm2.train.train.load_pretrained`),
+check the dataset's channels against the checkpoint's, read the splits and
+normalise them with the checkpoint's statistics, then run the discriminative
+probes (+ few-shot, fine-tuning), the generative tasks with their baselines and
+the robustness removals, and write OUT/results.json, OUT/results.md, PNG plots
+and CLU scalars (TensorBoard events in OUT).
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lsm2 import api
+from lsm2.data import dataset as dataset_lib
+from lsm2.data import metadata as metadata_lib
+from lsm2.eval import discriminative
+from lsm2.eval import fine_tune as fine_tune_lib
+from lsm2.eval import generative
+from lsm2.eval import plots
+from lsm2.eval import report
+from lsm2.eval import robustness
+from lsm2.eval import tasks as tasks_lib
+from lsm2.train import checkpoint as checkpoint_lib
+
+LEVELS = ("day", "subject")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails before any restore or compilation, naming the offending field."""
+  if not config.init_from:
+    raise ValueError("config.init_from is required: a pretraining workdir or its export/ directory")
+  if config.batch_size < 1:
+    raise ValueError(f"config.batch_size={config.batch_size} must be positive")
+  bad = [lv for lv in config.probe.levels if lv not in LEVELS]
+  if bad or not config.probe.levels:
+    raise ValueError(f"config.probe.levels={tuple(config.probe.levels)} must be a non-empty subset "
+                     f"of {LEVELS}")
+  protocol = config.probe.protocol
+  if protocol.name not in ("splits", "cv"):
+    raise ValueError(f"config.probe.protocol.name={protocol.name!r}; expected 'splits' or 'cv'")
+  if protocol.name == "cv" and protocol.folds < 2:
+    raise ValueError(f"config.probe.protocol.folds={protocol.folds} must be >= 2")
+  if config.few_shot.k < 0 or config.few_shot.repeats < 1:
+    raise ValueError(f"config.few_shot.k={config.few_shot.k} must be >= 0 and "
+                     f"config.few_shot.repeats={config.few_shot.repeats} >= 1")
+  if config.data.max_days < 0:
+    raise ValueError(f"config.data.max_days={config.data.max_days} must be >= 0 (0 = all)")
+
+
+class SplitReader:
+  """Reads splits once, normalised with the checkpoint's statistics (not the dataset's)."""
+
+  def __init__(self, model: api.PretrainedModel, data_dir: str, max_days: int):
+    self.model, self.data_dir, self.max_days = model, data_dir, max_days
+    self._cache: dict[str, dict[str, np.ndarray]] = {}
+
+  def read(self, split: str) -> dict[str, np.ndarray]:
+    if split not in self._cache:
+      raw = dataset_lib.read_split(self.data_dir, split, normalize=False,
+                                   limit=self.max_days or None)
+      if raw["signals"].shape[0] == 0:
+        raise ValueError(f"split {split!r} of dataset {self.data_dir} holds no days")
+      raw["z"] = metadata_lib.normalize(raw.pop("signals"), raw["observed"],
+                                        self.model.norm_mean, self.model.norm_std)
+      self._cache[split] = raw
+    return self._cache[split]
+
+  def pool(self, splits: tuple[str, ...], labels: list[str]) -> discriminative.Pool:
+    parts = [self.read(s) for s in splits]
+    return discriminative.Pool(
+        z=np.concatenate([p["z"] for p in parts]),
+        observed=np.concatenate([p["observed"] for p in parts]),
+        subject_id=np.concatenate([p["subject_id"] for p in parts]),
+        split=np.concatenate([np.full(len(p["subject_id"]), s) for s, p in zip(splits, parts)]),
+        labels={n: np.concatenate([p[f"label/{n}"] for p in parts]) for n in labels})
+
+
+def checkpoint_step(path: str, step: int | None, description: dict[str, Any]) -> int:
+  """The training step of the restored weights (for TensorBoard)."""
+  if step is not None:
+    return step
+  path = pathlib.Path(path)
+  export = checkpoint_lib.EXPORT_PARAMS
+  if (path / export).exists() or (path / checkpoint_lib.EXPORT_DIR / export).exists():
+    return int(description["run_config"].get("total_steps", 0))
+  steps = [int(p.name) for p in checkpoint_lib.checkpoint_dir(path).glob("*") if p.name.isdigit()]
+  return max(steps, default=0)
+
+
+def _labels(config, meta: metadata_lib.DatasetMetadata) -> list[str]:
+  names = list(config.probe.labels) or list(meta.labels)
+  unknown = [n for n in names if n not in meta.labels]
+  if unknown:
+    raise ValueError(f"config.probe.labels: {unknown} not in dataset {meta.data_dir} "
+                     f"(its labels: {sorted(meta.labels)})")
+  return names
+
+
+def _pool_splits(protocol) -> tuple[str, ...]:
+  if protocol.name == "cv":
+    return tuple(protocol.splits)
+  return tuple(dict.fromkeys((protocol.fit_split, protocol.test_split)))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Runs the evaluation of `config` into `workdir`; returns the result records."""
+  start = time.time()
+  validate_config(config)
+  if jax.process_count() > 1:
+    raise ValueError("evaluation runs in a single process (it uses every local device); "
+                     f"got {jax.process_count()} processes")
+  out = pathlib.Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  step = None if config.step < 0 else config.step
+  model = api.load(config.init_from, step, batch_size=config.batch_size)
+  data_dir = config.data.dir or model.config["data_dir"]
+  meta = metadata_lib.load_metadata(data_dir)
+  model.check_dataset(meta, config.init_from)
+  reader = SplitReader(model, data_dir, config.data.max_days)
+  results = report.Results()
+  plot_files: list[pathlib.Path] = []
+  cfg = model.model_cfg
+  noise = (meta.noise_std, model.norm_std) if meta.noise_std is not None else None
+
+  # --- Discriminative ---------------------------------------------------------
+  labels = _labels(config, meta)
+  tasks = discriminative.tasks_for(meta.labels, labels, config.probe.levels)
+  pool = reader.pool(_pool_splits(config.probe.protocol), labels)
+  logging.info("Embedding %d days for %d probe tasks.", pool.z.shape[0], len(tasks))
+  embeddings = model.embed_normalized(pool.z, pool.observed)
+  built = discriminative.run(results, pool, embeddings, tasks, config)
+  if config.fine_tune.enabled:
+    ft_labels = list(config.fine_tune.labels) or labels
+    ft_tasks = discriminative.tasks_for(meta.labels, ft_labels, ("day",))
+    logging.info("Fine-tuning on %d tasks.", len(ft_tasks))
+    fine_tune_lib.run(results, model, pool, built, ft_tasks, config)
+
+  # --- Generative ---------------------------------------------------------------
+  gen_split = config.generative.split
+  gen = reader.read(gen_split)
+  suite = generative.select_tasks(cfg, tuple(config.generative.tasks))
+  gen_kwargs = dict(split=gen_split, seed=config.seed,
+                    baseline_names=tuple(config.generative.baselines), noise=noise)
+  outputs = {}
+  if config.generative.enabled:
+    logging.info("Generative tasks: %d on %d days.", len(suite), gen["z"].shape[0])
+    outputs = generative.run(results, model, gen["z"], gen["observed"], suite, **gen_kwargs)
+
+  # --- Robustness ---------------------------------------------------------------
+  if config.robustness.enabled:
+    plot_files += _robustness(results, model, meta, config, pool, gen, outputs, gen_kwargs, out)
+
+  # --- Report -------------------------------------------------------------------
+  if config.plots.enabled:
+    plot_files += _day_plots(model, gen, outputs, config.plots, out)
+  kinds = {name: spec.kind for name, spec in meta.labels.items()}
+  restored_step = checkpoint_step(config.init_from, step, model.config)
+  header = _header(config, model, meta, data_dir, restored_step, reader, time.time() - start)
+  report.write_json(results.records, out / "results.json")
+  (out / "results.md").write_text(report.markdown(
+      results, title=f"LSM-2 evaluation: {config.taskset}", header=header, kinds=kinds,
+      plots=[p.name for p in plot_files]))
+  (out / "eval_config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+  report.write_scalars(results.records, out, restored_step)
+  logging.info("Wrote %d metrics to %s (%.0f s).", len(results.records), out / "results.md",
+               time.time() - start)
+  return results.records
+
+
+def _robustness(results, model, meta, config, pool, gen, outputs, gen_kwargs, out
+                ) -> list[pathlib.Path]:
+  rcfg = config.robustness
+  conditions, notes = robustness.conditions(model.channel_groups, groups=rcfg.sensor_groups,
+                                            segments=rcfg.time_segments)
+  for note in notes:
+    results.skip("robustness", note)
+  rob_labels = list(rcfg.labels) or _labels(config, meta)
+  rob_tasks = discriminative.tasks_for(meta.labels, rob_labels, config.probe.levels)
+  gen_task = (generative.select_tasks(model.model_cfg, (rcfg.generative_task,))
+              if rcfg.generative_task else [])
+  if gen_task and rcfg.generative_task not in outputs:
+    outputs.update(generative.run(results, model, gen["z"], gen["observed"], gen_task, **gen_kwargs))
+  for masking, transform in conditions:
+    logging.info("Robustness: %s.", masking)
+    reduced = pool.with_observed(transform(pool.observed))
+    emb = model.embed_normalized(reduced.z, reduced.observed)
+    discriminative.run(results, reduced, emb, rob_tasks, config, masking=masking, baselines=False)
+    if gen_task:
+      z, obs = robustness.reduce(gen["z"], gen["observed"], transform)
+      generative.run(results, model, z, obs, gen_task, masking=masking, **gen_kwargs)
+
+  files = []
+  if not config.plots.enabled:
+    return files
+  for task in dict.fromkeys(t.name for t in rob_tasks):
+    metric = report.PRIMARY_METRIC[meta.labels[task].kind]
+    rows = results.select(task=task, metric=metric, method="linear_probe")
+    series = {}
+    for r in rows:
+      series.setdefault(r["level"], {})[r["masking"]] = r["value"]
+    if series and any(len(s) > 1 for s in series.values()):
+      files.append(plots.plot_metric_by_condition(
+          series, out / f"robustness_{task}.png", metric_name=f"{task} {metric}",
+          title=f"{task}: linear probe with data removed"))
+  if gen_task:
+    name = rcfg.generative_task
+    rows = [r for r in results.select(task=name, metric="mse")
+            if not r["masking"].startswith("missing:")]
+    series = {}
+    for r in rows:
+      series.setdefault(r["method"], {})[r["masking"]] = r["value"]
+    if any(len(s) > 1 for s in series.values()):
+      files.append(plots.plot_metric_by_condition(
+          series, out / "robustness_generative.png", metric_name="MSE (normalised)",
+          title=f"{name}: error with data removed"))
+    if rcfg.missingness_buckets and name in outputs:
+      series = generative.bucket_errors(results, outputs[name], gen["z"], gen["observed"],
+                                        task=name, split=gen_kwargs["split"])
+      rows = results.select(task=name, metric="mse", method="model")
+      counts = {r["masking"][8:]: r["days"] for r in rows if r["masking"].startswith("missing:")}
+      buckets = tasks_lib.bucket_labels()
+      files.append(plots.plot_error_by_missingness(
+          buckets, series, out / "error_by_missingness.png", metric_name="MSE (normalised)",
+          title=f"{name}: error by the day's missing fraction",
+          counts=[counts.get(b, 0) for b in buckets]))
+  return files
+
+
+def _day_plots(model, gen, outputs, pcfg, out) -> list[pathlib.Path]:
+  """A few reconstructed days per task: the days with the most scored minutes."""
+  files = []
+  for task in pcfg.tasks:
+    if task not in outputs:
+      continue
+    o = outputs[task]
+    scored = o.target & gen["observed"]
+    per_day = scored.sum(axis=(1, 2))
+    for rank, i in enumerate(np.argsort(-per_day, kind="stable")[:pcfg.days]):
+      if per_day[i] == 0:
+        break
+      channels = np.argsort(-scored[i].sum(axis=0), kind="stable")[:3]
+      files.append(plots.plot_reconstructed_day(
+          gen["z"][i], gen["observed"][i], o.target[i], o.predictions["model"][i],
+          out / f"reconstruction_{task}_{rank}.png", channel_names=model.channel_names,
+          line_channels=tuple(int(c) for c in channels),
+          title=f"{task}: {gen['subject_id'][i]} {gen['day'][i]} (normalised units)"))
+  return files
+
+
+def _header(config, model, meta, data_dir, step, reader, seconds) -> list[str]:
+  cfg, mk = model.model_cfg, model.mask_cfg
+  sizes = ", ".join(f"{s}: {v['z'].shape[0]} days / {len(np.unique(v['subject_id']))} subjects"
+                    for s, v in reader._cache.items())  # pylint: disable=protected-access
+  return [
+      f"- checkpoint: `{config.init_from}` (step {step}; scheme `{mk.scheme}`, size "
+      f"`{model.config.get('model_size', '?')}`, encoder width {cfg.enc_width} x {cfg.enc_depth} "
+      f"layers, patch {cfg.patch_time} min x {cfg.patch_channels} channel(s), {cfg.num_tokens} "
+      "tokens)",
+      f"- data: `{data_dir}`, {meta.num_channels} channel(s); {sizes}",
+      f"- probe protocol: `{config.probe.protocol.name}`; seed {config.seed}; "
+      f"few-shot k={config.few_shot.k} x {config.few_shot.repeats} seeds; "
+      f"fine-tuning {'on' if config.fine_tune.enabled else 'off'}",
+      f"- inputs normalised with the checkpoint's statistics; reconstruction errors are on those "
+      "normalised values, only over minutes that were really observed",
+      f"- {jax.device_count()} {jax.default_backend()} device(s), {seconds:.0f} s",
+  ]
+
+
+def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
+         eval_config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Pretrains per `pretrain_config` into `workdir`, then evaluates it into WORKDIR/eval."""
+  from lsm2.train import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(pretrain_config, workdir)
+  config = ml_collections.ConfigDict(eval_config.to_dict())
+  config.init_from = str(workdir)
+  out = pathlib.Path(workdir) / "eval"
+  records = evaluate(config, out)
+  print(f"\nDemo finished. Results: {out / 'results.md'} and {out / 'results.json'}; "
+        f"plots: {out}/*.png; TensorBoard: tensorboard --logdir {workdir}")
+  return records

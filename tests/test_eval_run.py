@@ -1,0 +1,261 @@
+"""The evaluation driver end to end on a tiny checkpoint, and its parts on real model outputs."""
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import lsm2
+from lsm2.data import dataset
+from lsm2.data import metadata as metadata_lib
+from lsm2.eval import discriminative
+from lsm2.eval import fine_tune
+from lsm2.eval import probe as probe_lib
+from lsm2.eval import report
+from lsm2.eval import run
+from lsm2.eval import tasks as tasks_lib
+from tiny_checkpoint import REPO, tiny_pretrained
+
+GEN_TASKS = ("random_imputation_80", "temporal_interpolation_60min", "signal_imputation_2ch")
+
+
+def eval_config(taskset="synthetic"):
+  spec = importlib.util.spec_from_file_location("lsm2_configs_eval", REPO / "configs" / "eval.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(taskset)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  return tiny_pretrained(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def evaluated(pretrained, tmp_path_factory):
+  """One full evaluation: cv probes on 12 subjects, few-shot, fine-tuning, 3 generative tasks."""
+  workdir, _ = pretrained
+  out = tmp_path_factory.mktemp("eval")
+  config = eval_config()
+  with config.unlocked():
+    config.init_from = str(workdir)
+    config.probe.labels = ("hypertension", "activity", "age")
+    config.probe.steps = 100
+    config.probe.protocol.name = "cv"
+    config.probe.protocol.folds = 3
+    config.few_shot.k = 1
+    config.few_shot.repeats = 2
+    config.fine_tune.enabled = True
+    config.fine_tune.labels = ("hypertension",)
+    config.fine_tune.steps = 3
+    config.fine_tune.lr = 1e-3  # As in the fine-tuning test: one compilation for both.
+    config.fine_tune.batch_size = 8
+    config.generative.tasks = GEN_TASKS
+    config.robustness.labels = ("hypertension",)
+    config.plots.days = 1
+  records = run.evaluate(config, out)
+  return out, records, config
+
+
+def _one(records, **keys):
+  found = [r for r in records if all(r[k] == v for k, v in keys.items())]
+  assert len(found) == 1, (keys, found)
+  return found[0]
+
+
+def test_results_json_records(evaluated, pretrained):
+  out, records, _ = evaluated
+  on_disk = json.loads((out / "results.json").read_text())
+  assert on_disk == records and len(records) > 100
+  for r in records:
+    assert set(report.RECORD_KEYS) <= set(r), r
+    assert r["value"] is None or np.isfinite(r["value"])
+    assert r["n"] > 0
+  _, data = pretrained
+  labelled = sum(int((dataset.read_split(data, s)["label/hypertension"] >= 0).sum())
+                 for s in ("train", "validation", "test"))
+  split = "cv3(train+validation+test)"
+  probe = _one(records, task="hypertension", level="day", method="linear_probe", metric="auroc",
+               masking="natural")
+  assert probe["n"] == labelled == 24 and probe["split"] == split
+  assert _one(records, task="hypertension", level="subject", method="linear_probe",
+              metric="auroc", masking="natural")["n"] == 12
+  # A constant predictor ranks nothing: AUROC exactly 0.5.
+  assert _one(records, task="hypertension", level="day", method="majority", metric="auroc")["value"] == 0.5
+  few = _one(records, task="hypertension", level="day", method="few_shot_k1", metric="auroc")
+  assert few["repeats"] == 2 and few["std"] is not None
+  _one(records, task="hypertension", level="day", method="fine_tune", metric="auroc")
+  _one(records, task="activity", level="day", method="linear_probe", metric="macro_f1",
+       masking="natural")
+  assert not [r for r in records if r["task"] == "activity" and r["level"] == "subject"]
+  _one(records, task="age", level="subject", method="mean", metric="mae")
+  for masking in ("remove_group:ppg", "remove_group:temp", "remove_segment:night"):
+    _one(records, task="hypertension", level="day", method="linear_probe", metric="auroc",
+         masking=masking)
+    _one(records, task="random_imputation_80", method="model", metric="mse", masking=masking)
+  buckets = [r for r in records if r["masking"].startswith("missing:") and r["method"] == "model"
+             and r["metric"] == "mse"]
+  assert buckets and sum(r["days"] for r in buckets) <= 2
+
+
+def test_generative_errors_match_a_hand_computation(evaluated, pretrained):
+  """The channel-mean baseline and the noise floor, recomputed from the raw test split."""
+  out, records, _ = evaluated
+  workdir, data = pretrained
+  desc = json.loads((workdir / "export" / "lsm2.json").read_text())
+  raw = dataset.read_split(data, "test", normalize=False)
+  obs = raw["observed"]
+  z = metadata_lib.normalize(raw["signals"], obs, desc["norm_mean"], desc["norm_std"])
+  target = tasks_lib.random_imputation(obs, 30, 2, seed=0, example_ids=np.arange(len(z)))
+  visible = obs & ~target
+  mean = (z * visible).sum(1, keepdims=True) / np.maximum(visible.sum(1, keepdims=True), 1)
+  scored = target & obs
+  err = (np.broadcast_to(mean, z.shape) - z)[scored]
+  rec = _one(records, task="random_imputation_80", method="channel_mean", metric="mse",
+             masking="natural")
+  assert rec["n"] == scored.sum() and rec["split"] == "test"
+  np.testing.assert_allclose(rec["value"], np.mean(err.astype(np.float64) ** 2), rtol=1e-4)
+  noise = np.asarray(metadata_lib.load_metadata(data).noise_std) / np.asarray(desc["norm_std"])
+  floor = (scored.sum((0, 1)) * noise ** 2).sum() / scored.sum()
+  np.testing.assert_allclose(
+      _one(records, task="random_imputation_80", method="noise_floor", metric="mse",
+           masking="natural")["value"], floor, rtol=1e-5)
+  for task in GEN_TASKS:
+    model = _one(records, task=task, method="model", metric="mse", masking="natural")
+    assert model["value"] > 0 and model["n"] > 0
+
+
+def test_markdown_plots_and_tensorboard(evaluated):
+  out, _, _ = evaluated
+  md = (out / "results.md").read_text()
+  for heading in ("### Classification", "### Regression", "### Reconstruction MSE",
+                  "## Robustness", "remove_segment:night", "few_shot_k1", "fine_tune",
+                  "noise_floor", "linear_interpolation", "majority"):
+    assert heading in md, heading
+  for name in ("robustness_hypertension.png", "robustness_generative.png",
+               "error_by_missingness.png", "reconstruction_random_imputation_80_0.png"):
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  assert list(out.glob("events.out.tfevents.*"))
+  assert json.loads((out / "eval_config.json").read_text())["init_from"]
+
+
+def test_mismatched_dataset_names_both_sides(pretrained, tmp_path):
+  workdir, data = pretrained
+  other = tmp_path / "renamed"
+  shutil.copytree(data, other)
+  meta = json.loads((other / "metadata.json").read_text())
+  meta["channels"][0]["name"] = "heart_rate"
+  (other / "metadata.json").write_text(json.dumps(meta))
+  config = eval_config()
+  with config.unlocked():
+    config.init_from = str(workdir)
+    config.data.dir = str(other)
+  with pytest.raises(ValueError, match=rf"checkpoint {workdir}.*26 channels \['hr'.*"
+                                       rf"dataset {other} has 26 channels \['heart_rate'"):
+    run.evaluate(config, tmp_path / "out")
+  with config.unlocked():
+    config.init_from = ""
+  with pytest.raises(ValueError, match="config.init_from is required"):
+    run.evaluate(config, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def probe_inputs(pretrained):
+  workdir, data = pretrained
+  model = lsm2.load(workdir)
+  config = eval_config()
+  reader = run.SplitReader(model, str(data), 0)
+  pool = reader.pool(("train", "validation", "test"), ["hypertension"])
+  return model, config, pool, model.embed_normalized(pool.z, pool.observed)
+
+
+def test_few_shot_is_subject_disjoint_and_seeded(probe_inputs, monkeypatch):
+  model, config, pool, emb = probe_inputs
+  del model
+  calls = []
+  original = probe_lib.few_shot_indices
+
+  def spy(labels, subject_ids, k, seed, exclude_subjects=()):
+    chosen = original(labels, subject_ids, k, seed, exclude_subjects=exclude_subjects)
+    calls.append((np.asarray(subject_ids)[chosen], np.asarray(exclude_subjects), seed))
+    return chosen
+
+  monkeypatch.setattr(probe_lib, "few_shot_indices", spy)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.probe.protocol.name = "cv"
+    config.probe.protocol.folds = 3
+    config.probe.steps = 50
+    config.few_shot.k = 2
+    config.few_shot.repeats = 2
+  tasks = discriminative.tasks_for({"hypertension": metadata_lib.LabelSpec(
+      "hypertension", "binary", "subject", ("no", "yes"))}, ["hypertension"], ("day",))
+  first, second = report.Results(), report.Results()
+  discriminative.run(first, pool, emb, tasks, config)
+  discriminative.run(second, pool, emb, tasks, config)
+  assert len(calls) == 2 * 2 * 3  # runs x repeats x folds
+  for chosen_subjects, test_subjects, _ in calls:
+    assert len(test_subjects) and not set(chosen_subjects) & set(test_subjects)
+  assert {seed for _, _, seed in calls} == {0, 1}
+  few = [r for r in first.records if r["method"] == "few_shot_k2"]
+  assert few and few == [r for r in second.records if r["method"] == "few_shot_k2"]
+
+
+def test_fine_tune_learns_and_leaves_the_pretrained_weights_alone(probe_inputs):
+  model, _, pool, emb = probe_inputs
+  y = pool.labels["hypertension"]
+  before = model.embed_normalized(pool.z, pool.observed)
+  tuned = fine_tune.fine_tune(model, pool.z, pool.observed, y, kind="binary", num_classes=2,
+                              steps=8, lr=1e-3, batch_size=8, seed=0)
+  assert tuned.losses.shape == (8,) and np.all(np.isfinite(tuned.losses))
+  np.testing.assert_array_equal(model.embed_normalized(pool.z, pool.observed), before)
+  np.testing.assert_array_equal(before, emb)
+  p = tuned.predict(pool.z, pool.observed)
+  assert p.shape == y.shape and np.all((p > 0) & (p < 1))
+  # The untrained head predicts 0.5 (cross-entropy ln 2); training lowers the training loss.
+  ce = -np.mean(np.where(y == 1, np.log(p), np.log(1 - p)))
+  assert ce < np.log(2)
+  assert not np.allclose(tuned.model.embed_normalized(pool.z, pool.observed, params=tuned.params),
+                         before)
+
+
+def test_subject_kfold_is_disjoint_complete_and_stratified():
+  subjects = np.repeat(np.arange(10), 3)
+  labels = np.repeat(np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]), 3)
+  folds = probe_lib.subject_kfold(subjects, 2, seed=4, stratify=labels)
+  seen = np.concatenate([test for _, test in folds])
+  assert sorted(seen) == list(range(30))
+  for train, test in folds:
+    assert not set(subjects[train]) & set(subjects[test])
+    assert sorted(np.unique(labels[test], return_counts=True)[1] // 3) in ([2, 3],)
+  again = probe_lib.subject_kfold(subjects, 2, seed=4, stratify=labels)
+  assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+  with pytest.raises(ValueError, match="k=11"):
+    probe_lib.subject_kfold(subjects, 11, seed=0)
+
+
+def test_eval_config_task_sets():
+  for taskset in ("synthetic", "depresjon", "fitabase"):
+    config = eval_config(taskset)
+    assert config.mode == "evaluate" and config.probe.labels
+    with pytest.raises(ValueError, match="config.init_from is required"):
+      run.validate_config(config)
+    run.validate_config(_with_init(config))
+  with pytest.raises(ValueError, match="unknown task set 'nope'"):
+    eval_config("nope")
+
+
+def _with_init(config):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.init_from = "somewhere"
+  return config
+
+
+
+def test_task_suite_keeps_only_token_aligned_gaps():
+  names = [n for n, _ in tasks_lib.generative_task_suite(26, 2, patch_time=30)]
+  assert "temporal_interpolation_30min" in names and "temporal_extrapolation_180min" in names
+  assert not [n for n in names if n.endswith("_10min")]
+  assert len([n for n, _ in tasks_lib.generative_task_suite(26, 2, patch_time=10)]) == len(names) + 2
