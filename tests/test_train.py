@@ -161,7 +161,7 @@ def test_encoder_buckets_are_exact_and_bounded(data_dir, batches, single_device_
 
 
 def test_encoder_bucket_lengths():
-  assert train.encoder_buckets(4, 2262) == (576, 1136, 1696, 2262)
+  assert train.encoder_buckets(4, 2262) == (576, 1136, 1712, 2262)
   assert train.encoder_buckets(1, 2262) == (2262,)
 
 
