@@ -17,6 +17,8 @@ import dataclasses
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -24,13 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsm2.model.aim import aim_masks
+from lsm2.model.aim import aim_masks, truncate_kept
 from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
 from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
+from lsm2.train.train import encoder_buckets
 
-VARIANTS = ("aim", "attention_only", "lsm1")
+VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets")
+# aim_buckets: AIM's masks, with the encoder cut to the smallest of 4 compiled
+# lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
+NUM_BUCKETS = 4
 # CPU-sized default: the paper geometry with a narrow, shallow model (head size 64
 # like ViT-S); --full_size --model S gives the paper model.
 CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
@@ -62,10 +68,14 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0):
   return jnp.asarray(signals), jnp.asarray(obs)
 
 
-def run_variant(cfg, mask_cfg, signals, observed, steps):
+def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: bool = False):
   model = LSM2MAE(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   masks = aim_masks(observed, jax.random.key(0), mask_cfg, cfg)
+  if buckets:
+    lengths = encoder_buckets(NUM_BUCKETS, masks.n_keep)
+    longest = int(np.max(masks.visible_len))
+    masks = truncate_kept(masks, next(b for b in lengths if b >= longest))
 
   def loss_fn(params):
     pred = nnx.merge(graphdef, params)(signals, observed, masks)
@@ -101,7 +111,10 @@ def main():
   parser.add_argument("--remat", default="none")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--json", default=None, help="write the results here")
+  parser.add_argument("--one_variant", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.one_variant:
+    return run_isolated(args)
 
   overrides = {} if args.full_size else dict(CPU_OVERRIDES)
   cfg = get_model_config(args.model, dtype=args.dtype, attention=args.attention,
@@ -117,8 +130,9 @@ def main():
   for variant in args.variants.split(","):
     if variant not in VARIANTS:
       raise ValueError(f"--variants: unknown variant {variant!r}; expected {VARIANTS}")
-    mask_cfg = effective_mask_config(MaskConfig(scheme=variant), cfg)
-    r = run_variant(cfg, mask_cfg, signals, observed, args.steps)
+    scheme = "aim" if variant == "aim_buckets" else variant
+    mask_cfg = effective_mask_config(MaskConfig(scheme=scheme), cfg)
+    r = run_variant(cfg, mask_cfg, signals, observed, args.steps, buckets=variant == "aim_buckets")
     flops = step_flops(cfg, r["n_keep"], args.batch)
     predicted = flops / rate
     print(f"{variant:15s} n_keep={r['n_keep']:5d} visible={r['mean_visible']:7.1f} "
@@ -129,7 +143,26 @@ def main():
                     f"xla_flops_{variant}": r["xla_flops"], f"n_keep_{variant}": r["n_keep"],
                     f"time_over_flop_prediction_{variant}": r["step_s"] / predicted})
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  print(f"peak RSS {results['peak_rss_gib']:.2f} GiB")
+  print(f"peak RSS {results['peak_rss_gib']:.2f} GiB", flush=True)
+  print(json.dumps(results))
+
+
+def run_isolated(args):
+  """Each variant in its own process, so that its peak memory is its own."""
+  results = {}
+  for variant in args.variants.split(","):
+    passed = {k: v for k, v in vars(args).items() if k not in ("json", "one_variant", "variants",
+                                                                "full_size")}
+    cmd = [sys.executable, __file__, "--one_variant", f"--variants={variant}",
+           *(f"--{k}={v}" for k, v in passed.items()), *(["--full_size"] if args.full_size else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+      sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+    print("\n".join(lines[:-1]), flush=True)
+    child = json.loads(lines[-1])
+    child[f"peak_rss_gib_{variant}"] = child.pop("peak_rss_gib")
+    results.update(child)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)
