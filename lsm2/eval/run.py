@@ -76,6 +76,11 @@ class SplitReader:
       self._cache[split] = raw
     return self._cache[split]
 
+  def summary(self) -> str:
+    """Days and subjects of every split read so far."""
+    return ", ".join(f"{s}: {v['z'].shape[0]} days / {len(np.unique(v['subject_id']))} subjects"
+                     for s, v in self._cache.items())
+
   def pool(self, splits: tuple[str, ...], labels: list[str]) -> discriminative.Pool:
     parts = [self.read(s) for s in splits]
     return discriminative.Pool(
@@ -260,8 +265,7 @@ def _day_plots(model, gen, outputs, pcfg, out) -> list[pathlib.Path]:
 
 def _header(config, model, meta, data_dir, step, reader, seconds) -> list[str]:
   cfg, mk = model.model_cfg, model.mask_cfg
-  sizes = ", ".join(f"{s}: {v['z'].shape[0]} days / {len(np.unique(v['subject_id']))} subjects"
-                    for s, v in reader._cache.items())  # pylint: disable=protected-access
+  sizes = reader.summary()
   return [
       f"- checkpoint: `{config.init_from}` (step {step}; scheme `{mk.scheme}`, size "
       f"`{model.config.get('model_size', '?')}`, encoder width {cfg.enc_width} x {cfg.enc_depth} "
