@@ -242,6 +242,11 @@ def test_eval_config_task_sets():
     with pytest.raises(ValueError, match="config.init_from is required"):
       run.validate_config(config)
     run.validate_config(_with_init(config))
+  config = _with_init(eval_config())
+  with config.unlocked():
+    config.probe.protocol.test_split = "train"
+  with pytest.raises(ValueError, match="fit_split and test_split are both 'train'"):
+    run.validate_config(config)
   with pytest.raises(ValueError, match="unknown task set 'nope'"):
     eval_config("nope")
 

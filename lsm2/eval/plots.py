@@ -146,7 +146,8 @@ def plot_reconstructed_day(
                    interpolation="nearest", extent=(0, 24, n_chan - 0.5, -0.5))
     ax.set_ylabel("channel", fontsize=8)
     ax.set_title(label, fontsize=9)
-    fig.colorbar(im, ax=ax, pad=0.01)
+  # One colour bar beside every row, so all rows keep the same width and the hours line up.
+  fig.colorbar(im, ax=list(axes), pad=0.01, fraction=0.03)
   for ax, c in zip(axes[len(panels):], line_channels):
     truth = np.where(observed[:, c], values[:, c], np.nan)
     ax.plot(hours, truth, lw=0.8, color="k", label="observed")

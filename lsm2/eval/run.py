@@ -49,6 +49,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   protocol = config.probe.protocol
   if protocol.name not in ("splits", "cv"):
     raise ValueError(f"config.probe.protocol.name={protocol.name!r}; expected 'splits' or 'cv'")
+  if protocol.name == "splits" and protocol.fit_split == protocol.test_split:
+    raise ValueError(f"config.probe.protocol: fit_split and test_split are both "
+                     f"{protocol.fit_split!r}; they must be different (subject-disjoint) splits")
   if protocol.name == "cv" and protocol.folds < 2:
     raise ValueError(f"config.probe.protocol.folds={protocol.folds} must be >= 2")
   if config.few_shot.k < 0 or config.few_shot.repeats < 1:
