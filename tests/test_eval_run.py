@@ -11,6 +11,7 @@ from lsm2.data import dataset
 from lsm2.data import metadata as metadata_lib
 from lsm2.eval import discriminative
 from lsm2.eval import fine_tune
+from lsm2.eval import metrics as metrics_lib
 from lsm2.eval import probe as probe_lib
 from lsm2.eval import report
 from lsm2.eval import run
@@ -264,3 +265,10 @@ def test_task_suite_keeps_only_token_aligned_gaps():
   assert "temporal_interpolation_30min" in names and "temporal_extrapolation_180min" in names
   assert not [n for n in names if n.endswith("_10min")]
   assert len([n for n, _ in tasks_lib.generative_task_suite(26, 2, patch_time=10)]) == len(names) + 2
+
+
+def test_pearson_r_of_a_constant_prediction_is_undefined():
+  """x - mean(x) of a constant float array is not exactly 0; r must still be None, not ~0."""
+  y = np.random.default_rng(0).normal(size=80)
+  assert metrics_lib.pearson_r(y, np.full(80, 0.1 + 0.2)) is None
+  assert metrics_lib.regression_metrics(y, np.full(80, 3.3))["pearson_r"] is None

@@ -193,7 +193,8 @@ def pearson_r(x: Float[np.ndarray, "n"], y: Float[np.ndarray, "n"]) -> float | N
   """Pearson correlation; None when either side is constant or n < 2."""
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.float64)
-  if x.size < 2:
+  # Exact test for constants: x - x.mean() of a constant array need not be exactly 0.
+  if x.size < 2 or np.ptp(x) == 0.0 or np.ptp(y) == 0.0:
     return None
   dx, dy = x - x.mean(), y - y.mean()
   denom = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
