@@ -1,4 +1,22 @@
-"""Blocked, length-aware softmax attention with a flash-style custom VJP."""
+"""Blocked, length-aware softmax attention with a flash-style custom VJP (for CPU).
+
+In AIM's encoder each example has one valid length: the visible tokens come first, the
+attention-masked rest are never keys and their outputs are discarded. This kernel computes
+only the query-block x key-block pairs below those lengths, forward and backward, so its
+cost follows the visible tokens instead of the padded length, and it stays exact: valid rows
+equal full masked softmax attention, in outputs and gradients.
+
+How it is laid out, for XLA on CPU (which fuses poorly, so few big matmuls win):
+- per example, loops with traced trip counts walk the valid blocks only; heads are the batch
+  dimension of every product, so each product is a [heads, block, block] batched matmul;
+- each axis is covered by big blocks (`block_*`, efficient matmuls) and then small `tail_*`
+  blocks for the remainder, so at most tail-1 positions per axis are computed in vain;
+- only tail key blocks pay for masking; the forward keeps a running max and sum (online
+  softmax) and saves the row logsumexp, from which the backward recomputes P per block;
+- the backward forms dK and dV transposed ([d, block]): every product is then a plain or
+  right-transposed matmul, which XLA's CPU dot runs several times faster than products that
+  contract a transposed left operand (P^T dO, dS^T Q).
+"""
 import functools
 import math
 
@@ -8,9 +26,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _pad_to(x, axis, multiple):
-  n = x.shape[axis]
-  pad = -n % multiple
+def _pad_to(x: Array, axis: int, multiple: int) -> Array:
+  pad = -x.shape[axis] % multiple
   if not pad:
     return x
   widths = [(0, 0)] * x.ndim
@@ -18,149 +35,187 @@ def _pad_to(x, axis, multiple):
   return jnp.pad(x, widths)
 
 
-def _fwd_kernel(q, k, v, q_lengths, kv_lengths, block_q, block_k):
-  """q, k, v: [b, h, l, d] float32, q pre-scaled. Returns out [b,h,lq,d], lse [b,h,lq]."""
+def _segments(length, tiling):
+  """Blocks covering [0, length): full `block`s, then `tail`-sized blocks for the rest.
+
+  Returns (start, count, size, partial) per segment; start and count are traced, size is
+  static, and only the tail segment can hold positions past `length` (partial=True). The
+  blocks end before the length rounded up to a multiple of `tail`, which the inputs are
+  padded to, so no dynamic slice is ever clamped.
+  """
+  block, tail = tiling
+  n_full = length // block
+  start = n_full * block
+  return ((0, n_full, block, False), (start, (length - start + tail - 1) // tail, tail, True))
+
+
+def _fwd_kernel(q, k, v, q_lengths, kv_lengths, q_tiling, k_tiling):
+  """Online-softmax forward over the valid blocks of each example.
+
+  q, k, v: float32 [b, h, l, d], q pre-scaled, lengths padded to multiples of the tails.
+  Returns out [b, h, lq, d] (0 past q_length) and the row logsumexp [b, h, lq].
+  """
   b, h, lq, d = q.shape
   out = jnp.zeros_like(q)
   lse = jnp.zeros((b, h, lq), jnp.float32)
 
   def per_example(e, carry):
-    out, lse = carry
     qlen, kvlen = q_lengths[e], kv_lengths[e]
-    nq = (qlen + block_q - 1) // block_q
-    nk = (kvlen + block_k - 1) // block_k
 
-    def per_q_block(i, carry):
-      out, lse = carry
-      qi = lax.dynamic_slice(q, (e, 0, i * block_q, 0), (1, h, block_q, d))[0]
+    def q_block(start, size):
+      def body(i, carry):
+        out, lse = carry
+        q0 = start + i * size
+        qi = lax.dynamic_slice(q, (e, 0, q0, 0), (1, h, size, d))[0]
+        state = (jnp.zeros((h, size, d), jnp.float32), jnp.full((h, size), -jnp.inf, jnp.float32),
+                 jnp.zeros((h, size), jnp.float32))
+        for k_start, k_count, k_size, partial in _segments(kvlen, k_tiling):
+          state = lax.fori_loop(0, k_count, k_block(qi, k_start, k_size, partial), state)
+        acc, m, l = state
+        has_keys = l > 0
+        l = jnp.where(has_keys, l, 1.0)
+        rows = q0 + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+        oi = jnp.where((has_keys & (rows < qlen))[..., None], acc / l[..., None], 0.0)
+        lse_i = jnp.where(has_keys, m + jnp.log(l), 0.0)
+        return (lax.dynamic_update_slice(out, oi[None], (e, 0, q0, 0)),
+                lax.dynamic_update_slice(lse, lse_i[None], (e, 0, q0)))
+      return body
 
-      def per_k_block(j, acc_state):
-        acc, m, l = acc_state
-        kj = lax.dynamic_slice(k, (e, 0, j * block_k, 0), (1, h, block_k, d))[0]
-        vj = lax.dynamic_slice(v, (e, 0, j * block_k, 0), (1, h, block_k, d))[0]
+    def k_block(qi, start, size, partial):
+      def body(j, state):
+        acc, m, l = state
+        k0 = start + j * size
+        kj = lax.dynamic_slice(k, (e, 0, k0, 0), (1, h, size, d))[0]
+        vj = lax.dynamic_slice(v, (e, 0, k0, 0), (1, h, size, d))[0]
         s = jnp.einsum("hqd,hkd->hqk", qi, kj)
-        key_idx = j * block_k + lax.broadcasted_iota(jnp.int32, (1, 1, block_k), 2)
-        s = jnp.where(key_idx < kvlen, s, -jnp.inf)
+        if partial:
+          keys = k0 + lax.broadcasted_iota(jnp.int32, (1, 1, size), 2)
+          s = jnp.where(keys < kvlen, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + jnp.einsum("hqk,hkd->hqd", p, vj)
         return acc, m_new, l
+      return body
 
-      acc0 = jnp.zeros((h, block_q, d), jnp.float32)
-      m0 = jnp.full((h, block_q), -jnp.inf, jnp.float32)
-      l0 = jnp.zeros((h, block_q), jnp.float32)
-      acc, m, l = lax.fori_loop(0, nk, per_k_block, (acc0, m0, l0))
-      has_keys = l > 0
-      row_idx = i * block_q + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
-      valid = has_keys & (row_idx < qlen)
-      oi = jnp.where(valid[..., None], acc / jnp.where(has_keys, l, 1.0)[..., None], 0.0)
-      lse_i = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
-      out = lax.dynamic_update_slice(out, oi[None], (e, 0, i * block_q, 0))
-      lse = lax.dynamic_update_slice(lse, lse_i[None], (e, 0, i * block_q))
-      return out, lse
-
-    return lax.fori_loop(0, nq, per_q_block, (out, lse))
+    for q_start, q_count, q_size, _ in _segments(qlen, q_tiling):
+      carry = lax.fori_loop(0, q_count, q_block(q_start, q_size), carry)
+    return carry
 
   return lax.fori_loop(0, b, per_example, (out, lse))
 
 
-def _bwd_kernel(q, qt, k, v, do, dot, lse, delta, q_lengths, kv_lengths, block_q, block_k):
-  """Flash-style backward. q, do: [b,h,lq,d]; qt, dot: their [b,h,d,lq] transposes.
+def _bwd_kernel(q, qt, k, v, do, dot, lse, delta, q_lengths, kv_lengths, q_tiling, k_tiling):
+  """Flash-style backward over the valid blocks: P is recomputed from q, k and the saved lse.
 
-  Returns dq [b,h,lq,d] (w.r.t. the scaled q) and dk, dv transposed to [b,h,d,lk]: the
-  transposed products run as plain (NN) matmuls, which XLA's CPU dot does ~3x faster
-  than contracting a transposed operand.
+  q, do: [b, h, lq, d] (q pre-scaled, do 0 past q_length); qt, dot: their [b, h, d, lq]
+  transposes. Returns dq [b, h, lq, d] w.r.t. the scaled q, and dk, dv transposed to
+  [b, h, d, lk] (see the module docstring). Outer loop over key blocks, whose dK and dV
+  accumulate in registers of the loop; dQ is read, updated and written per query block.
   """
   b, h, lq, d = q.shape
   lk = k.shape[2]
-  dq = jnp.zeros_like(q)
-  dkt = jnp.zeros((b, h, d, lk), jnp.float32)
-  dvt = jnp.zeros((b, h, d, lk), jnp.float32)
+  carry = (jnp.zeros_like(q), jnp.zeros((b, h, d, lk), jnp.float32),
+           jnp.zeros((b, h, d, lk), jnp.float32))
 
   def per_example(e, carry):
     qlen, kvlen = q_lengths[e], kv_lengths[e]
-    nq = (qlen + block_q - 1) // block_q
-    nk = (kvlen + block_k - 1) // block_k
 
-    def per_k_block(j, carry):
-      dq, dkt, dvt = carry
-      kj = lax.dynamic_slice(k, (e, 0, j * block_k, 0), (1, h, block_k, d))[0]
-      vj = lax.dynamic_slice(v, (e, 0, j * block_k, 0), (1, h, block_k, d))[0]
-      key_idx = j * block_k + lax.broadcasted_iota(jnp.int32, (1, 1, block_k), 2)
-      key_ok = key_idx < kvlen
+    def k_block(start, size, partial):
+      def body(j, carry):
+        dq, dkt, dvt = carry
+        k0 = start + j * size
+        kj = lax.dynamic_slice(k, (e, 0, k0, 0), (1, h, size, d))[0]
+        vj = lax.dynamic_slice(v, (e, 0, k0, 0), (1, h, size, d))[0]
+        keys_ok = None
+        if partial:
+          keys_ok = k0 + lax.broadcasted_iota(jnp.int32, (1, 1, size), 2) < kvlen
+        state = (dq, jnp.zeros((h, d, size), jnp.float32), jnp.zeros((h, d, size), jnp.float32))
+        for q_start, q_count, q_size, _ in _segments(qlen, q_tiling):
+          state = lax.fori_loop(0, q_count, q_block(kj, vj, keys_ok, q_start, q_size), state)
+        dq, dktj, dvtj = state
+        return (dq, lax.dynamic_update_slice(dkt, dktj[None], (e, 0, 0, k0)),
+                lax.dynamic_update_slice(dvt, dvtj[None], (e, 0, 0, k0)))
+      return body
 
-      def per_q_block(i, carry):
-        dq, dktj, dvtj = carry
-        sl = (e, 0, i * block_q, 0)
-        slt = (e, 0, 0, i * block_q)
-        qi = lax.dynamic_slice(q, sl, (1, h, block_q, d))[0]
-        doi = lax.dynamic_slice(do, sl, (1, h, block_q, d))[0]
-        qti = lax.dynamic_slice(qt, slt, (1, h, d, block_q))[0]
-        doti = lax.dynamic_slice(dot, slt, (1, h, d, block_q))[0]
-        lse_i = lax.dynamic_slice(lse, sl[:3], (1, h, block_q))[0]
-        delta_i = lax.dynamic_slice(delta, sl[:3], (1, h, block_q))[0]
-        s = jnp.einsum("hqd,hkd->hqk", qi, kj)
-        p = jnp.where(key_ok, jnp.exp(s - lse_i[..., None]), 0.0)
+    def q_block(kj, vj, keys_ok, start, size):
+      def body(i, state):
+        dq, dktj, dvtj = state
+        q0 = start + i * size
+        rows, rows_t = (e, 0, q0, 0), (e, 0, 0, q0)
+        qi = lax.dynamic_slice(q, rows, (1, h, size, d))[0]
+        doi = lax.dynamic_slice(do, rows, (1, h, size, d))[0]
+        qti = lax.dynamic_slice(qt, rows_t, (1, h, d, size))[0]
+        doti = lax.dynamic_slice(dot, rows_t, (1, h, d, size))[0]
+        lse_i = lax.dynamic_slice(lse, rows[:3], (1, h, size))[0]
+        delta_i = lax.dynamic_slice(delta, rows[:3], (1, h, size))[0]
+        p = jnp.exp(jnp.einsum("hqd,hkd->hqk", qi, kj) - lse_i[..., None])
+        if keys_ok is not None:
+          p = jnp.where(keys_ok, p, 0.0)
         dvtj = dvtj + jnp.einsum("hdq,hqk->hdk", doti, p)
-        dp = jnp.einsum("hqd,hkd->hqk", doi, vj)
-        ds = p * (dp - delta_i[..., None])
-        dqi = lax.dynamic_slice(dq, sl, (1, h, block_q, d))[0]
-        dqi = dqi + jnp.einsum("hqk,hkd->hqd", ds, kj)
-        dq = lax.dynamic_update_slice(dq, dqi[None], sl)
+        ds = p * (jnp.einsum("hqd,hkd->hqk", doi, vj) - delta_i[..., None])
+        dqi = lax.dynamic_slice(dq, rows, (1, h, size, d))[0] + jnp.einsum("hqk,hkd->hqd", ds, kj)
         dktj = dktj + jnp.einsum("hdq,hqk->hdk", qti, ds)
-        return dq, dktj, dvtj
+        return lax.dynamic_update_slice(dq, dqi[None], rows), dktj, dvtj
+      return body
 
-      zeros = jnp.zeros((h, d, block_k), jnp.float32)
-      dq, dktj, dvtj = lax.fori_loop(0, nq, per_q_block, (dq, zeros, zeros))
-      dkt = lax.dynamic_update_slice(dkt, dktj[None], (e, 0, 0, j * block_k))
-      dvt = lax.dynamic_update_slice(dvt, dvtj[None], (e, 0, 0, j * block_k))
-      return dq, dkt, dvt
+    for k_start, k_count, k_size, partial in _segments(kvlen, k_tiling):
+      carry = lax.fori_loop(0, k_count, k_block(k_start, k_size, partial), carry)
+    return carry
 
-    return lax.fori_loop(0, nk, per_k_block, carry)
-
-  return lax.fori_loop(0, b, per_example, (dq, dkt, dvt))
+  return lax.fori_loop(0, b, per_example, carry)
 
 
-def _prepare(x, block):
-  """[b, l, h, d] -> float32 [b, h, l_pad, d]."""
-  return _pad_to(jnp.swapaxes(x, 1, 2).astype(jnp.float32), 2, block)
+def _prepare(x: Array, tiling) -> Array:
+  """[b, l, h, d] -> float32 [b, h, l_pad, d], l_pad a multiple of the tail block."""
+  return _pad_to(jnp.swapaxes(x, 1, 2).astype(jnp.float32), 2, tiling[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blocked(q, k, v, q_lengths, kv_lengths, block_q, block_k):
-  return _blocked_fwd(q, k, v, q_lengths, kv_lengths, block_q, block_k)[0]
+def _blocked(q, k, v, q_lengths, kv_lengths, q_tiling, k_tiling):
+  return _blocked_fwd(q, k, v, q_lengths, kv_lengths, q_tiling, k_tiling)[0]
 
 
-def _blocked_fwd(q, k, v, q_lengths, kv_lengths, block_q, block_k):
+def _blocked_fwd(q, k, v, q_lengths, kv_lengths, q_tiling, k_tiling):
   lq, d = q.shape[1], q.shape[3]
-  qt = _prepare(q, block_q) * (1.0 / math.sqrt(d))
-  out, lse = _fwd_kernel(qt, _prepare(k, block_k), _prepare(v, block_k), q_lengths, kv_lengths,
-                         block_q, block_k)
+  qs = _prepare(q, q_tiling) * (1.0 / math.sqrt(d))
+  out, lse = _fwd_kernel(qs, _prepare(k, k_tiling), _prepare(v, k_tiling), q_lengths, kv_lengths,
+                         q_tiling, k_tiling)
   y = jnp.swapaxes(out[:, :, :lq], 1, 2).astype(q.dtype)
   return y, (q, k, v, out, lse, q_lengths, kv_lengths)
 
 
-def _blocked_bwd(block_q, block_k, res, dy):
+def _blocked_bwd(q_tiling, k_tiling, res, dy):
   q, k, v, out, lse, q_lengths, kv_lengths = res
   lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
   scale = 1.0 / math.sqrt(d)
-  do = _prepare(dy, block_q)
-  row = lax.broadcasted_iota(jnp.int32, (1, 1, do.shape[2]), 2)
-  do = jnp.where((row < q_lengths[:, None, None])[..., None], do, 0.0)
+  do = _prepare(dy, q_tiling)
+  rows = lax.broadcasted_iota(jnp.int32, (1, 1, do.shape[2], 1), 2)
+  do = jnp.where(rows < q_lengths[:, None, None, None], do, 0.0)
   delta = jnp.sum(do * out, axis=-1)
-  qs = _prepare(q, block_q) * scale
-  dq, dkt, dvt = _bwd_kernel(qs, jnp.swapaxes(qs, 2, 3), _prepare(k, block_k), _prepare(v, block_k),
-                             do, jnp.swapaxes(do, 2, 3), lse, delta, q_lengths, kv_lengths,
-                             block_q, block_k)
-  back = lambda x, n, dt: jnp.swapaxes(x[:, :, :n], 1, 2).astype(dt)
-  back_t = lambda x, n, dt: jnp.transpose(x[..., :n], (0, 3, 1, 2)).astype(dt)
-  return (back(dq * scale, lq, q.dtype), back_t(dkt, lk, k.dtype), back_t(dvt, lk, v.dtype),
-          None, None)
+  qs = _prepare(q, q_tiling) * scale
+  dq, dkt, dvt = _bwd_kernel(qs, jnp.swapaxes(qs, 2, 3), _prepare(k, k_tiling),
+                             _prepare(v, k_tiling), do, jnp.swapaxes(do, 2, 3), lse, delta,
+                             q_lengths, kv_lengths, q_tiling, k_tiling)
+  dq = jnp.swapaxes(dq[:, :, :lq] * scale, 1, 2).astype(q.dtype)
+  dk, dv = (jnp.transpose(x[..., :lk], (0, 3, 1, 2)) for x in (dkt, dvt))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _tiling(name: str, block: int, tail: int, length: int) -> tuple[int, int]:
+  """Static (block, tail) sizes for one axis, capped at the axis length."""
+  for arg, size in ((f"block_{name}", block), (f"tail_{name}", tail)):
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f"{arg} must be a positive int; got {size!r}")
+  tail = min(tail, block)
+  if block % tail:
+    raise ValueError(f"block_{name}={block} must be a multiple of tail_{name}={tail}")
+  tail = min(tail, length)
+  return min(block, -(-length // tail) * tail), tail
 
 
 def blocked_attention(
@@ -172,6 +227,8 @@ def blocked_attention(
     kv_lengths: Int[Array, "b"] | None = None,
     block_q: int = 512,
     block_k: int = 512,
+    tail_q: int = 128,
+    tail_k: int = 128,
 ) -> Float[Array, "b lq h d"]:
   """Softmax attention (scale 1/sqrt(d)) that only computes the valid blocks of each example.
 
@@ -187,8 +244,14 @@ def blocked_attention(
     v: values, [batch, kv_len, heads, head_dim].
     q_lengths: number of leading valid query rows per example.
     kv_lengths: number of leading valid keys per example.
-    block_q: query rows per block (capped at q_len); lengths need not be multiples of it.
-    block_k: keys per block (capped at kv_len).
+    block_q: query rows per big block; lengths need not be multiples of any block size.
+    block_k: keys per big block.
+    tail_q: query rows per small block, covering what is left past the last full block_q
+      block (at most tail_q - 1 rows are computed in vain); must divide block_q.
+    tail_k: keys per small block; must divide block_k.
+    Block sizes are capped at the (tail-rounded) lengths. The defaults were measured fastest
+    on a 2-core AVX-512 CPU at head_dim 64 (docs/attention.md): 512 keeps the matmuls big
+    enough to run at matmul speed on both cores, 128 keeps the waste past the length small.
 
   Returns:
     [batch, q_len, heads, head_dim] attention outputs, 0 past q_lengths.
@@ -202,9 +265,7 @@ def blocked_attention(
     raise ValueError(f"q and k must agree in batch, heads and head_dim; got {q.shape} and {k.shape}")
   b, lq = q.shape[:2]
   lk = k.shape[1]
-  for name, block in (("block_q", block_q), ("block_k", block_k)):
-    if not isinstance(block, int) or block < 1:
-      raise ValueError(f"{name} must be a positive int; got {block!r}")
+  q_tiling, k_tiling = _tiling("q", block_q, tail_q, lq), _tiling("k", block_k, tail_k, lk)
   lengths = []
   for name, n, full in (("q_lengths", q_lengths, lq), ("kv_lengths", kv_lengths, lk)):
     if n is None:
@@ -213,4 +274,4 @@ def blocked_attention(
       raise ValueError(f"{name} must be an integer array of shape ({b},); got "
                        f"{jnp.result_type(n)} {jnp.shape(n)}")
     lengths.append(jnp.clip(jnp.asarray(n, jnp.int32), 0, full))
-  return _blocked(q, k, v, *lengths, min(block_q, lq), min(block_k, lk))
+  return _blocked(q, k, v, *lengths, q_tiling, k_tiling)
