@@ -161,6 +161,23 @@ def test_mismatched_dataset_names_both_sides(pretrained, tmp_path):
     run.evaluate(config, tmp_path / "out")
 
 
+def test_bad_task_names_fail_before_any_evaluation(pretrained, tmp_path):
+  workdir, _ = pretrained
+  for field, value, message in (
+      ("robustness.labels", ("blood_type",), r"config.robustness.labels: \['blood_type'\] not in"),
+      ("generative.tasks", ("temporal_interpolation_10min",),
+       r"\['temporal_interpolation_10min'\] not in the suite .* patch 30 min"),
+      ("generative.baselines", ("kalman",), r"unknown \['kalman'\]")):
+    config = _with_init(eval_config())
+    with config.unlocked():
+      config.init_from = str(workdir)
+      section, name = field.split(".")
+      config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+      run.evaluate(config, tmp_path / field)
+    assert not (tmp_path / field / "results.json").exists()
+
+
 @pytest.fixture(scope="module")
 def probe_inputs(pretrained):
   workdir, data = pretrained

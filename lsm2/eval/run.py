@@ -24,6 +24,7 @@ import numpy as np
 from lsm2 import api
 from lsm2.data import dataset as dataset_lib
 from lsm2.data import metadata as metadata_lib
+from lsm2.eval import baselines as baselines_lib
 from lsm2.eval import discriminative
 from lsm2.eval import fine_tune as fine_tune_lib
 from lsm2.eval import generative
@@ -57,6 +58,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.few_shot.k < 0 or config.few_shot.repeats < 1:
     raise ValueError(f"config.few_shot.k={config.few_shot.k} must be >= 0 and "
                      f"config.few_shot.repeats={config.few_shot.repeats} >= 1")
+  unknown = [b for b in config.generative.baselines if b not in baselines_lib.BASELINES]
+  if unknown:
+    raise ValueError(f"config.generative.baselines: unknown {unknown}; choose from "
+                     f"{sorted(baselines_lib.BASELINES)}")
   if config.data.max_days < 0:
     raise ValueError(f"config.data.max_days={config.data.max_days} must be >= 0 (0 = all)")
 
@@ -106,11 +111,12 @@ def checkpoint_step(path: str, step: int | None, description: dict[str, Any]) ->
   return max(steps, default=0)
 
 
-def _labels(config, meta: metadata_lib.DatasetMetadata) -> list[str]:
-  names = list(config.probe.labels) or list(meta.labels)
+def _labels(names, meta: metadata_lib.DatasetMetadata, field: str) -> list[str]:
+  """The named labels (all of the dataset's when empty), checked against the dataset."""
+  names = list(names) or list(meta.labels)
   unknown = [n for n in names if n not in meta.labels]
   if unknown:
-    raise ValueError(f"config.probe.labels: {unknown} not in dataset {meta.data_dir} "
+    raise ValueError(f"config.{field}: {unknown} not in dataset {meta.data_dir} "
                      f"(its labels: {sorted(meta.labels)})")
   return names
 
@@ -138,18 +144,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   reader = SplitReader(model, data_dir, config.data.max_days)
   results = report.Results()
   plot_files: list[pathlib.Path] = []
-  cfg = model.model_cfg
   noise = (meta.noise_std, model.norm_std) if meta.noise_std is not None else None
+  # Task names are checked against the model's patch before anything runs.
+  suite = generative.select_tasks(model.model_cfg, tuple(config.generative.tasks))
+  rob_task = config.robustness.generative_task
+  rob_suite = generative.select_tasks(model.model_cfg, (rob_task,)) if rob_task else []
 
   # --- Discriminative ---------------------------------------------------------
-  labels = _labels(config, meta)
+  labels = _labels(config.probe.labels, meta, "probe.labels")
+  ft_labels = _labels(config.fine_tune.labels or labels, meta, "fine_tune.labels")
+  rob_labels = _labels(config.robustness.labels or labels, meta, "robustness.labels")
   tasks = discriminative.tasks_for(meta.labels, labels, config.probe.levels)
   pool = reader.pool(_pool_splits(config.probe.protocol), labels)
   logging.info("Embedding %d days for %d probe tasks.", pool.z.shape[0], len(tasks))
   embeddings = model.embed_normalized(pool.z, pool.observed)
   built = discriminative.run(results, pool, embeddings, tasks, config)
   if config.fine_tune.enabled:
-    ft_labels = list(config.fine_tune.labels) or labels
     ft_tasks = discriminative.tasks_for(meta.labels, ft_labels, ("day",))
     logging.info("Fine-tuning on %d tasks.", len(ft_tasks))
     fine_tune_lib.run(results, model, pool, built, ft_tasks, config)
@@ -157,7 +167,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   # --- Generative ---------------------------------------------------------------
   gen_split = config.generative.split
   gen = reader.read(gen_split)
-  suite = generative.select_tasks(cfg, tuple(config.generative.tasks))
   gen_kwargs = dict(split=gen_split, seed=config.seed,
                     baseline_names=tuple(config.generative.baselines), noise=noise)
   outputs = {}
@@ -167,7 +176,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
 
   # --- Robustness ---------------------------------------------------------------
   if config.robustness.enabled:
-    plot_files += _robustness(results, model, meta, config, pool, gen, outputs, gen_kwargs, out)
+    rob_tasks = discriminative.tasks_for(meta.labels, rob_labels, config.probe.levels)
+    plot_files += _robustness(results, model, meta, config, pool, gen, outputs, rob_tasks,
+                              rob_suite, gen_kwargs, out)
 
   # --- Report -------------------------------------------------------------------
   if config.plots.enabled:
@@ -186,17 +197,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   return results.records
 
 
-def _robustness(results, model, meta, config, pool, gen, outputs, gen_kwargs, out
-                ) -> list[pathlib.Path]:
+def _robustness(results, model, meta, config, pool, gen, outputs, rob_tasks, gen_task,
+                gen_kwargs, out) -> list[pathlib.Path]:
+  """Removal conditions (probe refitted, generative task rerun), buckets and their plots."""
   rcfg = config.robustness
   conditions, notes = robustness.conditions(model.channel_groups, groups=rcfg.sensor_groups,
                                             segments=rcfg.time_segments)
   for note in notes:
     results.skip("robustness", note)
-  rob_labels = list(rcfg.labels) or _labels(config, meta)
-  rob_tasks = discriminative.tasks_for(meta.labels, rob_labels, config.probe.levels)
-  gen_task = (generative.select_tasks(model.model_cfg, (rcfg.generative_task,))
-              if rcfg.generative_task else [])
   if gen_task and rcfg.generative_task not in outputs:
     outputs.update(generative.run(results, model, gen["z"], gen["observed"], gen_task, **gen_kwargs))
   for masking, transform in conditions:
