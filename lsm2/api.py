@@ -27,7 +27,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Bool, Float
 
 from lsm2.data import metadata as metadata_lib
 from lsm2.model import aim
@@ -77,8 +77,10 @@ class PretrainedModel:
       normalisation statistics, pretraining data dir and run config).
     model_cfg, mask_cfg: the frozen configs it was pretrained with.
     channel_names: the channel order inputs must follow.
+    channel_groups: each channel's sensor group.
     norm_mean, norm_std: per-channel statistics used to normalise inputs.
     batch_size: days per compiled batch (a multiple of the device count).
+    graphdef, params: the split NNX model (params replicated on every device).
   """
 
   def __init__(self, model: nnx.Module, description: dict[str, Any], *, batch_size: int = 64):
