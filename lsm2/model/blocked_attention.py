@@ -183,17 +183,18 @@ def _blocked_fwd(q, k, v, q_lengths, kv_lengths, q_tiling, k_tiling):
   out, lse = _fwd_kernel(qs, _prepare(k, k_tiling), _prepare(v, k_tiling), q_lengths, kv_lengths,
                          q_tiling, k_tiling)
   y = jnp.swapaxes(out[:, :, :lq], 1, 2).astype(q.dtype)
-  return y, (q, k, v, out, lse, q_lengths, kv_lengths)
+  # Saves the inputs and the returned output (not the padded float32 copies the kernels use).
+  return y, (q, k, v, y, lse, q_lengths, kv_lengths)
 
 
 def _blocked_bwd(q_tiling, k_tiling, res, dy):
-  q, k, v, out, lse, q_lengths, kv_lengths = res
+  q, k, v, y, lse, q_lengths, kv_lengths = res
   lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
   scale = 1.0 / math.sqrt(d)
   do = _prepare(dy, q_tiling)
   rows = lax.broadcasted_iota(jnp.int32, (1, 1, do.shape[2], 1), 2)
   do = jnp.where(rows < q_lengths[:, None, None, None], do, 0.0)
-  delta = jnp.sum(do * out, axis=-1)
+  delta = jnp.sum(do * _prepare(y, q_tiling), axis=-1)  # rowsum(dO * O), the softmax term.
   qs = _prepare(q, q_tiling) * scale
   dq, dkt, dvt = _bwd_kernel(qs, jnp.swapaxes(qs, 2, 3), _prepare(k, k_tiling),
                              _prepare(v, k_tiling), do, jnp.swapaxes(do, 2, 3), lse, delta,
