@@ -104,7 +104,7 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--devices", default="1,8", help="device counts to run (fake CPU devices)")
   ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--attention", default="xla")
+  ap.add_argument("--attention", default="auto")
   ap.add_argument("--remat", default="none")
   ap.add_argument("--buckets", type=int, default=0)
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak, for MFU")

@@ -45,7 +45,7 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int
   m = config.model
   model_cfg = model_config_lib.get_model_config(
       m.size, num_channels=num_channels, patch_time=m.patch_time,
-      patch_channels=m.patch_channels, dtype=m.dtype, attention=m.attention,
+      patch_channels=m.patch_channels, dtype=m.dtype, attention=resolve_attention(m.attention),
       remat=m.remat, observed_in_embedding=m.observed_in_embedding)
   mk = config.masking
   n_time = model_cfg.grid[0]
@@ -55,6 +55,13 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int
       random_ratio=mk.random_ratio, time_bars=mk.time_bars, n_drop=n_drop,
       strategy_weights=tuple((k, float(v)) for k, v in mk.weights.items()))
   return model_cfg, model_config_lib.effective_mask_config(mask_cfg, model_cfg)
+
+
+def resolve_attention(name: str) -> str:
+  """"auto" picks the fastest attention kernel for this backend."""
+  if name != "auto":
+    return name
+  return {"cpu": "blocked", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
 
 
 def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
