@@ -112,7 +112,7 @@ def _bwd_kernel(q, qt, k, v, do, dot, lse, delta, q_lengths, kv_lengths, q_tilin
   q, do: [b, h, lq, d] (q pre-scaled, do 0 past q_length); qt, dot: their [b, h, d, lq]
   transposes. Returns dq [b, h, lq, d] w.r.t. the scaled q, and dk, dv transposed to
   [b, h, d, lk] (see the module docstring). Outer loop over key blocks, whose dK and dV
-  accumulate in registers of the loop; dQ is read, updated and written per query block.
+  accumulate in the loop carry; dQ is read, updated and written per query block.
   """
   b, h, lq, d = q.shape
   lk = k.shape[2]
@@ -239,6 +239,11 @@ def blocked_attention(
   Lengths are clipped to [0, length]; None means all positions are valid. Inputs of any float
   dtype are computed in float32 and returned in their own dtype.
 
+  Each axis is covered by blocks of `block_*` and then blocks of `tail_*` for the rest, both
+  capped at the (tail-rounded) length. The defaults were measured fastest on a 2-core AVX-512
+  CPU at head_dim 64 (docs/attention.md): 512 keeps the products big enough to run at matmul
+  speed on both cores, 128 keeps the work past each length small.
+
   Args:
     q: queries, [batch, q_len, heads, head_dim] (the layout of jax.nn.dot_product_attention).
     k: keys, [batch, kv_len, heads, head_dim].
@@ -250,9 +255,6 @@ def blocked_attention(
     tail_q: query rows per small block, covering what is left past the last full block_q
       block (at most tail_q - 1 rows are computed in vain); must divide block_q.
     tail_k: keys per small block; must divide block_k.
-    Block sizes are capped at the (tail-rounded) lengths. The defaults were measured fastest
-    on a 2-core AVX-512 CPU at head_dim 64 (docs/attention.md): 512 keeps the matmuls big
-    enough to run at matmul speed on both cores, 128 keeps the waste past the length small.
 
   Returns:
     [batch, q_len, heads, head_dim] attention outputs, 0 past q_lengths.
