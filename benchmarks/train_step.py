@@ -62,6 +62,7 @@ def measure(args, size: str, batch: int) -> dict:
   from lsm2.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from lsm2.train import sharding, train  # pylint: disable=g-import-not-at-top
 
+  batch = -(-batch // jax.device_count()) * jax.device_count()  # A multiple of the devices.
   config = _configure(args, size, batch)
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
