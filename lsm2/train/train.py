@@ -58,10 +58,16 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int
 
 
 def resolve_attention(name: str) -> str:
-  """"auto" picks the fastest attention kernel for this backend."""
+  """"auto" picks the fastest attention kernel for this backend.
+
+  The blocked kernel loops per example, which GSPMD replicates when the batch
+  is sharded: it is the default on a single CPU device only.
+  """
   if name != "auto":
     return name
-  return {"cpu": "blocked", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+  if jax.default_backend() == "cpu":
+    return "blocked" if jax.device_count() == 1 else "xla"
+  return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
 def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
