@@ -65,6 +65,7 @@ def _one(records, **keys):
   return found[0]
 
 
+@pytest.mark.slow  # Shares one full evaluation (~20 s) of the tiny checkpoint.
 def test_results_json_records(evaluated, pretrained):
   out, records, _ = evaluated
   on_disk = json.loads((out / "results.json").read_text())
@@ -100,6 +101,7 @@ def test_results_json_records(evaluated, pretrained):
   assert buckets and sum(r["days"] for r in buckets) <= 2
 
 
+@pytest.mark.slow  # Shares one full evaluation (~20 s) of the tiny checkpoint.
 def test_generative_errors_match_a_hand_computation(evaluated, pretrained):
   """The channel-mean baseline and the noise floor, recomputed from the raw test split."""
   out, records, _ = evaluated
@@ -127,6 +129,7 @@ def test_generative_errors_match_a_hand_computation(evaluated, pretrained):
     assert model["value"] > 0 and model["n"] > 0
 
 
+@pytest.mark.slow  # Shares one full evaluation (~20 s) of the tiny checkpoint.
 def test_markdown_plots_and_tensorboard(evaluated):
   out, _, _ = evaluated
   md = (out / "results.md").read_text()
