@@ -91,9 +91,9 @@ def test_restore_params_only_at_a_chosen_step(tmp_path):
     ckpt.maybe_save(step, state, _data_iter(), force=True)
   ckpt.wait()
   abstract = _abstract(mesh, P())
-  step, params = ckpt.restore_params(abstract)
+  step, params = checkpoint.restore_checkpoint_params(tmp_path, abstract)
   assert step == 2 and int(params["step"]) == 2
-  step, params = ckpt.restore_params(abstract, step=1)
+  step, params = checkpoint.restore_checkpoint_params(tmp_path, abstract, step=1)
   assert step == 1 and float(params["w"][0, 0]) == 1.0
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
-    ckpt.restore_params(abstract, step=7)
+    checkpoint.restore_checkpoint_params(tmp_path, abstract, step=7)

@@ -60,9 +60,6 @@ class Checkpointer:
                                    LAYOUT: ocp.args.JsonSave({"process_count": jax.process_count()})}),
         force=force)
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def restore_latest(self, abstract_state: Any, data_iter: Any | None
                      ) -> tuple[int, Any, bool] | None:
     """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
@@ -102,28 +99,35 @@ class Checkpointer:
       logging.warning("Ignoring incomplete checkpoint directories in %s: %s",
                       self.directory, ", ".join(sorted(partial)))
 
-  def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
-    """Restores only `state["params"]` (no optimizer state) at `step` (default: latest)."""
-    steps = self.manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{self.directory}: no checkpoints")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; have {sorted(steps)}")
-    reader = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
-    item = {"params": abstract_params}
-    restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)}))
-    return step, restored[STATE]["params"]
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def restore_checkpoint_params(workdir: str | pathlib.Path, abstract_params: Any,
+                              step: int | None = None) -> tuple[int, Any]:
+  """Restores only `state["params"]` (no optimizer state) at `step` (default: latest).
+
+  Opens the checkpoints read-only: downstream evaluation never writes to them.
+  """
+  directory = checkpoint_dir(workdir)
+  reader = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+  steps = reader.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no checkpoints")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have {sorted(steps)}")
+  item = {"params": abstract_params}
+  restored = reader.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)}))
+  reader.close()
+  return step, restored[STATE]["params"]
 
 
 def export_params(workdir: str | pathlib.Path, params: Any, description: dict[str, Any]) -> pathlib.Path:

@@ -473,9 +473,7 @@ def load_pretrained(path: str | pathlib.Path, step: int | None = None
   if step is None and (export / checkpoint_lib.EXPORT_PARAMS).exists():
     params = checkpoint_lib.restore_params(export / checkpoint_lib.EXPORT_PARAMS, abstract_params)
   else:
-    ckpt = checkpoint_lib.Checkpointer(path, save_every=1, keep=1)
-    step, params = ckpt.restore_params(abstract_params, step)
-    ckpt.close()
+    step, params = checkpoint_lib.restore_checkpoint_params(path, abstract_params, step)
   return nnx.merge(graphdef, params), description
 
 
