@@ -1,11 +1,12 @@
 """Day-record format: encoding, shards, metadata validation and the documented errors."""
 import json
 import shutil
+import struct
 
 import numpy as np
 import pytest
 
-from lsm2.data import crc32c, dataset, example, metadata, shards
+from lsm2.data import crc32c, dataset, example, inspect, metadata, shards
 from lsm2.data.channels import DEFAULT_CHANNELS, Channel, get_channel
 from lsm2.data.metadata import LabelSpec, MetadataError
 from lsm2.data.record import DayRecord, sanitize
@@ -15,7 +16,17 @@ CHANNELS = (Channel("a", "ppg", "bpm", 0, 250), Channel("b", "accel", "g", -5, 5
             Channel("c", "other", "1", -1e6, 1e6))
 LABELS = (LabelSpec("flag", "binary", "subject", ("no", "yes")),
           LabelSpec("kind", "categorical", "day", ("x", "y", "z")),
-          LabelSpec("score", "regression", "subject"))
+          LabelSpec("score", "regression", "subject"),
+          LabelSpec("bouts", "categorical", "minute", ("p", "q", "r")))
+
+
+def _bouts(rng):
+  """A minute label: a few class runs on -1 (unlabelled) minutes."""
+  bouts = np.full(1440, -1, np.int64)
+  for _ in range(3):
+    start = int(rng.integers(0, 1400))
+    bouts[start:start + int(rng.integers(5, 40))] = rng.integers(0, 3)
+  return bouts
 
 
 def _record(rng, subject, day, labels=None):
@@ -25,7 +36,7 @@ def _record(rng, subject, day, labels=None):
   signals[~observed] = 0
   return DayRecord(subject, day, signals, observed,
                    labels or {"flag": 1, "kind": int(rng.integers(0, 3)),
-                              "score": float(rng.normal())})
+                              "score": float(rng.normal()), "bouts": _bouts(rng)})
 
 
 def _write(out, records_by_split, fmt="tfrecord", shards_per_split=2):
@@ -91,6 +102,9 @@ def test_round_trip_is_bit_exact(written, records):
       for name in ("flag", "kind"):
         assert g.labels[name] == w.labels[name]
       assert np.float32(g.labels["score"]).tobytes() == np.float32(w.labels["score"]).tobytes()
+      assert g.labels["bouts"].dtype == np.int64
+      assert g.labels["bouts"].tobytes() == w.labels["bouts"].tobytes()
+      assert (g.labels["bouts"] == -1).any() and (g.labels["bouts"] >= 0).any()
 
 
 def test_read_split_arrays_and_missing_labels(written, records):
@@ -107,7 +121,10 @@ def test_read_split_arrays_and_missing_labels(written, records):
   assert np.all(z["signals"][~z["observed"]] == 0) and np.abs(z["signals"]).max() <= 5
   assert np.isnan(z["label/score"][0]) and z["label/kind"][0] == -1 and z["label/flag"][0] == 1
   assert z["label/kind"].dtype == np.int64
-  assert len(dataset.read_split(out, "train", limit=4)["signals"]) == 4
+  assert z["label/bouts"].dtype == np.int64 and z["label/bouts"].shape == (1, 1440)
+  np.testing.assert_array_equal(z["label/bouts"][0], rec.labels["bouts"])
+  train = dataset.read_split(out, "train", limit=4)
+  assert len(train["signals"]) == 4 and train["label/bouts"].shape == (4, 1440)
 
 
 def test_tensorflow_reads_the_records(tf_dir, records):
@@ -122,7 +139,8 @@ def test_tensorflow_reads_the_records(tf_dir, records):
           "day": tf.io.FixedLenFeature([], tf.string),
           "label/flag": tf.io.FixedLenFeature([], tf.int64),
           "label/kind": tf.io.FixedLenFeature([], tf.int64),
-          "label/score": tf.io.FixedLenFeature([], tf.float32)}
+          "label/score": tf.io.FixedLenFeature([], tf.float32),
+          "label/bouts": tf.io.FixedLenFeature([1440], tf.int64)}
   files = [str(p) for p in meta.shard_paths("train")]
   got = {}
   for serialized in tf.data.TFRecordDataset(files):
@@ -133,12 +151,13 @@ def test_tensorflow_reads_the_records(tf_dir, records):
     observed = tf.reshape(tf.cast(tf.bitwise.bitwise_and(bits, 1), tf.bool), [1440, c])
     key = (ex["subject_id"].numpy().decode(), ex["day"].numpy().decode())
     got[key] = (tf.reshape(ex["signals"], [1440, c]).numpy(), observed.numpy(),
-                int(ex["label/kind"]))
+                int(ex["label/kind"]), ex["label/bouts"].numpy())
   assert len(got) == len(records["train"])
   for r in records["train"]:
-    s, o, kind = got[(r.subject_id, r.day)]
+    s, o, kind, bouts = got[(r.subject_id, r.day)]
     assert s.tobytes() == r.signals.tobytes() and np.array_equal(o, r.observed)
     assert kind == r.labels["kind"]
+    np.testing.assert_array_equal(bouts, r.labels["bouts"])
 
 
 def test_decoder_reads_tensorflow_written_examples():
@@ -155,12 +174,19 @@ def test_decoder_reads_tensorflow_written_examples():
       "label/flag": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
       "label/kind": tf.train.Feature(int64_list=tf.train.Int64List(value=[-1])),
       "label/score": tf.train.Feature(float_list=tf.train.FloatList(value=[2.5])),
+      "label/bouts": tf.train.Feature(int64_list=tf.train.Int64List(value=rec.labels["bouts"])),
   }
   data = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-  got = example.decode_record(data, len(CHANNELS), {s.name: s.kind for s in LABELS})
+  got = example.decode_record(data, len(CHANNELS), {s.name: s for s in LABELS})
   assert got.signals.tobytes() == rec.signals.tobytes()
   assert np.array_equal(got.observed, rec.observed)
+  np.testing.assert_array_equal(got.labels.pop("bouts"), rec.labels["bouts"])
   assert got.labels == {"flag": 1, "kind": -1, "score": 2.5}
+  # And the encoder's bytes are what TensorFlow parses (packed varints, -1 as 10 bytes).
+  ours = example.encode_record(rec, {s.name: s for s in LABELS})
+  parsed = tf.train.Example.FromString(ours).features.feature
+  assert list(parsed["label/bouts"].int64_list.value) == rec.labels["bouts"].tolist()
+  assert list(parsed["label/kind"].int64_list.value) == [rec.labels["kind"]]
 
 
 def test_metadata_contents(written, records):
@@ -234,6 +260,48 @@ def test_writer_rejects_bad_records(tmp_path, mutate, error, match):
   assert "split 'train'" in str(e.value)
 
 
+@pytest.mark.parametrize("bouts, match", [
+    (np.zeros(1439, np.int64), r"integer array of shape \(1440,\).*got int64 array of shape \(1439,\)"),
+    (np.zeros(1440, np.float32), r"integer array of shape \(1440,\).*got float32 array"),
+    (np.zeros(1440, bool), r"integer array of shape \(1440,\).*got bool array"),
+    (-1, r"integer array of shape \(1440,\).*got -1"),
+    ([0] * 1440, r"integer array of shape \(1440,\).*got list"),
+    (np.r_[np.full(7, -1), 3, np.full(1432, 5)], r"class index 3 at minute 7 \(1433 minute\(s\) "
+     r"in all\) outside \[-1, 3\)"),
+    (np.full(1440, -2), r"class index -2 at minute 0"),
+])
+def test_writer_rejects_bad_minute_labels(tmp_path, bouts, match):
+  rec = _record(np.random.default_rng(5), "s0", "2024-01-01")
+  rec.labels["bouts"] = bouts
+  w = DatasetWriter(tmp_path, channels=CHANNELS, labels=LABELS)
+  with pytest.raises(ValueError, match=match) as e:
+    w.write_split("train", [rec], num_records=1)
+  assert "split 'train': record ('s0', '2024-01-01'): label 'bouts'" in str(e.value)
+
+
+def test_minute_label_decoding_checks_the_length():
+  rec = _record(np.random.default_rng(8), "s", "2024-01-01")
+  data = example.encode_record(rec, {s.name: s for s in LABELS})
+  as_day = {**{s.name: s for s in LABELS}, "bouts": LabelSpec("bouts", "categorical", "day",
+                                                              ("p", "q", "r"))}
+  with pytest.raises(example.RecordDecodeError,
+                     match=r"'label/bouts' must be a int64_list with 1 value\(s\) \(day label\), "
+                           "got int64 of length 1440"):
+    example.decode_record(data, len(CHANNELS), as_day)
+
+
+def test_inspect_reports_minutes_per_class(tf_dir, records):
+  summary, _ = inspect.summarize(tf_dir)
+  bouts = summary["labels"]["train"]["bouts"]
+  want = np.concatenate([r.labels["bouts"] for r in records["train"]])
+  assert bouts["unit"] == "minutes" and bouts["labelled_days"] == len(records["train"])
+  assert bouts["counts"] == {c: int((want == i).sum()) for i, c in enumerate("pqr")}
+  assert bouts["missing"] == int((want == -1).sum())
+  assert summary["labels"]["train"]["kind"]["unit"] == "days"
+  assert (f"label bouts (train, minutes per class over 9 labelled days): p={bouts['counts']['p']}"
+          in inspect.render(summary))
+
+
 def test_writer_rejects_duplicates_overlap_and_existing_data(tmp_path):
   rng = np.random.default_rng(6)
   w = DatasetWriter(tmp_path / "a", channels=CHANNELS, labels=LABELS)
@@ -276,13 +344,20 @@ def _copy(src, dst):
   return dst
 
 
+def _record_start(data, index):
+  """Byte offset of TFRecord record `index` (each: length, its CRC, payload, payload CRC)."""
+  pos = 0
+  for _ in range(index):
+    pos += 16 + struct.unpack("<Q", data[pos:pos + 8])[0]
+  return pos
+
+
 def test_truncated_tfrecord_shard_names_file_and_record(tf_dir, tmp_path):
   d = _copy(tf_dir, tmp_path / "d")
   meta = metadata.load_metadata(d)
   shard = meta.shard_paths("train")[0]
   data = shard.read_bytes()
-  record_size = len(data) // meta.shard_records[shard.name]
-  shard.write_bytes(data[:2 * record_size + 100])  # Cut inside the third record.
+  shard.write_bytes(data[:_record_start(data, 2) + 100])  # Cut inside the third record.
   with pytest.raises(shards.CorruptShardError, match=rf"{shard.name}: record 2: truncated record"):
     list(shards.iter_tfrecord(shard))
   with pytest.raises(MetadataError, match=rf"{shard.name} has \d+ bytes, metadata says"):
@@ -294,7 +369,7 @@ def test_corrupt_tfrecord_bytes_are_detected(tf_dir, tmp_path):
   meta = metadata.load_metadata(d)
   shard = meta.shard_paths("train")[0]
   data = bytearray(shard.read_bytes())
-  record_size = len(data) // meta.shard_records[shard.name]
+  record_size = _record_start(data, 1)
   flipped = bytearray(data)
   flipped[record_size + 5000] ^= 0x40  # Inside the float payload of record 1.
   shard.write_bytes(bytes(flipped))
@@ -311,7 +386,7 @@ def test_bad_record_payload_names_file_and_record(tmp_path):
   path = tmp_path / "train-00000-of-00001.tfrecord"
   w = shards.TFRecordWriter(path)
   good = example.encode_record(_record(np.random.default_rng(7), "s", "2024-01-01"),
-                               {s.name: s.kind for s in LABELS})
+                               {s.name: s for s in LABELS})
   w.write(good)
   w.write(good.replace(b"signals", b"signalz"))  # Valid framing, wrong content.
   w.close()
@@ -390,6 +465,8 @@ def test_label_spec_validation():
     LabelSpec("x", "binary", "subject")
   with pytest.raises(ValueError, match="level must be one of"):
     LabelSpec("x", "regression", "week")
+  with pytest.raises(ValueError, match="label 'x': a minute-level label must be binary or categorical"):
+    LabelSpec("x", "regression", "minute")
   spec = LabelSpec("x", "regression", "day")
   assert np.isnan(spec.check_value(float("nan")))
   with pytest.raises(ValueError, match="not finite"):

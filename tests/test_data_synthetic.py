@@ -32,7 +32,9 @@ def test_generator_is_deterministic_per_seed_and_subject():
   assert t1 == t2
   for x, y in zip(a, b):
     assert x.signals.tobytes() == y.signals.tobytes() and np.array_equal(x.observed, y.observed)
+    bx, by = x.labels.pop("activity_bouts"), y.labels.pop("activity_bouts")
     assert (x.subject_id, x.day, x.labels) == (y.subject_id, y.day, y.labels)
+    assert bx.tobytes() == by.tobytes()
   assert a[0].signals.tobytes() != c[0].signals.tobytes()
 
 
@@ -94,7 +96,12 @@ def test_metadata_carries_known_noise_and_labels(synth_dir):
   assert kinds["hypertension"] == ("binary", "subject") and kinds["anxiety"] == ("binary", "subject")
   assert kinds["age"] == ("regression", "subject") and kinds["bmi"] == ("regression", "subject")
   assert kinds["activity"] == ("categorical", "day")
+  assert kinds["activity_bouts"] == ("categorical", "minute")
   assert len(meta.labels["activity"].classes) >= 8
+  assert meta.labels["activity_bouts"].classes == meta.labels["activity"].classes
+  bouts = dataset.read_split(synth_dir, "train")["label/activity_bouts"]
+  assert bouts.shape == (meta.record_counts["train"], 1440)
+  assert (bouts == -1).mean() > 0.8 and (bouts >= 0).any(axis=1).all()
 
 
 def test_missingness_is_natural_and_spread(population):
@@ -164,6 +171,34 @@ def test_labels_have_their_mechanisms(population):
   # The day label is the day's dominant bout type: >= 8 types all occur.
   days = [r.labels["activity"] for _, recs in population for r in recs]
   assert len(set(days)) >= 8
+
+
+def test_minute_activity_labels_match_the_day_label_and_the_signals(population):
+  """`activity_bouts` marks the bout minutes: their dominant class is the day's `activity`."""
+  steps, jerk = CH["steps"], CH["jerk_auto"]
+  by_class = {k: [] for k in ("running", "walking", "cycling")}
+  rest_steps = []
+  for _, recs in population:
+    for r in recs:
+      bouts = r.labels["activity_bouts"]
+      assert bouts.shape == (1440,) and bouts.dtype == np.int64
+      assert bouts.min() >= -1 and bouts.max() < len(synthetic.ACTIVITY_TYPES)
+      labelled = bouts[bouts >= 0]
+      if labelled.size:
+        assert np.bincount(labelled).argmax() == r.labels["activity"]
+      else:
+        assert r.labels["activity"] == -1
+      seen = r.observed[:, steps]
+      for name in by_class:
+        inside = seen & (bouts == synthetic.ACTIVITY_TYPES.index(name))
+        by_class[name] += list(r.signals[inside, steps])
+      # Unlabelled, still minutes (no bout, no light walking: jerk at its rest level).
+      still = seen & (bouts == -1) & (r.signals[:, jerk] < 0.6)
+      rest_steps += list(r.signals[still, steps])
+  rest = np.mean(rest_steps)
+  assert np.mean(by_class["running"]) > np.mean(by_class["walking"]) > rest + 60
+  assert np.mean(by_class["cycling"]) < np.mean(by_class["walking"]) - 60  # Few steps on a bike.
+  assert min(len(v) for v in by_class.values()) > 100
 
 
 def test_cli_writes_a_dataset(tmp_path):

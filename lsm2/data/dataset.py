@@ -9,20 +9,19 @@ import numpy as np
 from lsm2.data import example
 from lsm2.data import metadata as metadata_lib
 from lsm2.data.metadata import DatasetMetadata, load_metadata
-from lsm2.data.record import DayRecord
+from lsm2.data.record import MINUTES_PER_DAY, DayRecord
 from lsm2.data.shards import CorruptShardError, iter_shard
 
 
 def iter_records(meta: DatasetMetadata, split: str, *,
                  verify_checksums: bool = True) -> Iterator[DayRecord]:
   """Yields the split's records in storage order (shard by shard), as stored (not normalized)."""
-  kinds = {n: s.kind for n, s in meta.labels.items()}
   for path in meta.shard_paths(split):
     records = iter_shard(path, meta.format, verify_checksums=verify_checksums,
                          expected_records=meta.shard_records[path.name])
     for index, data in enumerate(records):
       try:
-        yield example.decode_record(data, meta.num_channels, kinds)
+        yield example.decode_record(data, meta.num_channels, meta.labels)
       except example.RecordDecodeError as e:
         raise CorruptShardError(path, index, str(e)) from None
 
@@ -34,8 +33,9 @@ def read_split(data_dir: str | os.PathLike, split: str, *, normalize: bool = Tru
   Returns "signals" float32[n, 1440, C] (normalized with the stored train
   statistics and 0 at unobserved minutes, or as stored when normalize=False),
   "observed" bool[n, 1440, C], "subject_id" and "day" (str arrays), and
-  "label/NAME" per label: float with NaN for missing regression values, int64
-  with -1 for missing class indices. Storage order; at most `limit` records.
+  "label/NAME" per label: float [n] with NaN for missing regression values,
+  int64 [n] with -1 for missing class indices, int64 [n, 1440] for minute
+  labels (-1 = no label at that minute). Storage order; at most `limit` records.
   Data checksums are verified.
   """
   meta = load_metadata(data_dir)
@@ -61,7 +61,11 @@ def read_split(data_dir: str | os.PathLike, split: str, *, normalize: bool = Tru
     out["signals"][~out["observed"]] = 0.0
   for name, spec in meta.labels.items():
     values = [r.labels[name] for r in records]
-    out[f"label/{name}"] = (np.array(values, np.float32) if spec.kind == "regression"
-                            else np.array(values, np.int64))
+    if spec.level == "minute":
+      out[f"label/{name}"] = (np.stack(values) if values
+                              else np.zeros((0, MINUTES_PER_DAY), np.int64))
+    else:
+      out[f"label/{name}"] = (np.array(values, np.float32) if spec.kind == "regression"
+                              else np.array(values, np.int64))
   return out
 

@@ -7,10 +7,12 @@ Features (the names other tools see):
   subject_id  bytes_list, one UTF-8 value.
   day         bytes_list, one value 'YYYY-MM-DD'.
   label/NAME  int64_list [class index, -1 = missing] for binary/categorical labels,
-              float_list [value, NaN = missing] for regression labels.
+              float_list [value, NaN = missing] for regression labels, int64_list of
+              1440 class indices (minute order, -1 = no label) for minute labels.
 
 A packed float list is a length-prefixed run of little-endian float32, so the
-decoder reads `signals` with one np.frombuffer. Reading with tf.data is shown in
+decoder reads `signals` with one np.frombuffer; int64 lists are packed varints,
+encoded and decoded with numpy (a minute label is 1440 of them). Reading with tf.data is shown in
 docs/data.md and tested in tests/test_data_format.py.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lsm2.data.metadata import LabelSpec
 from lsm2.data.record import MINUTES_PER_DAY, DayRecord
 
 
@@ -57,8 +60,20 @@ def _float_feature(payload: bytes) -> bytes:
   return _len_field(2, _len_field(1, payload) if payload else b"")
 
 
-def _int64_feature(values: list[int]) -> bytes:
-  packed = b"".join(_varint(v) for v in values)
+_VARINT_SHIFTS = np.arange(0, 64, 7, dtype=np.uint64)  # 10 groups of 7 bits.
+
+
+def _varints(values) -> bytes:
+  """Packed protobuf varints of int64 values (a negative one takes 10 bytes, as in protobuf)."""
+  groups = np.asarray(values, np.int64).reshape(-1).view(np.uint64)[:, None] >> _VARINT_SHIFTS
+  length = np.maximum((groups != 0).sum(axis=1), 1)[:, None]  # Bytes per value.
+  k = np.arange(len(_VARINT_SHIFTS))
+  groups = (groups & np.uint64(0x7F)) | ((k < length - 1) * np.uint64(0x80))  # Continuation bit.
+  return groups.astype(np.uint8)[k < length].tobytes()
+
+
+def _int64_feature(values) -> bytes:
+  packed = _varints(values)
   return _len_field(3, _len_field(1, packed) if packed else b"")
 
 
@@ -66,8 +81,8 @@ def _entry(key: str, feature: bytes) -> bytes:
   return _len_field(1, _len_field(1, key.encode()) + _len_field(2, feature))
 
 
-def encode_record(record: DayRecord, label_kinds: Mapping[str, str]) -> bytes:
-  """Serializes a (sanitized) record; `label_kinds` maps label name -> LabelSpec.kind."""
+def encode_record(record: DayRecord, labels: Mapping[str, LabelSpec]) -> bytes:
+  """Serializes a (sanitized, labels checked) record with the `labels` in that order."""
   signals = np.ascontiguousarray(record.signals, dtype="<f4")
   observed = np.packbits(np.ascontiguousarray(record.observed).reshape(-1))
   entries = [
@@ -76,12 +91,12 @@ def encode_record(record: DayRecord, label_kinds: Mapping[str, str]) -> bytes:
       _entry("signals", _float_feature(signals.tobytes())),
       _entry("observed", _bytes_feature([observed.tobytes()])),
   ]
-  for name, kind in label_kinds.items():
+  for name, spec in labels.items():
     value = record.labels[name]
-    if kind == "regression":
+    if spec.kind == "regression":
       entries.append(_entry(f"label/{name}", _float_feature(struct.pack("<f", value))))
     else:
-      entries.append(_entry(f"label/{name}", _int64_feature([int(value)])))
+      entries.append(_entry(f"label/{name}", _int64_feature(value)))
   return _len_field(1, b"".join(entries))
 
 
@@ -129,7 +144,7 @@ def _skip(buf: bytes, wire: int, pos: int, end: int) -> int:
 
 
 def _decode_feature(buf: bytes, pos: int, end: int) -> tuple[str, Any]:
-  """Returns ('bytes', [memoryview]), ('float', np.ndarray) or ('int64', [int])."""
+  """Returns ('bytes', [memoryview]), ('float', np.ndarray) or ('int64', np.ndarray)."""
   kind, values = "none", None
   while pos < end:
     tag, pos = _read_varint(buf, pos, end)
@@ -177,22 +192,39 @@ def _decode_floats(buf: bytes, lo: int, hi: int) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros(0, "<f4")
 
 
-def _decode_int64s(buf: bytes, lo: int, hi: int) -> list[int]:
-  out = []
+def _decode_packed_varints(buf: bytes, lo: int, hi: int) -> np.ndarray:
+  """int64 values of the packed varints in buf[lo:hi] (two's complement, as protobuf)."""
+  b = np.frombuffer(buf, np.uint8, count=hi - lo, offset=lo)
+  ends = np.flatnonzero(b < 0x80)
+  if b.size and (ends.size == 0 or ends[-1] != b.size - 1):
+    raise RecordDecodeError("truncated varint")
+  starts = np.r_[0, ends[:-1] + 1] if ends.size else ends
+  lengths = ends - starts + 1
+  if lengths.size and lengths.max() > 10:
+    raise RecordDecodeError("varint longer than 10 bytes")
+  shifts = 7 * (np.arange(b.size) - np.repeat(starts, lengths))
+  parts = (b & 0x7F).astype(np.uint64) << shifts.astype(np.uint64)
+  if not parts.size:
+    return np.zeros(0, np.int64)
+  return np.bitwise_or.reduceat(parts, starts).view(np.int64)
+
+
+def _decode_int64s(buf: bytes, lo: int, hi: int) -> np.ndarray:
+  parts = []
   p = lo
   while p < hi:
     t, p = _read_varint(buf, p, hi)
     if t == 0x0A:
       a, p = _read_len(buf, p, hi)
-      while a < p:
-        v, a = _read_varint(buf, a, p)
-        out.append(v)
+      parts.append(_decode_packed_varints(buf, a, p))
     elif t == 0x08:
       v, p = _read_varint(buf, p, hi)
-      out.append(v)
+      parts.append(np.array([v], np.uint64).view(np.int64))
     else:
       raise RecordDecodeError(f"int64_list: unexpected tag {t}")
-  return [v - (1 << 64) if v >= (1 << 63) else v for v in out]
+  if len(parts) == 1:
+    return parts[0]
+  return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def decode_features(buf: bytes | memoryview,
@@ -280,20 +312,24 @@ def decode_subject_id(features: Mapping[str, tuple[str, Any]]) -> str:
   return bytes(_single_bytes(features, "subject_id")).decode()
 
 
-def decode_record(buf: bytes, num_channels: int,
-                  label_kinds: Mapping[str, str]) -> DayRecord:
-  """Decodes every field into a DayRecord (signals copied, writable)."""
+def decode_record(buf: bytes, num_channels: int, labels: Mapping[str, LabelSpec]) -> DayRecord:
+  """Decodes every field, and the `labels`, into a DayRecord (signals copied, writable)."""
   signals, observed, features = decode_arrays(buf, num_channels)
   day = bytes(_single_bytes(features, "day")).decode()
-  labels: dict[str, float | int] = {}
-  for name, kind in label_kinds.items():
+  values_of: dict[str, float | int | np.ndarray] = {}
+  for name, spec in labels.items():
     key = f"label/{name}"
     fkind, values = features.get(key, ("missing", None))
-    want = "float" if kind == "regression" else "int64"
-    if fkind != want or len(values) != 1:
-      raise RecordDecodeError(f"feature {key!r} must be a {want}_list with one value, got "
-                              f"{fkind}{'' if values is None else f' of length {len(values)}'}")
-    labels[name] = float(values[0]) if kind == "regression" else int(values[0])
-  return DayRecord(decode_subject_id(features), day, signals.copy(), observed, labels)
+    want = "float" if spec.kind == "regression" else "int64"
+    size = MINUTES_PER_DAY if spec.level == "minute" else 1
+    if fkind != want or len(values) != size:
+      raise RecordDecodeError(
+          f"feature {key!r} must be a {want}_list with {size} value(s) ({spec.level} label), got "
+          f"{fkind}{'' if values is None else f' of length {len(values)}'}")
+    if spec.level == "minute":
+      values_of[name] = values
+    else:
+      values_of[name] = float(values[0]) if spec.kind == "regression" else int(values[0])
+  return DayRecord(decode_subject_id(features), day, signals.copy(), observed, values_of)
 
 

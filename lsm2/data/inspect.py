@@ -3,9 +3,9 @@
   python -m lsm2.data.inspect DIR [--json PATH] [--png PATH] [--days N] [--split S]
 
 Prints counts per split, channels, the per-day missing-fraction histogram and
-percentiles, per-channel missingness and label balance. Every record is read
-and decoded with its data checksum verified, so a corrupt shard is reported
-(file and record index). --json writes the summary (keys include `records`
+percentiles, per-channel missingness and label balance (days per class; for
+minute labels, minutes per class). Every record is read and decoded with its
+data checksum verified, so a corrupt shard is reported (file and record index). --json writes the summary (keys include `records`
 per split, `missing_fraction_per_day` p10/p50/p90 and `channels`); --png draws
 a heat map of a few days with their masks.
 """
@@ -39,9 +39,13 @@ def _label_summary(meta: DatasetMetadata, values: dict[str, list]) -> dict[str, 
                    "mean": float(ok.mean()) if ok.size else None,
                    "std": float(ok.std()) if ok.size else None}
     else:
+      # Minute labels ([days, 1440]) count minutes per class; the others count days.
       counts = {c: int(np.sum(v == i)) for i, c in enumerate(spec.classes)}
       out[name] = {"kind": spec.kind, "level": spec.level, "counts": counts,
-                   "missing": int(np.sum(v == -1))}
+                   "missing": int(np.sum(v == -1)),
+                   "unit": "minutes" if spec.level == "minute" else "days"}
+      if spec.level == "minute":
+        out[name]["labelled_days"] = int(np.sum((v >= 0).any(axis=1))) if v.size else 0
   return out
 
 
@@ -118,6 +122,10 @@ def render(summary: dict[str, Any]) -> str:
       if s["kind"] == "regression":
         lines.append(f"  label {name} ({split}): n={s['count']} mean={_fmt(s['mean'])} "
                      f"std={_fmt(s['std'])} missing={s['missing']}")
+      elif s["unit"] == "minutes":
+        counts = ", ".join(f"{c}={n}" for c, n in s["counts"].items())
+        lines.append(f"  label {name} ({split}, minutes per class over {s['labelled_days']} "
+                     f"labelled days): {counts}, unlabelled={s['missing']}")
       else:
         counts = ", ".join(f"{c}={n}" for c, n in s["counts"].items())
         lines.append(f"  label {name} ({split}): {counts}, missing={s['missing']}")

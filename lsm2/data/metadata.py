@@ -22,13 +22,14 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from lsm2.data.channels import Channel, check_channel_set
+from lsm2.data.record import MINUTES_PER_DAY
 from lsm2.data.shards import FORMATS, parse_shard_filename
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 CLIP = 5.0  # Normalized values are clipped to [-CLIP, CLIP], as in the reference.
 LABEL_KINDS = ("binary", "categorical", "regression")
-LABEL_LEVELS = ("subject", "day")
+LABEL_LEVELS = ("subject", "day", "minute")
 
 
 class MetadataError(ValueError):
@@ -41,7 +42,9 @@ class LabelSpec:
 
   binary/categorical values are class indices into `classes` (-1 = missing);
   regression values are floats (NaN = missing). Subject-level labels repeat
-  the subject's value in each of its day records.
+  the subject's value in each of its day records. Minute-level labels
+  (binary/categorical only) are int64[1440] class indices, one per minute of
+  the day, -1 where the minute has no label.
   """
   name: str
   kind: str
@@ -62,9 +65,14 @@ class LabelSpec:
       raise ValueError(f"label {self.name!r}: a categorical label needs >= 2 classes")
     if self.kind == "regression" and self.classes:
       raise ValueError(f"label {self.name!r}: a regression label has no classes")
+    if self.level == "minute" and self.kind == "regression":
+      raise ValueError(f"label {self.name!r}: a minute-level label must be binary or "
+                       "categorical (class indices per minute)")
 
-  def check_value(self, value: Any, where: str = "") -> float | int:
-    """Returns the value as stored (int index or float) or raises naming it."""
+  def check_value(self, value: Any, where: str = "") -> float | int | np.ndarray:
+    """Returns the value as stored (int index, float or int64[1440] copy) or raises naming it."""
+    if self.level == "minute":
+      return self._check_minutes(value, where)
     if self.kind == "regression":
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f"{where}label {self.name!r}: regression value must be a number, "
@@ -82,6 +90,21 @@ class LabelSpec:
       raise ValueError(f"{where}label {self.name!r}: class index {value} outside "
                        f"[-1, {len(self.classes)}) for classes {self.classes}")
     return value
+
+  def _check_minutes(self, value: Any, where: str) -> np.ndarray:
+    if (not isinstance(value, np.ndarray) or value.shape != (MINUTES_PER_DAY,)
+        or not np.issubdtype(value.dtype, np.integer)):
+      got = (f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray)
+             else repr(value) if np.isscalar(value) else type(value).__name__)
+      raise ValueError(f"{where}label {self.name!r}: a minute-level label must be an integer "
+                       f"array of shape ({MINUTES_PER_DAY},) (class index per minute, -1 = none), "
+                       f"got {got}")
+    bad = np.flatnonzero((value < -1) | (value >= len(self.classes)))
+    if bad.size:
+      raise ValueError(f"{where}label {self.name!r}: class index {value[bad[0]]} at minute "
+                       f"{bad[0]} ({bad.size} minute(s) in all) outside [-1, {len(self.classes)}) "
+                       f"for classes {self.classes}")
+    return value.astype(np.int64)
 
   def to_json(self) -> dict[str, Any]:
     return {"kind": self.kind, "level": self.level, "classes": list(self.classes)}

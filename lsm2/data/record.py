@@ -2,7 +2,8 @@
 
 A record holds `signals: float32[1440, C]` and `observed: bool[1440, C]` (True
 where the minute was really measured), the subject id, the ISO date of the day
-and label values. `sanitize` is the single gate every record passes before it
+and label values (one number per subject/day label, an int64[1440] array per
+minute label). `sanitize` is the single gate every record passes before it
 is written: it rejects malformed arrays with a clear error and turns
 non-finite and out-of-range values into unobserved minutes (counting them), so
 that stored values at unobserved minutes are always a finite 0.
@@ -14,7 +15,7 @@ import datetime
 from collections.abc import Sequence
 
 import numpy as np
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 
 from lsm2.data.channels import Channel
 
@@ -23,12 +24,16 @@ MINUTES_PER_DAY = 1440
 
 @dataclasses.dataclass
 class DayRecord:
-  """One subject-day. Labels: class index (-1 = missing) or float (NaN = missing)."""
+  """One subject-day.
+
+  Labels: class index (-1 = missing), float (NaN = missing) or, for minute
+  labels, int64[1440] class indices (-1 = no label at that minute).
+  """
   subject_id: str
   day: str
   signals: Float[np.ndarray, "t c"]
   observed: Bool[np.ndarray, "t c"]
-  labels: dict[str, float | int] = dataclasses.field(default_factory=dict)
+  labels: dict[str, float | int | Int[np.ndarray, "t"]] = dataclasses.field(default_factory=dict)
 
   @property
   def missing_fraction(self) -> float:

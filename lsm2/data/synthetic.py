@@ -16,8 +16,12 @@ coupled through these states:
 Labels with a known mechanism: hypertension reduces the nocturnal HR dip and
 night-time HRV (with only small daytime effects), so it is mostly visible at
 night; anxiety raises EDA (level and responses) and daytime HR through more
-arousal episodes; the day's `activity` label is its dominant bout type; age and
-BMI shape resting HR, HRV and fitness.
+arousal episodes; the minute label `activity_bouts` gives the bout type at
+every minute inside an exercise bout (-1 elsewhere: light walking, rest,
+sleep) and the day's `activity` label is its dominant bout type (the most
+frequent class of its `activity_bouts` minutes); age and BMI shape resting HR,
+HRV and fitness. Labels describe what the person did, whether or not the
+watch was worn at the time.
 
 Missingness is natural and not at random: off-wrist episodes (nights without
 the watch, charging, showers, other removals), partial first/last days, PPG
@@ -111,6 +115,7 @@ LABEL_SPECS: tuple[LabelSpec, ...] = (
     LabelSpec("bmi", "regression", "subject"),
     LabelSpec("sex", "binary", "subject", ("female", "male")),
     LabelSpec("activity", "categorical", "day", ACTIVITY_TYPES),
+    LabelSpec("activity_bouts", "categorical", "minute", ACTIVITY_TYPES),
 )
 _EPOCH = datetime.date(2024, 1, 1)
 
@@ -229,17 +234,15 @@ class _Timeline:
                      for d in range(days)]
     self.awake_windows = awake_windows
 
-    # Activity: exercise bouts (they define the day label) and light everyday walking.
+    # Activity: exercise bouts (they define the labels) and light everyday walking.
     self.activity = np.full(n, REST, np.int64)
     self.intensity = np.ones(n)
     self.bout = np.zeros(n, bool)
-    self.day_activity: list[int] = []
     prefs = np.asarray(traits.preferences)
     for d, (lo, hi) in enumerate(awake_windows):
       light = np.zeros(n, bool)
       _episodes(rng, light, rng.poisson(22), lo + 10, hi - 10, 1, 10, n)
       self.activity[light] = LIGHT
-      minutes = np.zeros(len(ACTIVITY_TYPES))
       for _ in range(max(1, rng.poisson(traits.bout_rate))):
         k = int(rng.choice(len(ACTIVITY_TYPES), p=prefs))
         dmin, dmax = ACTIVITY_PROFILES[ACTIVITY_TYPES[k]].minutes
@@ -251,12 +254,15 @@ class _Timeline:
         self.activity[s:e] = k
         self.intensity[s:e] = np.clip(rng.normal(1.0, 0.12), 0.6, 1.4)
         self.bout[s:e] = True
-        minutes[k] += e - s
-      # Later bouts may overwrite earlier ones; count what is left.
-      counts = np.bincount(self.activity[d * T_DAY:(d + 1) * T_DAY], minlength=REST + 1)
-      self.day_activity.append(int(np.argmax(counts[:len(ACTIVITY_TYPES)])))
     self.activity[self.asleep] = REST
     self.bout &= ~self.asleep
+    # What is left of the bouts (later ones overwrite earlier ones, sleep overwrites all).
+    self.bout_labels = np.where(self.bout & (self.activity < len(ACTIVITY_TYPES)),
+                                self.activity, -1)
+    per_day = self.bout_labels.reshape(days, T_DAY)
+    counts = np.stack([np.bincount(row[row >= 0], minlength=len(ACTIVITY_TYPES))
+                       for row in per_day])
+    self.day_activity = np.where(counts.any(axis=1), counts.argmax(axis=1), -1)
 
     # Arousal: slow fluctuations plus stress episodes (more with anxiety), low in sleep.
     arousal = 0.6 * _smooth_noise(rng, n, 45.0)
@@ -460,5 +466,6 @@ def generate_subject(seed: int, index: int, days: int) -> tuple[SubjectTraits, l
     records.append(DayRecord(
         subject_id=subject_id, day=(start + datetime.timedelta(days=d)).isoformat(),
         signals=noisy[sl], observed=observed[sl],
-        labels={**subject_labels, "activity": tl.day_activity[d]}))
+        labels={**subject_labels, "activity": int(tl.day_activity[d]),
+                "activity_bouts": tl.bout_labels[sl]}))
   return traits, records

@@ -65,7 +65,6 @@ class DatasetWriter:
     self.channels = check_channel_set(channels)
     self.labels = {s.name: s for s in labels}
     self.fmt = check_format(fmt)
-    self._label_kinds = {n: s.kind for n, s in self.labels.items()}
     self.out_dir.mkdir(parents=True, exist_ok=True)
     existing = [p for p in self.out_dir.iterdir()
                 if p.name == METADATA_FILE or p.suffix in FORMATS.values()]
@@ -125,7 +124,7 @@ class DatasetWriter:
           if name not in rec.labels:
             raise ValueError(f"{where}missing label {name!r}")
           rec.labels[name] = spec.check_value(rec.labels[name], where)
-        writers[count % n_shards].write(example.encode_record(rec, self._label_kinds))
+        writers[count % n_shards].write(example.encode_record(rec, self.labels))
         per_shard[count % n_shards] += 1
         self._sanitized.add(counts)
         subjects.add(rec.subject_id)
