@@ -74,7 +74,7 @@ def measure(args, size: str, batch: int) -> dict:
   runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets)
   batch_arrays = pipeline.to_global_batch(_day_batch(batch), setup.batch_sharding)
   times = []
-  with jax.set_mesh(mesh):
+  with sharding.mesh_context(mesh, config.logical_axis_rules):
     for i in range(args.steps + 1):  # The first step compiles.
       start = time.perf_counter()
       masks = runner.masks(state["rng"], state["step"], batch_arrays["observed"])

@@ -95,7 +95,7 @@ def _run_steps(config, mesh, batches, buckets=None):
   state = train.create_state(setup)
   runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets)
   losses = []
-  with jax.set_mesh(mesh):
+  with sharding.mesh_context(mesh, config.logical_axis_rules):
     for local in batches:
       batch = pipeline.to_global_batch(local, setup.batch_sharding)
       masks = runner.masks(state["rng"], state["step"], batch["observed"])

@@ -9,9 +9,19 @@ length path is tested against.
 
 Conventions, identical for every implementation: query rows at or past
 `q_lengths`, and rows with no valid key, return zeros (finite, no NaN).
+
+Under a mesh (`jax.set_mesh`) with logical axis rules in context
+(`nnx.logical_axis_rules`), "blocked" runs inside `jax.shard_map`: each device
+loops over its own examples and heads, split as the rules map the logical
+names "batch" and "heads". Without it GSPMD would replicate the kernel's
+per-example loop on every device.
 """
+import math
+
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 IMPLEMENTATIONS = ("xla", "blocked", "cudnn")
@@ -58,10 +68,15 @@ def dot_product_attention(
     from lsm2.model.blocked_attention import blocked_attention  # pylint: disable=g-import-not-at-top
     full_q = jnp.full((b,), lq, jnp.int32)
     full_k = jnp.full((b,), lk, jnp.int32)
-    return blocked_attention(
-        q, k, v,
-        q_lengths=full_q if q_lengths is None else q_lengths,
-        kv_lengths=full_k if kv_lengths is None else kv_lengths)
+    kernel = lambda q, k, v, ql, kl: blocked_attention(q, k, v, q_lengths=ql, kv_lengths=kl)
+    specs = _mesh_specs(b, q.shape[2])
+    if specs is not None:
+      qkv, lengths, manual = specs
+      # Manual over the split axes only; the kernel's loops carry per-device values.
+      kernel = jax.shard_map(kernel, in_specs=(qkv, qkv, qkv, lengths, lengths), out_specs=qkv,
+                             axis_names=manual, check_vma=False)
+    return kernel(q, k, v, full_q if q_lengths is None else q_lengths,
+                  full_k if kv_lengths is None else kv_lengths)
 
   if implementation == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(
@@ -79,3 +94,30 @@ def dot_product_attention(
   if kv_lengths is not None:
     out = jnp.where((kv_lengths > 0)[:, None, None, None], out, 0)
   return out
+
+
+def _mesh_specs(batch: int, heads: int) -> tuple[P, P, set[str]] | None:
+  """Specs splitting [b, l, h, d] over the context mesh by the "batch"/"heads" rules.
+
+  None when there is no mesh, no rule maps either name onto a mesh axis larger
+  than 1, or the sizes do not divide (then the kernel runs unsplit, as GSPMD
+  lays it out).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  rules = dict(spmd.get_logical_axis_rules())
+
+  def axes(name: str, size: int) -> tuple[str, ...] | None:
+    names = rules.get(name)
+    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    names = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not names or size % math.prod(mesh.shape[a] for a in names):
+      return None
+    return names
+
+  batch_axes, head_axes = axes("batch", batch), axes("heads", heads)
+  if batch_axes is None and head_axes is None:
+    return None
+  manual = set(batch_axes or ()) | set(head_axes or ())
+  return P(batch_axes, None, head_axes, None), P(batch_axes), manual

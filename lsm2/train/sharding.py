@@ -6,7 +6,8 @@ MLP hidden units and attention heads). Parameters carry logical axis names
 (`embed`, `mlp`, `heads`, ...; see lsm2/model/mae.py) and `logical_axis_rules`
 map those names onto mesh axes, so a new parallelism layout is a config change.
 """
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 import math
 
 import jax
@@ -52,6 +53,18 @@ def make_mesh(mesh_sizes: Mapping[str, int], devices: Sequence[jax.Device] | Non
   shape = mesh_shape(mesh_sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, str | tuple[str, ...] | None]]
+                 ) -> Iterator[None]:
+  """The mesh and logical-axis rules in force while steps are traced and run.
+
+  Mesh-aware ops read both: the blocked attention splits its per-example loop
+  over the axes the "batch" and "heads" rules name (lsm2/model/attention.py).
+  """
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple((k, v) for k, v in rules)):
+    yield
 
 
 def data_parallel_size(mesh: Mesh) -> int:

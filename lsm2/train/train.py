@@ -60,13 +60,13 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int
 def resolve_attention(name: str) -> str:
   """"auto" picks the fastest attention kernel for this backend.
 
-  The blocked kernel loops per example, which GSPMD replicates when the batch
-  is sharded: it is the default on a single CPU device only.
+  "blocked" on CPU (under a mesh it runs per device through shard_map, see
+  lsm2/model/attention.py), cuDNN's fused kernel on GPU, XLA's elsewhere.
   """
   if name != "auto":
     return name
   if jax.default_backend() == "cpu":
-    return "blocked" if jax.device_count() == 1 else "xla"
+    return "blocked"
   return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
@@ -394,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last = {}
   t0, logged_step = time.time(), start_step
 
-  with jax.set_mesh(mesh):
+  with sharding_lib.mesh_context(mesh, config.logical_axis_rules):
     for step in range(start_step + 1, config.total_steps + 1):
       # Train.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
