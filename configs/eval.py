@@ -54,6 +54,13 @@ def get_config(taskset: str = "synthetic") -> ml_collections.ConfigDict:
   config.fine_tune.lr = 1e-4
   config.fine_tune.batch_size = 16
 
+  # Windowed recognition of minute-level labels (lsm2/eval/windows.py): linear probe on windows.
+  config.windows = ml_collections.ConfigDict()
+  config.windows.enabled = True
+  config.windows.labels = ()  # Minute-level labels; empty = every one the dataset has.
+  config.windows.minutes = 60  # Window length: a multiple of the patch that divides the day.
+  config.windows.min_fraction = 0.5  # A window takes class k when >= this fraction of it is k.
+
   config.generative = ml_collections.ConfigDict()
   config.generative.enabled = True
   config.generative.tasks = ()  # Names from lsm2.eval.tasks.generative_task_suite; empty = all.
@@ -75,6 +82,7 @@ def get_config(taskset: str = "synthetic") -> ml_collections.ConfigDict:
 
   if taskset == "synthetic":
     config.probe.labels = ("hypertension", "anxiety", "activity", "age", "bmi")
+    config.windows.labels = ("activity_bouts",)  # Activity type per bout window.
     config.few_shot.k = 5
   elif taskset == "depresjon":
     # 55 subjects: a held-out split of ~6 subjects says little, so the probe

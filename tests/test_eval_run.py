@@ -16,6 +16,7 @@ from lsm2.eval import probe as probe_lib
 from lsm2.eval import report
 from lsm2.eval import run
 from lsm2.eval import tasks as tasks_lib
+from lsm2.eval import windows
 from tiny_checkpoint import REPO, tiny_pretrained
 
 GEN_TASKS = ("random_imputation_80", "temporal_interpolation_60min", "signal_imputation_2ch")
@@ -99,6 +100,62 @@ def test_results_json_records(evaluated, pretrained):
   buckets = [r for r in records if r["masking"].startswith("missing:") and r["method"] == "model"
              and r["metric"] == "mse"]
   assert buckets and sum(r["days"] for r in buckets) <= 2
+
+
+def _labelled_windows_with_tokens(data, model_cfg):
+  """Windows (60 min) with >= 30 minutes of one bout class and a visible token, by hand."""
+  count = 0
+  for split in ("train", "validation", "test"):
+    raw = dataset.read_split(data, split, normalize=False)
+    visible = lsm2.api.token_any(raw["observed"], model_cfg).reshape(-1, 24, 2 * 13)
+    for day, bouts in enumerate(raw["label/activity_bouts"]):
+      for w in range(24):
+        minutes = bouts[60 * w:60 * (w + 1)]
+        top = np.bincount(minutes[minutes >= 0], minlength=10).max()
+        count += int(top >= 30 and visible[day, w].any())
+  return count
+
+
+@pytest.mark.slow  # Shares one full evaluation (~20 s) of the tiny checkpoint.
+def test_window_activity_task(evaluated, pretrained):
+  out, records, _ = evaluated
+  workdir, data = pretrained
+  model_cfg = lsm2.load(workdir).model_cfg
+  assert (model_cfg.patch_time, model_cfg.grid) == (30, (48, 13))
+  probe = _one(records, task="activity_bouts", level="window", method="linear_probe",
+               metric="macro_f1", masking="natural")
+  assert probe["n"] == _labelled_windows_with_tokens(data, model_cfg) > 10
+  assert probe["split"] == "cv3(train+validation+test)" and probe["folds"] == 3
+  assert (probe["window_minutes"], probe["min_fraction"]) == (60, 0.5)
+  for method in ("linear_probe", "majority"):
+    for metric in ("macro_f1", "balanced_accuracy", "auroc", "map"):
+      rec = _one(records, task="activity_bouts", level="window", method=method, metric=metric)
+      assert rec["n"] == probe["n"]
+  assert 0.0 <= probe["value"] <= 1.0
+  md = (out / "results.md").read_text()
+  assert "| activity_bouts | window | linear_probe |" in md and "60-min windows" in md
+
+
+def test_window_features_follow_the_token_time_axis(probe_inputs):
+  """Observed minutes decide which windows have visible tokens; pooled means are the model's."""
+  model, _, pool, _ = probe_inputs
+  z, observed = pool.z[:2].copy(), np.zeros_like(pool.observed[:2])
+  observed[0, 120:180] = True  # Window 2 of day 0, every channel: 2 time x 13 channel tokens.
+  observed[0, 200:210, 0] = True  # One token of window 3 (time token 6, channel token 0).
+  observed[1] = pool.observed[1]
+  z = np.where(observed, z, 0.0)
+  feats, counts = windows.window_features(model, z, observed, time_tokens=2)
+  want = np.zeros(24, int)
+  want[2], want[3] = 26, 1
+  np.testing.assert_array_equal(counts[0], want)
+  outputs, visible = model.embed_normalized(z, observed, per_token=True)
+  np.testing.assert_allclose(feats[0, 3], outputs[0, 6 * 13], rtol=1e-6)
+  # Pooling windows back into the day gives the model's own day embedding.
+  day = model.embed_normalized(z, observed)
+  for i in range(2):
+    np.testing.assert_allclose((feats[i] * counts[i][:, None]).sum(0) / counts[i].sum(), day[i],
+                               rtol=1e-4, atol=1e-5)
+  assert visible[1].sum() == counts[1].sum()
 
 
 @pytest.mark.slow  # Shares one full evaluation (~20 s) of the tiny checkpoint.
@@ -256,10 +313,40 @@ def test_subject_kfold_is_disjoint_complete_and_stratified():
     probe_lib.subject_kfold(subjects, 11, seed=0)
 
 
+def test_minute_labels_go_to_the_window_task_only(pretrained):
+  _, data = pretrained
+  meta = metadata_lib.load_metadata(data)
+  assert meta.labels["activity_bouts"].level == "minute"
+  assert "activity_bouts" not in run._labels((), meta, "probe.labels")
+  with pytest.raises(ValueError, match=r"config.probe.labels: \['activity_bouts'\] are "
+                                       "minute-level labels"):
+    run._labels(("hypertension", "activity_bouts"), meta, "probe.labels")
+  config = eval_config()
+  results = report.Results()
+  assert run._window_labels(config, meta, results) == ["activity_bouts"] and not results.skipped
+  with config.unlocked():
+    config.windows.labels = ()
+  assert run._window_labels(config, meta, results) == ["activity_bouts"]
+  with config.unlocked():
+    config.windows.labels = ("steps_per_minute", "activity_bouts")
+  assert run._window_labels(config, meta, results) == ["activity_bouts"]
+  assert results.skipped == [("steps_per_minute (windows)",
+                              f"dataset {data} has no label 'steps_per_minute' (its labels: "
+                              f"{sorted(meta.labels)})")]
+  with config.unlocked():
+    config.windows.labels = ("activity",)
+  with pytest.raises(ValueError, match="config.windows.labels: 'activity' is a day-level label"):
+    run._window_labels(config, meta, results)
+  with config.unlocked():
+    config.windows.enabled = False
+  assert run._window_labels(config, meta, results) == []
+
+
 def test_eval_config_task_sets():
   for taskset in ("synthetic", "depresjon", "fitabase"):
     config = eval_config(taskset)
     assert config.mode == "evaluate" and config.probe.labels
+    assert config.windows.labels == (("activity_bouts",) if taskset == "synthetic" else ())
     with pytest.raises(ValueError, match="config.init_from is required"):
       run.validate_config(config)
     run.validate_config(_with_init(config))
@@ -267,6 +354,11 @@ def test_eval_config_task_sets():
   with config.unlocked():
     config.probe.protocol.test_split = "train"
   with pytest.raises(ValueError, match="fit_split and test_split are both 'train'"):
+    run.validate_config(config)
+  config = _with_init(eval_config())
+  with config.unlocked():
+    config.windows.min_fraction = 1.5
+  with pytest.raises(ValueError, match=r"config.windows.min_fraction=1.5 must be in \(0, 1\]"):
     run.validate_config(config)
   with pytest.raises(ValueError, match="unknown task set 'nope'"):
     eval_config("nope")

@@ -1,8 +1,9 @@
 """Discriminative evaluation: linear probes, chance baselines and few-shot probes on frozen embeddings.
 
 The examples of a task are days ("day" level) or subjects ("subject" level:
-the mean of the subject's day embeddings). Train/test folds are always
-subject-disjoint:
+the mean of the subject's day embeddings); `lsm2.eval.windows` builds windows
+of a day ("window" level) and probes them with the same folds and metrics.
+Train/test folds are always subject-disjoint:
   "splits": fit on the dataset's fit split, score on its test split (the
             dataset's splits are subject-disjoint by construction);
   "cv":     pool the listed splits and run a subject k-fold (stratified by
@@ -28,7 +29,10 @@ Fold = tuple[np.ndarray, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
-  """The days probes draw from: normalised inputs, subjects, each day's split and the labels."""
+  """The days probes draw from: normalised inputs, subjects, each day's split and the labels.
+
+  `labels[name]` is [n] per day, or [n, 1440] for a minute label (windows).
+  """
   z: Float[np.ndarray, "n t c"]
   observed: Bool[np.ndarray, "n t c"]
   subject_id: np.ndarray
@@ -44,9 +48,9 @@ class Pool:
 class Task:
   name: str
   kind: str  # binary | categorical | regression
-  level: str  # day | subject: what one example is
+  level: str  # day | subject | window: what one example is
   num_classes: int | None
-  label_level: str = "subject"  # day | subject: what the label describes
+  label_level: str = "subject"  # day | subject | minute: what the label describes
 
   @property
   def stratify(self) -> bool:
@@ -74,6 +78,9 @@ def tasks_for(specs: dict[str, LabelSpec], names: Sequence[str], levels: Sequenc
   out = []
   for name in names:
     spec = specs[name]
+    if spec.level == "minute":
+      raise ValueError(f"label {name!r} is a minute-level label: it is probed per window "
+                       "(lsm2.eval.windows, config.windows.labels), not per day")
     num_classes = len(spec.classes) if spec.kind != "regression" else None
     for level in levels:
       if level == "subject" and spec.level != "subject":
@@ -104,6 +111,16 @@ def build_examples(pool: Pool, embeddings: np.ndarray, task: Task,
     rows = [keep[subjects == s] for s in uniq]
     split_of = np.array([pool.split[r[0]] for r in rows])
     subjects = uniq
+  return examples_with_folds(task, x, y, subjects, split_of, rows, protocol, seed)
+
+
+def examples_with_folds(task: Task, x: np.ndarray, y: np.ndarray, subjects: np.ndarray,
+                        split_of: np.ndarray, rows: list[np.ndarray],
+                        protocol: ml_collections.ConfigDict, seed: int) -> Examples | str:
+  """Examples with the protocol's subject-disjoint folds, or the reason there are none.
+
+  `split_of[i]` is the dataset split example i comes from ("splits" protocol).
+  """
   if protocol.name == "splits":
     folds = [(np.flatnonzero(split_of == protocol.fit_split),
               np.flatnonzero(split_of == protocol.test_split))]
@@ -201,20 +218,30 @@ def run(results: report.Results, pool: Pool, embeddings: np.ndarray, tasks: Sequ
       results.skip(what, ex)
       continue
     built[(task.name, task.level)] = ex
-    keys = dict(task=task.name, split=ex.split_name, masking=masking, level=task.level,
-                family="discriminative")
-    fit = _probe_fit(ex, task, config.probe, config.seed)
-    probe = lambda train, test: fit(train, test).predict(ex.x[test])
-    add_fold_metrics(results, fold_metrics(ex, task, probe), metric_names(task), method="linear_probe", **keys)
-    if not baselines:
-      continue
-    majority = lambda train, test: probe_lib.fit_majority_baseline(
-        ex.y[train], kind=task.kind, num_classes=task.num_classes).predict(ex.x[test])
-    add_fold_metrics(results, fold_metrics(ex, task, majority), metric_names(task),
-                     method="majority" if task.is_classification else "mean", **keys)
-    if config.few_shot.k > 0 and task.is_classification:
-      _few_shot(results, ex, task, config, fit, keys, what)
+    probe_examples(results, ex, task, config, what=what, baselines=baselines, masking=masking)
   return built
+
+
+def probe_examples(results: report.Results, ex: Examples, task: Task,
+                   config: ml_collections.ConfigDict, *, what: str, baselines: bool = True,
+                   masking: str = report.NATURAL, **extra) -> None:
+  """Linear probe (and, with `baselines`, majority/mean and few-shot) on built examples.
+
+  `extra` keys (e.g. the window length) are stored in every record.
+  """
+  keys = dict(task=task.name, split=ex.split_name, masking=masking, level=task.level,
+              family="discriminative", **extra)
+  fit = _probe_fit(ex, task, config.probe, config.seed)
+  probe = lambda train, test: fit(train, test).predict(ex.x[test])
+  add_fold_metrics(results, fold_metrics(ex, task, probe), metric_names(task), method="linear_probe", **keys)
+  if not baselines:
+    return
+  majority = lambda train, test: probe_lib.fit_majority_baseline(
+      ex.y[train], kind=task.kind, num_classes=task.num_classes).predict(ex.x[test])
+  add_fold_metrics(results, fold_metrics(ex, task, majority), metric_names(task),
+                   method="majority" if task.is_classification else "mean", **keys)
+  if config.few_shot.k > 0 and task.is_classification:
+    _few_shot(results, ex, task, config, fit, keys, what)
 
 
 def _few_shot(results, ex: Examples, task: Task, config, fit, keys, what) -> None:

@@ -7,12 +7,13 @@ A record is a dict with the keys of `RECORD_KEYS`:
   split    the split scored, e.g. "test" or "cv5(train+validation+test)"
   masking  "natural" (the data as recorded), "remove_group:G", "remove_segment:S"
            or "missing:20-30%" (days bucketed by their own missing fraction)
-  n        examples (days or subjects) or, for reconstruction, scored minutes
+  n        examples (days, subjects or windows) or, for reconstruction, scored minutes
   method   "linear_probe", "majority", "few_shot_kK", "fine_tune", "model",
            an imputation baseline name or "noise_floor"
-  level    "day" / "subject" (discriminative) or "minute" (reconstruction)
+  level    "day" / "subject" / "window" (discriminative) or "minute" (reconstruction)
   family   "discriminative" or "generative"
-Optional: "std" (spread over few-shot repeats), "days" (days in a bucket).
+Optional: "std" (spread over few-shot repeats), "days" (days in a bucket);
+window records: "window_minutes", "min_fraction", "windows_without_tokens".
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@
 Steps: restore (`lsm2.api.load`, i.e. `lsm2.train.train.load_pretrained`),
 check the dataset's channels against the checkpoint's, read the splits and
 normalise them with the checkpoint's statistics, then run the discriminative
-probes (+ few-shot, fine-tuning), the generative tasks with their baselines and
-the robustness removals, and write OUT/results.json, OUT/results.md, PNG plots
+probes (+ few-shot, fine-tuning; days, subjects and, for minute labels,
+windows of a day), the generative tasks with their baselines and the
+robustness removals, and write OUT/results.json, OUT/results.md, PNG plots
 and CLU scalars (TensorBoard events in OUT).
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lsm2.eval import plots
 from lsm2.eval import report
 from lsm2.eval import robustness
 from lsm2.eval import tasks as tasks_lib
+from lsm2.eval import windows as windows_lib
 from lsm2.train import checkpoint as checkpoint_lib
 
 LEVELS = ("day", "subject")
@@ -64,6 +66,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{sorted(baselines_lib.BASELINES)}")
   if config.data.max_days < 0:
     raise ValueError(f"config.data.max_days={config.data.max_days} must be >= 0 (0 = all)")
+  if config.windows.minutes < 1:
+    raise ValueError(f"config.windows.minutes={config.windows.minutes} must be positive")
+  if not 0.0 < config.windows.min_fraction <= 1.0:
+    raise ValueError(f"config.windows.min_fraction={config.windows.min_fraction} must be in (0, 1]")
 
 
 class SplitReader:
@@ -112,13 +118,42 @@ def checkpoint_step(path: str, step: int | None, description: dict[str, Any]) ->
 
 
 def _labels(names, meta: metadata_lib.DatasetMetadata, field: str) -> list[str]:
-  """The named labels (all of the dataset's when empty), checked against the dataset."""
-  names = list(names) or list(meta.labels)
+  """The named day/subject labels (all of the dataset's when empty), checked against the dataset."""
+  names = list(names) or [n for n, s in meta.labels.items() if s.level != "minute"]
   unknown = [n for n in names if n not in meta.labels]
   if unknown:
     raise ValueError(f"config.{field}: {unknown} not in dataset {meta.data_dir} "
                      f"(its labels: {sorted(meta.labels)})")
+  minute = [n for n in names if meta.labels[n].level == "minute"]
+  if minute:
+    raise ValueError(f"config.{field}: {minute} are minute-level labels; they are probed per "
+                     "window (config.windows.labels), not per day")
   return names
+
+
+def _window_labels(config: ml_collections.ConfigDict, meta: metadata_lib.DatasetMetadata,
+                   results: report.Results) -> list[str]:
+  """The minute labels of the window task (all of the dataset's when empty).
+
+  A named label the dataset lacks is skipped with the reason (a task set names
+  the labels its usual data has); one that is not minute-level is an error.
+  """
+  if not config.windows.enabled:
+    return []
+  names = list(config.windows.labels) or [n for n, s in meta.labels.items()
+                                          if s.level == "minute"]
+  out = []
+  for name in names:
+    if name not in meta.labels:
+      reason = f"dataset {meta.data_dir} has no label {name!r} (its labels: {sorted(meta.labels)})"
+      logging.warning("Window task %s skipped: %s.", name, reason)
+      results.skip(f"{name} (windows)", reason)
+    elif meta.labels[name].level != "minute":
+      raise ValueError(f"config.windows.labels: {name!r} is a {meta.labels[name].level}-level "
+                       "label; windows need a minute-level label")
+    else:
+      out.append(name)
+  return out
 
 
 def _pool_splits(protocol) -> tuple[str, ...]:
@@ -154,8 +189,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   labels = _labels(config.probe.labels, meta, "probe.labels")
   ft_labels = _labels(config.fine_tune.labels or labels, meta, "fine_tune.labels")
   rob_labels = _labels(config.robustness.labels or labels, meta, "robustness.labels")
+  window_labels = _window_labels(config, meta, results)
+  if window_labels:
+    windows_lib.tokens_per_window(config.windows.minutes, model.model_cfg.patch_time,
+                                  model.model_cfg.time_steps)
   tasks = discriminative.tasks_for(meta.labels, labels, config.probe.levels)
-  pool = reader.pool(_pool_splits(config.probe.protocol), labels)
+  pool = reader.pool(_pool_splits(config.probe.protocol), labels + window_labels)
   logging.info("Embedding %d days for %d probe tasks.", pool.z.shape[0], len(tasks))
   embeddings = model.embed_normalized(pool.z, pool.observed)
   built = discriminative.run(results, pool, embeddings, tasks, config)
@@ -163,6 +202,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     ft_tasks = discriminative.tasks_for(meta.labels, ft_labels, ("day",))
     logging.info("Fine-tuning on %d tasks.", len(ft_tasks))
     fine_tune_lib.run(results, model, pool, built, ft_tasks, config)
+  for name in window_labels:
+    windows_lib.run(results, model, pool, meta.labels[name], config)
 
   # --- Generative ---------------------------------------------------------------
   gen_split = config.generative.split
@@ -185,7 +226,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     plot_files += _day_plots(model, gen, outputs, config.plots, out)
   kinds = {name: spec.kind for name, spec in meta.labels.items()}
   restored_step = checkpoint_step(config.init_from, step, model.config)
-  header = _header(config, model, meta, data_dir, restored_step, reader, time.time() - start)
+  header = _header(config, model, meta, data_dir, restored_step, reader, time.time() - start,
+                   window_labels)
   report.write_json(results.records, out / "results.json")
   (out / "results.md").write_text(report.markdown(
       results, title=f"LSM-2 evaluation: {config.taskset}", header=header, kinds=kinds,
@@ -274,7 +316,7 @@ def _day_plots(model, gen, outputs, pcfg, out) -> list[pathlib.Path]:
   return files
 
 
-def _header(config, model, meta, data_dir, step, reader, seconds) -> list[str]:
+def _header(config, model, meta, data_dir, step, reader, seconds, window_labels) -> list[str]:
   cfg, mk = model.model_cfg, model.mask_cfg
   sizes = reader.summary()
   return [
@@ -289,7 +331,10 @@ def _header(config, model, meta, data_dir, step, reader, seconds) -> list[str]:
       f"- inputs normalised with the checkpoint's statistics; reconstruction errors are on those "
       "normalised values, only over minutes that were really observed",
       f"- {jax.device_count()} {jax.default_backend()} device(s), {seconds:.0f} s",
-  ]
+  ] + ([f"- level `window` ({', '.join(window_labels)}): {config.windows.minutes}-min windows on "
+        f"the token grid, labelled with the class of >= {config.windows.min_fraction:.0%} of "
+        "their minutes; feature = mean encoder output over the window's visible tokens"]
+       if window_labels else [])
 
 
 def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
