@@ -261,7 +261,7 @@ def test_writer_rejects_bad_records(tmp_path, mutate, error, match):
 
 
 @pytest.mark.parametrize("bouts, match", [
-    (np.zeros(1439, np.int64), r"integer array of shape \(1440,\).*got int64 array of shape \(1439,\)"),
+    (np.zeros(1439, np.int64), r"shape \(1440,\).*got int64 array of shape \(1439,\)"),
     (np.zeros(1440, np.float32), r"integer array of shape \(1440,\).*got float32 array"),
     (np.zeros(1440, bool), r"integer array of shape \(1440,\).*got bool array"),
     (-1, r"integer array of shape \(1440,\).*got -1"),

@@ -5,9 +5,10 @@
 Prints counts per split, channels, the per-day missing-fraction histogram and
 percentiles, per-channel missingness and label balance (days per class; for
 minute labels, minutes per class). Every record is read and decoded with its
-data checksum verified, so a corrupt shard is reported (file and record index). --json writes the summary (keys include `records`
-per split, `missing_fraction_per_day` p10/p50/p90 and `channels`); --png draws
-a heat map of a few days with their masks.
+data checksum verified, so a corrupt shard is reported (file and record
+index). --json writes the summary (keys include `records` per split,
+`missing_fraction_per_day` p10/p50/p90 and `channels`); --png draws a heat map
+of a few days with their masks.
 """
 from __future__ import annotations
 
@@ -122,13 +123,13 @@ def render(summary: dict[str, Any]) -> str:
       if s["kind"] == "regression":
         lines.append(f"  label {name} ({split}): n={s['count']} mean={_fmt(s['mean'])} "
                      f"std={_fmt(s['std'])} missing={s['missing']}")
-      elif s["unit"] == "minutes":
-        counts = ", ".join(f"{c}={n}" for c, n in s["counts"].items())
-        lines.append(f"  label {name} ({split}, minutes per class over {s['labelled_days']} "
-                     f"labelled days): {counts}, unlabelled={s['missing']}")
       else:
         counts = ", ".join(f"{c}={n}" for c, n in s["counts"].items())
-        lines.append(f"  label {name} ({split}): {counts}, missing={s['missing']}")
+        if s["unit"] == "minutes":
+          lines.append(f"  label {name} ({split}, minutes per class over {s['labelled_days']} "
+                       f"labelled days): {counts}, unlabelled={s['missing']}")
+        else:
+          lines.append(f"  label {name} ({split}): {counts}, missing={s['missing']}")
   return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ def tokens_per_window(window_minutes: int, patch_time: int, time_steps: int) -> 
 
 def window_labels(minute_labels: Int[np.ndarray, "n t"], window_minutes: int, min_fraction: float,
                   num_classes: int) -> Int[np.ndarray, "n w"]:
-  """Class per window: the class holding >= min_fraction of its minutes (lowest on ties), else -1."""
+  """Class per window: the one holding >= min_fraction of its minutes (lowest on ties), else -1."""
   minute_labels = np.asarray(minute_labels)
   n, t = minute_labels.shape
   if t % window_minutes:
