@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from lsm2.data import dataset, grain_sources, metadata, pipeline
+from lsm2.data import dataset, example, grain_sources, metadata, pipeline
+from lsm2.data.record import DayRecord
+from lsm2.data.shards import CorruptShardError
 from lsm2.data.synthesize import write_synthetic_dataset
 
 FORMATS = ("tfrecord", "array_record")
@@ -143,11 +145,41 @@ def test_malloc_tuning_applies_on_glibc():
   assert grain_sources.keep_freed_memory()
 
 
-def test_max_subjects_keeps_that_many_subjects(data_dirs):
-  it = pipeline.make_train_iterator(data_dirs["tfrecord"], "train", global_batch_size=1, seed=0,
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_max_subjects_keeps_that_many_subjects(data_dirs, expected, fmt):
+  it = pipeline.make_train_iterator(data_dirs[fmt], "train", global_batch_size=1, seed=0,
                                     num_epochs=1, process_index=0, process_count=1,
                                     max_subjects=2)
-  assert len(_records(it)) == 2 * 3
+  got = _records(it)
+  assert len(got) == 2 * 3 and all(k in expected for k, _ in got)
+
+
+def test_decode_batch_equals_normalize_and_masks_non_finite_values():
+  """Fused decode + normalize = metadata.normalize, also for stored NaN/Inf and clipped values."""
+  rng = np.random.default_rng(0)
+  mean, std = rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32)
+  raws, days = [], []
+  for i in range(3):
+    signals = rng.normal(size=(1440, 3)).astype(np.float32) * 4
+    observed = rng.random((1440, 3)) < 0.7
+    if i == 1:
+      signals[5, 0], signals[6, 1], signals[7, 2] = np.nan, np.inf, -np.inf
+    record = DayRecord(f"s{i}", "2024-01-01", signals, observed, {})
+    raws.append((example.encode_record(record, {}), "x.tfrecord", i))
+    days.append((signals, observed))
+  batch = grain_sources.DecodeBatch(3, mean, std)(raws)
+  for (signals, observed), got_s, got_o in zip(days, batch["signals"], batch["observed"]):
+    want_o = observed & np.isfinite(signals)
+    np.testing.assert_array_equal(got_o, want_o)
+    np.testing.assert_array_equal(got_s, metadata.normalize(signals, observed, mean, std))
+  bad = (1, [5, 6, 7], [0, 1, 2])  # The NaN and the infinities: unobserved, 0.
+  assert not batch["observed"][bad].any() and not batch["signals"][bad].any()
+  assert np.abs(batch["signals"]).max() == 5
+  read = grain_sources.DecodeBatch(3, mean, std, read=lambda i: raws[i])([2, 0])
+  np.testing.assert_array_equal(read["signals"], batch["signals"][[2, 0]])
+  bad = (raws[0][0][:-9], "x.tfrecord", 4)
+  with pytest.raises(CorruptShardError, match="x.tfrecord: record 4"):
+    grain_sources.DecodeBatch(3, mean, std)([raws[0], bad])
 
 
 def test_verify_checksums_reports_corrupt_record(data_dirs, tmp_path):
@@ -201,6 +233,21 @@ def test_orbax_checkpoint_of_the_iterator(data_dirs, tmp_path):
   for w in want:
     np.testing.assert_array_equal(next(restored)["signals"], w)
   mngr.close()
+
+
+@pytest.mark.slow
+def test_array_record_workers_decode_and_normalize(data_dirs, expected):
+  """Workers (each batching its slice of the record stream) normalize into shared memory."""
+  it = pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=4,
+                                    seed=6, num_epochs=2, process_index=0, process_count=1,
+                                    worker_count=2)
+  got = _records(it)
+  it.close()
+  counts = collections.Counter(k for k, _ in got)
+  # 2 epochs x 15 records; each worker drops its last incomplete batch.
+  assert len(got) == 24 and set(counts) <= set(expected) and max(counts.values()) <= 2
+  for key, observed in got:
+    np.testing.assert_array_equal(observed, expected[key])
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import bisect
 import ctypes
 import mmap
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -16,6 +17,7 @@ import numpy as np
 
 from lsm2.data import example
 from lsm2.data.metadata import CLIP, inverse_std
+from lsm2.data.record import MINUTES_PER_DAY
 from lsm2.data.shards import (CorruptShardError, open_array_record, read_array_record,
                               read_tfrecord_mapped)
 
@@ -345,47 +347,58 @@ class ArrayRecordShards:
     return state
 
 
-class DecodeDay:
-  """RawRecord -> {"signals": float32[1440, C] as stored (read-only), "observed": bool[1440, C]}."""
+class DecodeBatch:
+  """Grain batch_fn: records -> {"signals", "observed"} float32/bool[b, 1440, C], normalized.
 
-  def __init__(self, num_channels: int):
-    self.num_channels = num_channels
-
-  def __call__(self, raw: RawRecord) -> dict[str, np.ndarray]:
-    data, name, index = raw
-    try:
-      signals, observed, _ = example.decode_arrays(data, self.num_channels, fields_only=True)
-    except example.RecordDecodeError as e:
-      raise CorruptShardError(name, index, str(e)) from None
-    return {"signals": signals, "observed": observed}
-
-
-class NormalizeBatch:
-  """Normalizes a stacked batch in place, vectorised over the whole batch.
-
-  z-scores with the stored train statistics, clips to [-5, 5] and writes 0 at
-  unobserved minutes; a stored non-finite value counts as unobserved.
+  The elements are RawRecords or, with `read` (ArrayRecordShards.__getitem__), record
+  indices, each read right before it is decoded so that its bytes are still
+  in the CPU cache (reading a whole batch first costs ~30 us more per record).
+  Each record is decoded and z-scored straight into its row of the batch:
+  (x - mean) * (1 / std) with the stored train statistics, clipped to
+  [-5, 5], 0 at unobserved minutes; a stored non-finite value counts as
+  unobserved. The statistics are tiled to a whole day so that every step is
+  one contiguous pass over 150 KB (numpy's broadcast over a last axis of
+  C=26 is ~3x slower); stacking a 10 MB batch and then normalizing it in
+  passes over memory cost ~70 us per record. In Grain worker processes the
+  batch is written into shared memory (`enable_shared_memory_output`), so
+  the hand-over copies nothing.
   """
 
-  def __init__(self, mean: np.ndarray, std: np.ndarray):
-    self.mean = np.asarray(mean, np.float32)
-    self.inv_std = inverse_std(std)
+  def __init__(self, num_channels: int, mean: np.ndarray, std: np.ndarray,
+               read: Callable[[int], RawRecord] | None = None):
+    self.num_channels = num_channels
+    self.mean = np.tile(np.asarray(mean, np.float32), (MINUTES_PER_DAY, 1))
+    self.inv_std = np.tile(inverse_std(std), (MINUTES_PER_DAY, 1))
+    self.zeros = np.zeros(MINUTES_PER_DAY * num_channels, np.float32)
+    self.read = read
+    self.shared_memory = False
 
-  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    signals, observed = batch["signals"], batch["observed"]
-    if not signals.flags.writeable:  # A batch of one is a view of the read-only record.
-      signals, observed = signals.copy(), observed.copy()
-    # One read-only pass proves the common case (everything finite) cheaply.
-    all_finite = np.isfinite(np.sum(signals))
-    if not all_finite:
-      observed &= np.isfinite(signals)
-    signals -= self.mean
-    signals *= self.inv_std
-    np.clip(signals, -CLIP, CLIP, out=signals)
-    if all_finite:
-      signals *= observed
-    else:
-      np.copyto(signals, 0.0, where=~observed)
+  def enable_shared_memory_output(self) -> None:
+    self.shared_memory = True
+
+  def __call__(self, elements: Sequence[RawRecord] | Sequence[int]) -> dict[str, np.ndarray]:
+    shape = (len(elements), MINUTES_PER_DAY, self.num_channels)
+    alloc = grain.multiprocessing.SharedMemoryArray if self.shared_memory else np.empty
+    signals, observed = alloc(shape, np.float32), alloc(shape, np.bool_)
+    with np.errstate(invalid="ignore"):  # NaN from the finiteness check below.
+      for row, element in enumerate(elements):
+        data, name, index = element if self.read is None else self.read(element)
+        try:
+          x, o, _ = example.decode_arrays(data, self.num_channels, fields_only=True)
+        except example.RecordDecodeError as e:
+          raise CorruptShardError(name, index, str(e)) from None
+        z = signals[row]
+        np.subtract(x, self.mean, out=z)
+        np.multiply(z, self.inv_std, out=z)
+        np.clip(z, -CLIP, CLIP, out=z)
+        # 0 * x is NaN exactly where x is not finite: one fast BLAS pass proves
+        # the common case (all finite).
+        if np.isfinite(np.dot(x.reshape(-1), self.zeros)):
+          observed[row] = o
+          np.multiply(z, o, out=z)
+        else:
+          np.logical_and(o, np.isfinite(x), out=observed[row])
+          np.copyto(z, 0.0, where=~observed[row])
     return {"signals": signals, "observed": observed}
 
 
