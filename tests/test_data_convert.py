@@ -11,6 +11,7 @@ import pytest
 from lsm2.data import dataset
 from lsm2.data.channels import Channel
 from lsm2.data.convert import convert
+from lsm2.data.convert import main as convert_main
 from lsm2.data.converters.common import NonWearRule
 from lsm2.data.synthesize import write_synthetic_dataset
 
@@ -35,6 +36,66 @@ def test_nonwear_rule():
   assert not off[15 * 60:16 * 60 + 30].any()
   assert off[22 * 60:1440 + 6 * 60].all()
   assert not off[1440 + 14 * 60:1440 + 17 * 60].any()
+  # Several channels: a minute is zero when all its recorded channels are 0.
+  two = np.stack([x, np.zeros_like(x)], axis=1)
+  two[11 * 60 + 30, 1] = 1.0  # A second-channel blip splits the midday run: < 120 minutes each.
+  off2 = rule.mask(two)  # The NaN at 15:00 on day 2 is a zero minute now (channel 2 reads 0).
+  assert not off2[10 * 60:13 * 60].any() and off2[1440 + 14 * 60:1440 + 17 * 60].all()
+  assert np.array_equal(off2[:10 * 60], off[:10 * 60])
+  assert np.array_equal(off2[13 * 60:1440 + 14 * 60], off[13 * 60:1440 + 14 * 60])
+  with pytest.raises(ValueError, match="waking hours must satisfy"):
+    NonWearRule(waking_start_hour=9, waking_end_hour=7)
+
+
+def _write_fitabase(root, hours):
+  """A Fitabase folder: hours = {(day, hour): (steps[60], intensity[60])}, in April 2016."""
+  root.mkdir()
+  for name, prefix, k in (("minuteStepsWide_merged.csv", "Steps", 0),
+                          ("minuteIntensitiesWide_merged.csv", "Intensity", 1)):
+    header = "Id,ActivityHour," + ",".join(f"{prefix}{m:02d}" for m in range(60))
+    rows = [f"42,4/{day}/2016 {hour}:00," + ",".join(str(int(v)) for v in values[k])
+            for (day, hour), values in sorted(hours.items())]
+    (root / name).write_text("\n".join([header, *rows]) + "\n")
+
+
+def test_fitabase_nonwear_masks_zero_runs_in_waking_hours(tmp_path):
+  """Zeros at night are sleep; a day of zeros is a tracker off the wrist (default rule)."""
+  active = (np.tile([3, 0, 0, 10], 15), np.tile([1, 0, 0, 2], 15))  # Hours start and end moving.
+  zeros = (np.zeros(60), np.zeros(60))
+  hours = {(12, h): zeros if h < 7 else active for h in range(24)}  # Sleeps until 07:00.
+  hours |= {(13, h): zeros for h in range(24)}  # Not worn from midnight ...
+  hours |= {(14, h): zeros if h < 7 or h in (13, 14) else active for h in range(24)}
+  del hours[(14, 18)]  # ... to 07:00 next day; 2 quiet hours at 13-15; no row for 18:00.
+  _write_fitabase(tmp_path / "fit", hours)
+  meta, stats = convert("fitabase", tmp_path / "fit", tmp_path / "out",
+                        split_fractions=(1.0, 0.0, 0.0))
+  assert (stats.days_in, stats.kept, stats.dropped_empty) == (3, 2, 1)  # 04-13 was not worn.
+  recs = {r.day: r for r in dataset.iter_records(meta, "train")}
+  assert recs["2016-04-12"].observed.all()  # The night's zeros are sleep: kept.
+  day = recs["2016-04-14"].observed
+  assert not day[:7 * 60].any() and day[7 * 60:18 * 60].all()  # The run from 04-13 is non-wear.
+  assert not day[18 * 60:19 * 60].any() and day[19 * 60:].all()  # The missing hour.
+  assert meta.source["nonwear_rule"]["min_run_minutes"] == 180
+  _, raw = convert("fitabase", tmp_path / "fit", tmp_path / "raw", nonwear=False,
+                   split_fractions=(1.0, 0.0, 0.0))
+  assert raw.kept == 3 and raw.dropped_empty == 0  # Every recorded zero observed.
+  _, strict = convert("fitabase", tmp_path / "fit", tmp_path / "strict",
+                      split_fractions=(1.0, 0.0, 0.0),
+                      nonwear=NonWearRule(min_run_minutes=120, min_waking_minutes=60,
+                                          waking_start_hour=9, waking_end_hour=21))
+  assert strict.missing_kept[1] == pytest.approx((7 * 60 + 60 + 120) / 1440)  # + the 2 quiet hours.
+
+
+def test_convert_cli_nonwear_flags(tmp_path, capsys):
+  args = ["--input", str(tmp_path), "--out", str(tmp_path / "out")]
+  assert convert_main(["--format", "long_csv", "--nonwear-min-run", "30", *args]) == 2
+  assert "--nonwear-* settings apply to --format actiwatch or fitabase, not long_csv" in (
+      capsys.readouterr().err)
+  assert convert_main(["--format", "fitabase", "--no-nonwear", "--nonwear-min-waking", "5",
+                       *args]) == 2
+  assert "--no-nonwear contradicts" in capsys.readouterr().err
+  assert convert_main(["--format", "actiwatch", "--nonwear-waking-hours", "23", "7", *args]) == 2
+  assert "waking hours must satisfy 0 <= start < end <= 24, got 23-7" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +279,13 @@ def test_depresjon_counts(shared_datasets, tmp_path):
 def test_fitabase_counts(shared_datasets, tmp_path):
   meta, stats = convert("fitabase", shared_datasets / "fitabase", tmp_path / "out")
   assert stats.subjects_in == 33 and stats.days_in == 919
-  assert (stats.kept, stats.dropped_empty, stats.dropped_missing) == (916, 0, 3)
+  # Non-wear (default rule): 75 calendar days have no worn minute; 32 more are over 80% missing.
+  assert (stats.kept, stats.dropped_empty, stats.dropped_missing) == (812, 75, 32)
+  assert np.percentile(stats.missing_kept, 90) == pytest.approx(0.481, abs=1e-3)
   assert meta.channel_names == ("steps", "intensity")
   bmi_users, asleep_days = set(), 0
   for split in meta.splits:
     z = dataset.read_split(tmp_path / "out", split, normalize=False, )
     bmi_users |= set(z["subject_id"][~np.isnan(z["label/bmi"])])
     asleep_days += int(np.sum(~np.isnan(z["label/minutes_asleep"])))
-  assert len(bmi_users) == 8 and asleep_days == 396
+  assert len(bmi_users) == 8 and asleep_days == 394

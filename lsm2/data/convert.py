@@ -8,10 +8,13 @@ observed minute, or whose missing fraction (over all minutes x channels) is
 above --max-missing, are dropped (0.8 suits these small real sets; the LSM-2
 reference uses 0.5). Subjects are split subject-disjointly with --seed. The
 summary lists subjects, days kept and dropped (and why) and missingness.
+Devices that record zeros off the wrist (actiwatch, fitabase) get a non-wear
+rule (converters.common.NonWearRule; per-format defaults, --nonwear-* flags).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -25,24 +28,34 @@ from lsm2.data.metadata import DatasetMetadata, LabelSpec
 from lsm2.data.writer import DatasetWriter
 
 FORMATS = ("actiwatch", "fitabase", "long_csv", "parquet")
+# Formats whose zeros can mean "not worn", with their default non-wear rules.
+NONWEAR_DEFAULTS = {"actiwatch": NonWearRule(), "fitabase": fitabase.NONWEAR}
 
 
 def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Path, *,
             max_missing: float = 0.8, seed: int = 0,
             split_fractions: Sequence[float] = (0.8, 0.1, 0.1), shards: int = 2,
             out_format: str = "tfrecord", overwrite: bool = False,
-            nonwear: NonWearRule = NonWearRule(), long_options: dict[str, Any] | None = None
+            nonwear: NonWearRule | bool = True, long_options: dict[str, Any] | None = None
             ) -> tuple[DatasetMetadata, DayStats]:
-  """Runs one converter end to end; returns the written metadata and the day statistics."""
+  """Runs one converter end to end; returns the written metadata and the day statistics.
+
+  nonwear: True applies the format's default rule (NONWEAR_DEFAULTS; none for
+  long tables, whose gaps are explicit), False none, a NonWearRule that rule.
+  """
   if not 0.0 <= max_missing <= 1.0:
     raise ValueError(f"--max-missing must be in [0, 1], got {max_missing}")
+  if isinstance(nonwear, NonWearRule) and fmt not in NONWEAR_DEFAULTS:
+    raise ValueError(f"a non-wear rule applies to --format {' or '.join(NONWEAR_DEFAULTS)}, "
+                     f"not {fmt}")
+  rule = NONWEAR_DEFAULTS.get(fmt) if nonwear is True else nonwear or None
   stats = DayStats()
   labels: dict[str, LabelSpec] = {}
   if fmt == "actiwatch":
-    timelines, labels = actiwatch.load(input_path, stats, nonwear)
+    timelines, labels = actiwatch.load(input_path, stats, rule)
     channels: tuple[Channel, ...] = actiwatch.CHANNELS
   elif fmt == "fitabase":
-    timelines, labels = fitabase.load(input_path, stats)
+    timelines, labels = fitabase.load(input_path, stats, rule)
     channels = fitabase.CHANNELS
   elif fmt in ("long_csv", "parquet"):
     timelines, channels = long_table.load(input_path, stats, fmt=fmt, **(long_options or {}))
@@ -68,10 +81,28 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
             "subjects_read": stats.subjects_in, "days_read": stats.days_in,
             "days_kept": stats.kept, "days_dropped_empty": stats.dropped_empty,
             "days_dropped_missing": stats.dropped_missing}
-  if fmt == "actiwatch":
-    source["nonwear_rule"] = vars(nonwear)
+  if fmt in NONWEAR_DEFAULTS:
+    source["nonwear_rule"] = dataclasses.asdict(rule) if rule else None
   meta = writer.finish(source=source)
   return meta, stats
+
+
+def _nonwear_from_args(args: argparse.Namespace) -> NonWearRule | bool:
+  """The `nonwear` argument of convert(): the format's default rule with the flags given."""
+  changes = {k: v for k, v in (("min_run_minutes", args.nonwear_min_run),
+                               ("min_waking_minutes", args.nonwear_min_waking)) if v is not None}
+  if args.nonwear_waking_hours:
+    changes["waking_start_hour"], changes["waking_end_hour"] = args.nonwear_waking_hours
+  if args.no_nonwear:
+    if changes:
+      raise ValueError("--no-nonwear contradicts the --nonwear-* settings")
+    return False
+  if not changes:
+    return True
+  if args.format not in NONWEAR_DEFAULTS:
+    raise ValueError(f"--nonwear-* settings apply to --format {' or '.join(NONWEAR_DEFAULTS)}, "
+                     f"not {args.format}")
+  return dataclasses.replace(NONWEAR_DEFAULTS[args.format], **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,11 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--shards", type=int, default=2, help="shard files per split (at most)")
   p.add_argument("--out-format", choices=("tfrecord", "array_record"), default="tfrecord")
   p.add_argument("--overwrite", action="store_true")
-  g = p.add_argument_group("actiwatch non-wear rule")
-  g.add_argument("--nonwear-min-run", type=int, default=NonWearRule.min_run_minutes,
-                 help="minutes of exact zeros (default %(default)s)")
-  g.add_argument("--nonwear-min-waking", type=int, default=NonWearRule.min_waking_minutes,
-                 help="of which at least this many in waking hours (default %(default)s)")
+  g = p.add_argument_group("non-wear rule (actiwatch, fitabase; defaults per format)")
+  g.add_argument("--nonwear-min-run", type=int,
+                 help="minutes of exact zeros (default: actiwatch 120, fitabase 180)")
+  g.add_argument("--nonwear-min-waking", type=int,
+                 help="of which at least this many in waking hours (default: actiwatch 60, "
+                 "fitabase 120)")
+  g.add_argument("--nonwear-waking-hours", type=int, nargs=2, metavar=("START", "END"),
+                 help="waking hours [START, END) (default: actiwatch 7 23, fitabase 9 21)")
+  g.add_argument("--no-nonwear", action="store_true",
+                 help="apply no non-wear rule: every recorded zero stays observed")
   g = p.add_argument_group("long_csv / parquet")
   g.add_argument("--subject-column", default="subject")
   g.add_argument("--timestamp-column", default="timestamp")
@@ -108,10 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta, stats = convert(
         args.format, args.input, args.out, max_missing=args.max_missing, seed=args.seed,
         split_fractions=args.split_fractions, shards=args.shards, out_format=args.out_format,
-        overwrite=args.overwrite,
-        nonwear=NonWearRule(min_run_minutes=args.nonwear_min_run,
-                            min_waking_minutes=args.nonwear_min_waking),
-        long_options=long_options)
+        overwrite=args.overwrite, nonwear=_nonwear_from_args(args), long_options=long_options)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -60,9 +60,9 @@ def _subject_labels(stem: str, row, specs: dict[str, LabelSpec]) -> dict[str, fl
   return labels
 
 
-def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule = NonWearRule()
+def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | None = NonWearRule()
          ) -> tuple[list[SubjectTimeline], dict[str, LabelSpec]]:
-  """Reads every subject CSV under `input_dir` into minute timelines."""
+  """Reads every subject CSV under `input_dir` into minute timelines (rule=None: no non-wear)."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(input_dir)
   if not root.is_dir():
@@ -95,16 +95,17 @@ def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule = Non
     first = np.unique(idx, return_index=True)[1]
     duplicates += len(idx) - len(first)
     tl.values[idx[first], 0] = activity[first]
-    off = rule.mask(tl.values[:, 0])
-    nonwear += int(off.sum())
-    tl.values[off, 0] = np.nan
+    if rule is not None:
+      off = rule.mask(tl.values)
+      nonwear += int(off.sum())
+      tl.values[off] = np.nan
     row = rows.get(path.stem)
     if row is None:
       unscored.append(path.stem)
     tl.subject_labels = _subject_labels(path.stem, row, specs)
     timelines.append(tl)
   stats.subjects_in = len(timelines)
-  stats.notes.append(f"non-wear: {nonwear} minutes marked unobserved ({rule})")
+  stats.notes.append(f"non-wear: {nonwear} minutes marked unobserved ({rule or 'rule off'})")
   if non_numeric:
     stats.notes.append(f"non-numeric or empty activity values (unobserved): {non_numeric}")
   if duplicates:

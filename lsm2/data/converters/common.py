@@ -106,11 +106,12 @@ def day_records(timeline: SubjectTimeline, labels: Mapping[str, LabelSpec], max_
 
 @dataclasses.dataclass(frozen=True)
 class NonWearRule:
-  """Actigraphy non-wear: long runs of exact zeros in waking hours become unobserved.
+  """Non-wear of devices that record zeros off the wrist: long zero runs in waking hours.
 
-  A maximal run of consecutive recorded minutes with value exactly 0 that
-  lasts at least `min_run_minutes` and has at least `min_waking_minutes` of
-  its minutes inside waking hours [waking_start_hour, waking_end_hour) is
+  A maximal run of consecutive zero minutes (a minute is zero when it has a
+  recorded value and all its recorded channels are exactly 0) that lasts at
+  least `min_run_minutes` and has at least `min_waking_minutes` of its
+  minutes inside waking hours [waking_start_hour, waking_end_hour) is
   non-wear in its entirety (a device taken off in the evening often stays off
   overnight). Runs mostly at night are kept: a still sleeper records zeros.
   """
@@ -119,16 +120,31 @@ class NonWearRule:
   waking_start_hour: int = 7
   waking_end_hour: int = 23
 
+  def __post_init__(self):
+    if self.min_run_minutes < 1 or self.min_waking_minutes < 0:
+      raise ValueError(f"non-wear rule: min_run_minutes must be >= 1 and min_waking_minutes "
+                       f">= 0, got {self.min_run_minutes} and {self.min_waking_minutes}")
+    if not 0 <= self.waking_start_hour < self.waking_end_hour <= 24:
+      raise ValueError(f"non-wear rule: waking hours must satisfy 0 <= start < end <= 24, got "
+                       f"{self.waking_start_hour}-{self.waking_end_hour}")
+
   def mask(self, values: np.ndarray) -> np.ndarray:
-    """bool[n]: minutes of `values` (float[n], NaN = not recorded) judged non-wear."""
-    zero = values == 0  # NaN compares False: a gap ends a run.
+    """bool[n]: minutes of `values` (float[n] or float[n, C], NaN = not recorded) judged non-wear.
+
+    Minute 0 is midnight (a SubjectTimeline).
+    """
+    v = values.reshape(values.shape[0], -1)
+    recorded = ~np.isnan(v)
+    # A minute with nothing recorded is not zero: a gap ends a run.
+    zero = recorded.any(axis=1) & np.all((v == 0) | ~recorded, axis=1)
     edges = np.diff(np.concatenate([[0], zero.astype(np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    minute_of_day = np.arange(values.size) % MINUTES_PER_DAY
+    n = v.shape[0]
+    minute_of_day = np.arange(n) % MINUTES_PER_DAY
     waking = ((minute_of_day >= self.waking_start_hour * 60)
               & (minute_of_day < self.waking_end_hour * 60))
     waking_cum = np.concatenate([[0], np.cumsum(waking)])
-    out = np.zeros(values.size, bool)
+    out = np.zeros(n, bool)
     for s, e in zip(starts, ends):
       if e - s >= self.min_run_minutes and waking_cum[e] - waking_cum[s] >= self.min_waking_minutes:
         out[s:e] = True

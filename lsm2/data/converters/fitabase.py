@@ -2,9 +2,19 @@
 
 `minuteStepsWide_merged.csv` / `minuteIntensitiesWide_merged.csv` hold one row
 per user-hour (`Id,ActivityHour,Steps00..Steps59` resp. `Intensity00..59`).
-An hour without a row is 60 unobserved minutes of that channel. Fitbit also
-reports 0 steps while the tracker lies on a table; the export gives no wear
-signal, so only absent hours count as missing.
+An hour without a row is 60 unobserved minutes of that channel.
+
+Non-wear: Fitbit writes 0 steps and intensity 0 (sedentary) for every minute
+the tracker is not worn, and the export has no wear flag (no heart rate).
+In this export 79 user-days are zero at every recorded minute (71 of them
+are dailyActivity days with SedentaryMinutes = 1440, i.e. not worn) and 41%
+of user-hours are all zeros. Zero minutes (steps and intensity both 0) are
+non-wear by `NONWEAR`, the shared NonWearRule with Fitbit defaults: a run of
+>= 180 zero minutes with >= 120 of them in 09:00-21:00. Unlike an Actiwatch,
+a Fitbit records exact zeros in sleep too: the Actiwatch default (>= 120
+minutes, >= 60 in 07:00-23:00) flagged 12.8% of the 00:00-06:00 minutes of
+the SleepDay dates in sleepDay_merged.csv (nights with a logged sleep, so
+worn), this rule 2.5%.
 
 Labels: day-level `minutes_asleep` (sleepDay_merged.csv, TotalMinutesAsleep on
 the date Fitabase gives as SleepDay) and subject-level `bmi` (mean of the
@@ -17,13 +27,16 @@ import pathlib
 import numpy as np
 
 from lsm2.data.channels import FITBIT_CHANNELS
-from lsm2.data.converters.common import (DayStats, SubjectTimeline, empty_timeline,
-                                         minute_index, read_table, require_columns)
+from lsm2.data.converters.common import (DayStats, NonWearRule, SubjectTimeline,
+                                         empty_timeline, minute_index, read_table,
+                                         require_columns)
 from lsm2.data.metadata import LabelSpec
 
 CHANNELS = FITBIT_CHANNELS
 LABELS = {s.name: s for s in (LabelSpec("minutes_asleep", "regression", "day"),
                               LabelSpec("bmi", "regression", "subject"))}
+NONWEAR = NonWearRule(min_run_minutes=180, min_waking_minutes=120, waking_start_hour=9,
+                      waking_end_hour=21)
 _WIDE = (("minuteStepsWide_merged.csv", "Steps"), ("minuteIntensitiesWide_merged.csv", "Intensity"))
 _TIME_FORMATS = ("%m/%d/%Y %H:%M", "%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %H:%M:%S")
 
@@ -39,9 +52,12 @@ def _parse_times(column, path):
                    f"{_TIME_FORMATS}")
 
 
-def load(input_dir: str | pathlib.Path, stats: DayStats
+def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | None = NONWEAR
          ) -> tuple[list[SubjectTimeline], dict[str, LabelSpec]]:
-  """Reads the wide minute files (and sleep/weight logs) into per-user minute timelines."""
+  """Reads the wide minute files (and sleep/weight logs) into per-user minute timelines.
+
+  Minutes judged non-wear by `rule` become unobserved (rule=None keeps every zero).
+  """
   import pandas as pd  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(input_dir)
   tables = []
@@ -79,6 +95,13 @@ def load(input_dir: str | pathlib.Path, stats: DayStats
       hour_start = minute_index(times[sel], tl.start)
       minutes = (hour_start[:, None] + np.arange(60)[None, :]).reshape(-1)
       tl.values[minutes, c] = values[sel].reshape(-1)
+  recorded = nonwear = 0
+  for tl in timelines.values():
+    recorded += int(np.isfinite(tl.values).any(axis=1).sum())
+    if rule is not None:
+      off = rule.mask(tl.values)
+      nonwear += int(off.sum())
+      tl.values[off] = np.nan
 
   sleep_path = root / "sleepDay_merged.csv"
   if sleep_path.is_file():
@@ -100,4 +123,6 @@ def load(input_dir: str | pathlib.Path, stats: DayStats
   stats.subjects_in = len(timelines)
   hours = sum(len(t[1]) for t in tables) // len(tables)
   stats.notes.append(f"user-hours with minute rows: about {hours}; absent hours are unobserved")
+  stats.notes.append(f"non-wear: {nonwear} of {recorded} recorded minutes marked unobserved "
+                     f"({rule or 'rule off'})")
   return [timelines[u] for u in users], dict(LABELS)
