@@ -12,6 +12,7 @@ from lsm2.data import dataset
 from lsm2.data.channels import Channel
 from lsm2.data.convert import convert
 from lsm2.data.convert import main as convert_main
+from lsm2.data.metadata import load_metadata
 from lsm2.data.converters.common import NonWearRule
 from lsm2.data.synthesize import write_synthetic_dataset
 
@@ -224,6 +225,88 @@ def test_long_table_channel_declarations_and_errors(tmp_path):
   df.to_csv(path, index=False)
   with pytest.raises(ValueError, match="cannot parse timestamp 'yesterday'"):
     convert("long_csv", path, tmp_path / "d")
+
+
+def _labeled_long_table(tmp_path):
+  """The long table as CSV, a subject label CSV and a day label Parquet file."""
+  _long_table().to_csv(tmp_path / "t.csv", index=False)
+  pd.DataFrame({"subject": ["u1", "u2", "u9"], "age": [34, 51.5, 40],
+                "group": ["case", "control", "case"], "site": ["B", "A", "C"],
+                "score": [2, 1, 1]}).to_csv(tmp_path / "subjects.csv", index=False)
+  pd.DataFrame({"subject": ["u1", "u2", "u1"], "date": ["2024-01-01", "2024-01-03", "2024-02-01"],
+                "mood": [3.5, 1.0, 2.0]}).to_parquet(tmp_path / "days.parquet")
+  return {"labels": [tmp_path / "subjects.csv", tmp_path / "days.parquet"]}
+
+
+def test_long_table_labels(tmp_path):
+  options = _labeled_long_table(tmp_path) | {"label_kinds": {"score": "categorical"}}
+  meta, stats = convert("long_csv", tmp_path / "t.csv", tmp_path / "out", max_missing=0.9,
+                        long_options=options)
+  specs = {n: (s.kind, s.level, s.classes) for n, s in meta.labels.items()}
+  assert specs == {"age": ("regression", "subject", ()),
+                   "group": ("binary", "subject", ("case", "control")),
+                   "site": ("categorical", "subject", ("A", "B", "C")),
+                   "score": ("categorical", "subject", ("1", "2")),  # Overridden; numeric order.
+                   "mood": ("regression", "day", ())}
+  recs = {(r.subject_id, r.day): r.labels for s in meta.splits
+          for r in dataset.iter_records(meta, s)}
+  assert recs[("u1", "2024-01-01")] == {"age": 34.0, "group": 0, "site": 1, "score": 1,
+                                        "mood": 3.5}
+  assert math.isnan(recs[("u1", "2024-01-02")]["mood"])  # No row for that day.
+  assert recs[("u2", "2024-01-03")]["mood"] == 1.0 and recs[("u2", "2024-01-03")]["age"] == 51.5
+  u3 = recs[("u3", "2024-01-03")]  # In the data, not in the label files: all missing.
+  assert (u3["group"], u3["site"], u3["score"]) == (-1, -1, -1)
+  assert math.isnan(u3["age"]) and math.isnan(u3["mood"])
+  notes = "\n".join(stats.notes)
+  assert "subjects.csv: 1 subjects not in the data, ignored: ['u9']" in notes
+  assert "subjects.csv: 1 data subjects without a row (labels missing): ['u3']" in notes
+  assert "days.parquet: 1 subject-day rows outside the subject's recorded days" in notes
+  assert meta.source["label_files"] == [str(f) for f in options["labels"]]
+
+
+@pytest.mark.parametrize("edit, kinds, match", [
+    ({"subjects": lambda t: t.iloc[[0, 0, 1]]}, {},
+     r"subjects.csv: subject \('u1',\) has more than one row"),
+    ({"subjects": lambda t: t.rename(columns={"age": "hr"})}, {},
+     "subjects.csv: label column 'hr' has the name of a channel"),
+    ({"subjects": lambda t: t.assign(subject=["x1", "x2", "x3"])}, {},
+     r"subjects.csv: none of its 3 subjects is in the data"),
+    ({}, {"site": "binary"}, r"label column 'site' is binary but has 3 distinct"),
+    ({}, {"group": "regression"},
+     "label column 'group' is regression but holds non-numeric value 'case'"),
+    ({"subjects": lambda t: t.rename(columns={"age": "mood"})}, {},
+     r"label column 'mood' is also in"),
+    ({}, {"weight": "regression"}, r"--label-kind names \['weight'\]"),
+    ({"days": lambda t: t.assign(date=["2024-01-01", "soon", "2024-01-02"])}, {},
+     "days.parquet: column 'date': cannot parse date 'soon'"),
+    ({"days": lambda t: t.iloc[[0, 0]]}, {},
+     r"days.parquet: subject-day \('u1', '2024-01-01'\) has more than one row"),
+])
+def test_long_table_label_errors(tmp_path, edit, kinds, match):
+  options = _labeled_long_table(tmp_path) | {"label_kinds": kinds}
+  if "subjects" in edit:
+    edit["subjects"](pd.read_csv(tmp_path / "subjects.csv")).to_csv(tmp_path / "subjects.csv",
+                                                                  index=False)
+  if "days" in edit:
+    edit["days"](pd.read_parquet(tmp_path / "days.parquet")).to_parquet(tmp_path / "days.parquet")
+  with pytest.raises(ValueError, match=match):
+    convert("long_csv", tmp_path / "t.csv", tmp_path / "out", max_missing=0.9,
+            long_options=options)
+  assert not (tmp_path / "out").exists()  # Nothing written.
+
+
+def test_convert_cli_labels(tmp_path, capsys):
+  _labeled_long_table(tmp_path)
+  args = ["--input", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"),
+          "--max-missing", "0.9", "--labels", str(tmp_path / "subjects.csv")]
+  assert convert_main(["--format", "long_csv", *args, "--label-kind", "age=categorical"]) == 0
+  assert "1 subjects not in the data" in capsys.readouterr().out
+  assert load_metadata(tmp_path / "out").labels["age"].classes == ("34", "40", "51.5")
+  assert convert_main(["--format", "actiwatch", *args]) == 2
+  assert "--labels applies to --format long_csv or parquet, not actiwatch" in (
+      capsys.readouterr().err)
+  assert convert_main(["--format", "long_csv", *args, "--label-kind", "age"]) == 2
+  assert "--label-kind 'age': expected NAME=KIND" in capsys.readouterr().err
 
 
 def test_convert_cli_prints_summary_and_fails_clearly(actiwatch_dir, tmp_path):

@@ -23,6 +23,7 @@ from typing import Any
 from lsm2.data import splits as splits_lib
 from lsm2.data.channels import Channel
 from lsm2.data.converters import actiwatch, fitabase, long_table
+from lsm2.data.converters import labels as labels_lib
 from lsm2.data.converters.common import DayStats, NonWearRule, day_records
 from lsm2.data.metadata import DatasetMetadata, LabelSpec
 from lsm2.data.writer import DatasetWriter
@@ -42,6 +43,7 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
 
   nonwear: True applies the format's default rule (NONWEAR_DEFAULTS; none for
   long tables, whose gaps are explicit), False none, a NonWearRule that rule.
+  long_options: keyword arguments of long_table.load (columns, channels, label files).
   """
   if not 0.0 <= max_missing <= 1.0:
     raise ValueError(f"--max-missing must be in [0, 1], got {max_missing}")
@@ -58,7 +60,8 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
     timelines, labels = fitabase.load(input_path, stats, rule)
     channels = fitabase.CHANNELS
   elif fmt in ("long_csv", "parquet"):
-    timelines, channels = long_table.load(input_path, stats, fmt=fmt, **(long_options or {}))
+    timelines, channels, labels = long_table.load(input_path, stats, fmt=fmt,
+                                                  **(long_options or {}))
   else:
     raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
 
@@ -83,6 +86,8 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
             "days_dropped_missing": stats.dropped_missing}
   if fmt in NONWEAR_DEFAULTS:
     source["nonwear_rule"] = dataclasses.asdict(rule) if rule else None
+  if (long_options or {}).get("labels"):
+    source["label_files"] = [str(f) for f in long_options["labels"]]
   meta = writer.finish(source=source)
   return meta, stats
 
@@ -135,12 +140,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   g.add_argument("--channels", help="comma-separated channel columns (default: all others)")
   g.add_argument("--channel", action="append", default=[], metavar="NAME:GROUP:UNIT:MIN:MAX",
                  help="declare a channel that is not in the registry (repeatable)")
+  g.add_argument("--labels", action="append", default=[], metavar="PATH",
+                 help="label file (CSV, or .parquet): the subject column and label columns, one "
+                 "row per subject; with a --label-date-column, one row per subject-day "
+                 "(day-level labels). Repeatable")
+  g.add_argument("--label-date-column", default="date")
+  g.add_argument("--label-kind", action="append", default=[], metavar="NAME=KIND",
+                 help="regression, binary or categorical (default: numeric columns are "
+                 "regression, others binary with 2 values, else categorical). Repeatable")
   args = p.parse_args(argv)
   try:
+    if (args.labels or args.label_kind) and args.format not in ("long_csv", "parquet"):
+      raise ValueError(f"--labels applies to --format long_csv or parquet, not {args.format}")
     long_options = {"subject_column": args.subject_column,
                     "timestamp_column": args.timestamp_column,
                     "channels": args.channels.split(",") if args.channels else None,
-                    "declared": [Channel.parse_spec(s) for s in args.channel]}
+                    "declared": [Channel.parse_spec(s) for s in args.channel],
+                    "labels": args.labels, "label_date_column": args.label_date_column,
+                    "label_kinds": labels_lib.parse_kind_overrides(args.label_kind)}
     meta, stats = convert(
         args.format, args.input, args.out, max_missing=args.max_missing, seed=args.seed,
         split_fractions=args.split_fractions, shards=args.shards, out_format=args.out_format,

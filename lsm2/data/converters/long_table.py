@@ -6,24 +6,32 @@ wall clock) and channel columns (default: all other columns). Each channel
 must be a registry channel (lsm2.data.channels) or be declared with
 --channel NAME:GROUP:UNIT:MIN:MAX. Timestamps are floored to the minute; rows
 that fall in the same minute are averaged. Missing rows (gaps) and NaN/empty
-cells are unobserved minutes; non-numeric cells are an error.
+cells are unobserved minutes; non-numeric cells are an error. Labels come
+from separate label files (lsm2.data.converters.labels, --labels).
 """
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from lsm2.data.channels import Channel, get_channel
+from lsm2.data.converters import labels as labels_lib
 from lsm2.data.converters.common import (DayStats, SubjectTimeline, empty_timeline,
                                          minute_index, read_table, require_columns)
+from lsm2.data.metadata import LabelSpec
 
 
 def load(path: str | pathlib.Path, stats: DayStats, *, fmt: str, subject_column: str = "subject",
          timestamp_column: str = "timestamp", channels: Sequence[str] | None = None,
-         declared: Sequence[Channel] = ()) -> tuple[list[SubjectTimeline], tuple[Channel, ...]]:
-  """Reads the table into per-subject minute timelines; returns them and the channels."""
+         declared: Sequence[Channel] = (), labels: Sequence[str | pathlib.Path] = (),
+         label_date_column: str = "date", label_kinds: Mapping[str, str] | None = None
+         ) -> tuple[list[SubjectTimeline], tuple[Channel, ...], dict[str, LabelSpec]]:
+  """Reads the table (and label files) into per-subject minute timelines.
+
+  Returns the timelines, the channels and the label specs.
+  """
   import pandas as pd  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if not path.is_file():
@@ -73,4 +81,7 @@ def load(path: str | pathlib.Path, stats: DayStats, *, fmt: str, subject_column:
   stats.subjects_in = len(timelines)
   if merged:
     stats.notes.append(f"rows sharing a subject-minute were averaged: {merged} rows merged")
-  return timelines, chans
+  kinds = dict(label_kinds or {})
+  tables = [labels_lib.load(p, subject_column=subject_column, date_column=label_date_column,
+                            kinds=kinds, reserved=names) for p in labels]
+  return timelines, chans, labels_lib.attach(timelines, tables, kinds, stats)
