@@ -27,15 +27,18 @@ import numpy as np
 from flax import nnx
 
 from lsm2.model.aim import aim_masks, truncate_kept
+from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
 from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
 from lsm2.train.train import encoder_buckets
 
-VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets")
+VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16")
 # aim_buckets: AIM's masks, with the encoder cut to the smallest of 4 compiled
 # lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
+# aim_buckets_bf16: the same with bfloat16 matmul operands accumulated in float32
+# (ModelConfig.matmul_dtype; parameters and activations stay float32).
 NUM_BUCKETS = 4
 # CPU-sized default: the paper geometry with a narrow, shallow model (head size 64
 # like ViT-S); --full_size --model S gives the paper model.
@@ -68,7 +71,46 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0):
   return jnp.asarray(signals), jnp.asarray(obs)
 
 
-def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: bool = False):
+def _median_time(fn, args, steps: int) -> float:
+  jax.block_until_ready(fn(*args))  # Compile and warm up.
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def breakdown(cfg, model, masks, steps: int) -> dict[str, float]:
+  """Forward+backward seconds of each part of the step, timed alone at the step's shapes.
+
+  The encoder and decoder stacks run on random inputs of their real shapes (encoder:
+  the bucket length with the batch's visible lengths; decoder: every token, full
+  attention); their attention cores are timed alone and times their depth, and what
+  the stacks spend besides attention is dense layers, norms and activations.
+  """
+  b, key = masks.keep_idx.shape[0], jax.random.key(1)
+  parts = {}
+  for part, n, lengths in (("encoder", masks.n_keep, masks.visible_len),
+                           ("decoder", cfg.num_tokens, None)):
+    width, depth, heads = (getattr(cfg, f"{part[:3]}_{k}") for k in ("width", "depth", "heads"))
+    stack = getattr(model, part)
+    x = jax.random.normal(key, (b, n, width), jnp.float32)
+    graphdef, params = nnx.split(stack)
+    stack_loss = lambda p, x, gd=graphdef, n=lengths: jnp.sum(nnx.merge(gd, p)(x, n) ** 2)
+    total = _median_time(jax.jit(jax.grad(stack_loss, argnums=(0, 1))), (params, x), steps)
+    q = jax.random.normal(key, (b, n, heads, width // heads), jnp.float32)
+    core = lambda q, n=lengths: jnp.sum(dot_product_attention(
+        q, q * 0.5, q * 0.25, q_lengths=n, kv_lengths=n, implementation=cfg.attention,
+        matmul_dtype=cfg.matmul_dtype) ** 2)
+    attention = depth * _median_time(jax.jit(jax.grad(core)), (q,), steps)
+    parts[f"{part}_attention_s"] = attention
+    parts[f"{part}_dense_s"] = total - attention
+  return parts
+
+
+def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: bool = False,
+                with_breakdown: bool = False):
   model = LSM2MAE(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   masks = aim_masks(observed, jax.random.key(0), mask_cfg, cfg)
@@ -94,7 +136,11 @@ def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: bool = False):
     jax.block_until_ready(compiled(params))
     times.append(time.perf_counter() - start)
   visible = np.asarray(masks.visible_len)
+  if with_breakdown:
+    parts = breakdown(cfg, nnx.merge(graphdef, params), masks, steps)
+    parts["rest_s"] = statistics.median(times) - sum(parts.values())
   return dict(step_s=statistics.median(times), times=times, compile_s=compile_s,
+              breakdown=parts if with_breakdown else None,
               xla_flops=float(cost.get("flops", float("nan"))) if cost else float("nan"),
               n_keep=masks.n_keep, mean_visible=float(visible.mean()))
 
@@ -110,6 +156,8 @@ def main():
   parser.add_argument("--attention", default="xla")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time encoder/decoder attention and dense parts alone")
   parser.add_argument("--json", default=None, help="write the results here")
   parser.add_argument("--one_variant", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -130,18 +178,24 @@ def main():
   for variant in args.variants.split(","):
     if variant not in VARIANTS:
       raise ValueError(f"--variants: unknown variant {variant!r}; expected {VARIANTS}")
-    scheme = "aim" if variant == "aim_buckets" else variant
+    buckets = variant.startswith("aim_buckets")
+    scheme = "aim" if buckets else variant
     mask_cfg = effective_mask_config(MaskConfig(scheme=scheme), cfg)
-    r = run_variant(cfg, mask_cfg, signals, observed, args.steps, buckets=variant == "aim_buckets")
+    variant_cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16") if variant.endswith("bf16") else cfg
+    r = run_variant(variant_cfg, mask_cfg, signals, observed, args.steps, buckets=buckets,
+                    with_breakdown=args.breakdown)
     flops = step_flops(cfg, r["n_keep"], args.batch)
     predicted = flops / rate
-    print(f"{variant:15s} n_keep={r['n_keep']:5d} visible={r['mean_visible']:7.1f} "
+    print(f"{variant:15s} matmul={variant_cfg.matmul_dtype} n_keep={r['n_keep']:5d} visible={r['mean_visible']:7.1f} "
           f"step={r['step_s']:.3f}s (steps {', '.join(f'{t:.3f}' for t in r['times'])}) "
           f"compile={r['compile_s']:.1f}s flops={flops / 1e9:.1f}G (xla {r['xla_flops'] / 1e9:.1f}G) "
           f"predicted={predicted:.3f}s measured/predicted={r['step_s'] / predicted:.2f}")
     results.update({f"step_s_{variant}": r["step_s"], f"flops_{variant}": flops,
                     f"xla_flops_{variant}": r["xla_flops"], f"n_keep_{variant}": r["n_keep"],
                     f"time_over_flop_prediction_{variant}": r["step_s"] / predicted})
+    if r["breakdown"]:
+      print(f"{'':15s} " + "  ".join(f"{k}={v:.2f}" for k, v in r["breakdown"].items()))
+      results[f"breakdown_{variant}"] = r["breakdown"]
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"peak RSS {results['peak_rss_gib']:.2f} GiB", flush=True)
   print(json.dumps(results))
@@ -151,10 +205,11 @@ def run_isolated(args):
   """Each variant in its own process, so that its peak memory is its own."""
   results = {}
   for variant in args.variants.split(","):
-    passed = {k: v for k, v in vars(args).items() if k not in ("json", "one_variant", "variants",
-                                                                "full_size")}
+    flags = ("full_size", "breakdown")
+    passed = {k: v for k, v in vars(args).items()
+              if k not in ("json", "one_variant", "variants", *flags)}
     cmd = [sys.executable, __file__, "--one_variant", f"--variants={variant}",
-           *(f"--{k}={v}" for k, v in passed.items()), *(["--full_size"] if args.full_size else [])]
+           *(f"--{k}={v}" for k, v in passed.items()), *(f"--{f}" for f in flags if vars(args)[f])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:

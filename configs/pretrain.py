@@ -57,8 +57,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.patch_time = 10
   config.model.patch_channels = 1
   config.model.dtype = "float32"  # "bfloat16" on accelerators.
-  # "auto": "blocked" on one CPU device (skips attention-masked blocks, ~4x
-  # XLA's speed there), "cudnn" on GPU, "xla" elsewhere; or name one of those.
+  # Operands of the dense and blocked-attention products, accumulated in float32:
+  # "bfloat16" is TPU-style mixed precision and ~2x faster on AVX512-BF16 CPUs.
+  config.model.matmul_dtype = "float32"
+  # "auto": "blocked" on CPU (skips attention-masked blocks, ~4x XLA's speed
+  # there), "cudnn" on GPU, "xla" elsewhere; or name one of those.
   config.model.attention = "auto"
   config.model.remat = "none"  # "none" | "attention" | "full"
   config.model.observed_in_embedding = False

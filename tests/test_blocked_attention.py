@@ -31,7 +31,7 @@ def _inputs(lq, lk, seed=0, dtype=jnp.float32):
 
 
 @functools.lru_cache(maxsize=None)
-def _value_and_vjp(block_q, block_k, tail_q=None, tail_k=None):
+def _value_and_vjp(block_q, block_k, tail_q=None, tail_k=None, matmul_dtype="float32"):
   """jit(outputs, (dq, dk, dv)) of the blocked kernel; cached: one compile per tiling and shape."""
   tails = dict(tail_q=tail_q or block_q, tail_k=tail_k or block_k)
 
@@ -39,7 +39,7 @@ def _value_and_vjp(block_q, block_k, tail_q=None, tail_k=None):
   def run(q, k, v, dy, q_lengths, kv_lengths):
     f = lambda q, k, v: blocked_attention(
         q, k, v, q_lengths=q_lengths, kv_lengths=kv_lengths, block_q=block_q, block_k=block_k,
-        **tails)
+        matmul_dtype=matmul_dtype, **tails)
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(dy.astype(out.dtype))
 
@@ -138,6 +138,19 @@ def test_bfloat16_close_to_float32_reference():
     np.testing.assert_allclose(g.astype(jnp.float32), rg, atol=2e-2, rtol=2e-2)
 
 
+def test_bfloat16_matmuls_keep_float32_statistics_and_exact_zeros():
+  q, k, v, dy = _inputs(64, 64, seed=14)
+  lengths = jnp.array([64, 33, 0, 50], jnp.int32)
+  out, grads = _value_and_vjp(16, 32, None, None, "bfloat16")(q, k, v, dy, lengths, lengths)
+  assert out.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
+  ref_out, ref_grads = _reference_value_and_vjp(q, k, v, dy, lengths, lengths)
+  for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+    err = np.abs(np.asarray(got) - np.asarray(want)).max()
+    assert 1e-4 < err < 5e-2  # bfloat16-rounded operands, float32 accumulation.
+  assert (np.asarray(out[1, 33:]) == 0).all() and (np.asarray(out[2]) == 0).all()
+  assert (np.asarray(grads[0][1, 33:]) == 0).all()
+
+
 def test_vmap_over_an_extra_axis_matches_per_slice():
   """Under vmap (e.g. over micro-batches) each slice equals the unbatched call."""
   q, k, v, dy = _inputs(37, 37, seed=17)
@@ -161,6 +174,7 @@ def test_vmap_over_an_extra_axis_matches_per_slice():
         (dict(block_k=32, tail_k=12), "block_k=32 must be a multiple of tail_k=12"),
         (dict(q_lengths=jnp.ones((3,), jnp.int32)), "q_lengths"),
         (dict(kv_lengths=jnp.ones((4, 1), jnp.int32)), "kv_lengths"),
+        (dict(matmul_dtype="float16"), "matmul_dtype must be"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):

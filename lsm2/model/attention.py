@@ -36,6 +36,7 @@ def dot_product_attention(
     q_lengths: Int[Array, "b"] | None = None,
     mask: Bool[Array, "b lq lk"] | None = None,
     implementation: str = "xla",
+    matmul_dtype: str = "float32",
 ) -> Float[Array, "b lq h d"]:
   """Softmax(q k^T / sqrt(d)) v per head, keys limited to the first `kv_lengths`.
 
@@ -45,6 +46,8 @@ def dot_product_attention(
     q_lengths: valid queries per example; later rows are zero.
     mask: general mask (True = query may attend to key); "xla" only.
     implementation: "xla", "blocked" or "cudnn" (GPU only).
+    matmul_dtype: operand dtype of the "blocked" kernel's products (accumulated in
+      float32); "xla" and "cudnn" compute in the inputs' dtype.
 
   Returns:
     [batch, lq, heads, head_dim] in q's dtype.
@@ -68,7 +71,8 @@ def dot_product_attention(
     from lsm2.model.blocked_attention import blocked_attention  # pylint: disable=g-import-not-at-top
     full_q = jnp.full((b,), lq, jnp.int32)
     full_k = jnp.full((b,), lk, jnp.int32)
-    kernel = lambda q, k, v, ql, kl: blocked_attention(q, k, v, q_lengths=ql, kv_lengths=kl)
+    kernel = lambda q, k, v, ql, kl: blocked_attention(
+        q, k, v, q_lengths=ql, kv_lengths=kl, matmul_dtype=matmul_dtype)
     specs = _mesh_specs(b, q.shape[2])
     if specs is not None:
       qkv, lengths, manual = specs

@@ -36,6 +36,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from lsm2.model.aim import AimMasks, effective_observed, inference_masks
+from lsm2.model import matmul
 from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig
 
@@ -53,6 +54,7 @@ def _dense_init():
 def _linear(cfg, din, dout, names, rngs):
   return nnx.Linear(
       din, dout, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      dot_general=matmul.dot_general_for(cfg.matmul_dtype),
       kernel_init=_dense_init(), kernel_metadata=_axes(*names), bias_metadata=_axes(names[1]),
       rngs=rngs)
 
@@ -113,30 +115,34 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, width: int, heads: int, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dot_general = matmul.dot_general_for(cfg.matmul_dtype)
     self.qkv = nnx.LinearGeneral(
         width, (3, heads, width // heads), dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_dense_init(),
+        dot_general=dot_general, kernel_init=_dense_init(),
         kernel_metadata=_axes("embed", None, "heads", "kv"),
         bias_metadata=_axes(None, "heads", "kv"), rngs=rngs)
     self.out = nnx.LinearGeneral(
         (heads, width // heads), width, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_dense_init(),
+        dot_general=dot_general, kernel_init=_dense_init(),
         kernel_metadata=_axes("heads", "kv", "embed"), bias_metadata=_axes("embed"), rngs=rngs)
     self.implementation = cfg.attention
+    self.matmul_dtype = cfg.matmul_dtype
     self.remat = cfg.remat == "attention"
 
   def __call__(self, x, lengths):
     qkv = self.qkv(x)
-    core = functools.partial(_attention_core, implementation=self.implementation)
+    core = functools.partial(_attention_core, implementation=self.implementation,
+                             matmul_dtype=self.matmul_dtype)
     if self.remat:
       core = jax.checkpoint(core)  # Logits and probabilities are recomputed in the backward pass.
     return self.out(core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths))
 
 
-def _attention_core(q, k, v, lengths, *, implementation):
+def _attention_core(q, k, v, lengths, *, implementation, matmul_dtype):
   # Valid queries = valid keys = the visible tokens (AIM layout), or everything.
   return dot_product_attention(
-      q, k, v, kv_lengths=lengths, q_lengths=lengths, implementation=implementation)
+      q, k, v, kv_lengths=lengths, q_lengths=lengths, implementation=implementation,
+      matmul_dtype=matmul_dtype)
 
 
 class Block(nnx.Module):

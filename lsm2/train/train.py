@@ -45,7 +45,8 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int
   m = config.model
   model_cfg = model_config_lib.get_model_config(
       m.size, num_channels=num_channels, patch_time=m.patch_time,
-      patch_channels=m.patch_channels, dtype=m.dtype, attention=resolve_attention(m.attention),
+      patch_channels=m.patch_channels, dtype=m.dtype, matmul_dtype=m.matmul_dtype,
+      attention=resolve_attention(m.attention),
       remat=m.remat, observed_in_embedding=m.observed_in_embedding)
   mk = config.masking
   n_time = model_cfg.grid[0]
