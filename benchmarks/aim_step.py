@@ -35,11 +35,10 @@ from lsm2.model.mae import LSM2MAE
 from lsm2.train.train import encoder_buckets
 
 VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16")
-# aim_buckets: AIM's masks, with the encoder cut to the smallest of 4 compiled
-# lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
+# aim_buckets: AIM's masks, with the encoder cut to the smallest of --buckets
+# compiled lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
 # aim_buckets_bf16: the same with bfloat16 matmul operands accumulated in float32
 # (ModelConfig.matmul_dtype; parameters and activations stay float32).
-NUM_BUCKETS = 4
 # CPU-sized default: the paper geometry with a narrow, shallow model (head size 64
 # like ViT-S); --full_size --model S gives the paper model.
 CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
@@ -109,13 +108,13 @@ def breakdown(cfg, model, masks, steps: int) -> dict[str, float]:
   return parts
 
 
-def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: bool = False,
+def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0,
                 with_breakdown: bool = False):
   model = LSM2MAE(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   masks = aim_masks(observed, jax.random.key(0), mask_cfg, cfg)
   if buckets:
-    lengths = encoder_buckets(NUM_BUCKETS, masks.n_keep)
+    lengths = encoder_buckets(buckets, masks.n_keep)
     longest = int(np.max(masks.visible_len))
     masks = truncate_kept(masks, next(b for b in lengths if b >= longest))
 
@@ -156,6 +155,8 @@ def main():
   parser.add_argument("--attention", default="xla")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--buckets", type=int, default=8,
+                      help="encoder lengths compiled for the aim_buckets variants")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time encoder/decoder attention and dense parts alone")
   parser.add_argument("--json", default=None, help="write the results here")
@@ -182,7 +183,8 @@ def main():
     scheme = "aim" if buckets else variant
     mask_cfg = effective_mask_config(MaskConfig(scheme=scheme), cfg)
     variant_cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16") if variant.endswith("bf16") else cfg
-    r = run_variant(variant_cfg, mask_cfg, signals, observed, args.steps, buckets=buckets,
+    r = run_variant(variant_cfg, mask_cfg, signals, observed, args.steps,
+                    buckets=args.buckets if buckets else 0,
                     with_breakdown=args.breakdown)
     flops = step_flops(cfg, r["n_keep"], args.batch)
     predicted = flops / rate
