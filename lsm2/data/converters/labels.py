@@ -163,7 +163,8 @@ def attach(timelines: Sequence[SubjectTimeline], tables: Sequence[LabelTable],
       specs[name], owner[name] = spec, table.path
   unused = sorted(set(kinds) - set(specs))
   if unused:
-    raise ValueError(f"--label-kind names {unused} that no label file has (labels: {sorted(specs)})")
+    raise ValueError(f"--label-kind names {unused} that no label file has "
+                     f"(labels: {sorted(specs)})")
   by_subject = {tl.subject_id: tl for tl in timelines}
   for table in tables:
     unknown = sorted(set(table.values) - set(by_subject))
