@@ -95,6 +95,7 @@ class PretrainedModel:
       raise ValueError(f"checkpoint description lists {len(self.channel_names)} channels but the "
                        f"model has num_channels={self.model_cfg.num_channels}")
     mesh = sharding_lib.make_mesh({"data": -1})
+    self._mesh = mesh
     self._batch_sharding = sharding_lib.batch_sharding(mesh)
     self._replicated = sharding_lib.replicated(mesh)
     self._devices = sharding_lib.data_parallel_size(mesh)
@@ -202,6 +203,14 @@ class PretrainedModel:
     """Puts a pytree on every device (like the restored parameters)."""
     return jax.device_put(tree, self._replicated)
 
+  def mesh_context(self):
+    """Context to trace and run this model's batched functions in (see `shard`).
+
+    With it, mesh-aware ops split their work over the batch's devices (the blocked
+    attention loops per device instead of being replicated).
+    """
+    return sharding_lib.mesh_context(self._mesh, (("batch", sharding_lib.BATCH_AXES),))
+
   def _batched(self, fn: Callable, *arrays: np.ndarray):
     """Runs fn over fixed-size, zero-padded batches and concatenates the outputs."""
     n = arrays[0].shape[0]
@@ -212,7 +221,8 @@ class PretrainedModel:
       m = chunk[0].shape[0]
       if m < size:
         chunk = [np.concatenate([c, np.zeros((size - m,) + c.shape[1:], c.dtype)]) for c in chunk]
-      out = jax.device_get(fn(*self.shard(*chunk)))
+      with self.mesh_context():
+        out = jax.device_get(fn(*self.shard(*chunk)))
       outs.append(jax.tree.map(lambda a: np.asarray(a)[:m], out))
     if not outs:
       raise ValueError("no days given (N = 0)")

@@ -137,3 +137,18 @@ def test_mask_config_round_trips_through_the_description(setup):
   assert dataclasses.asdict(cfg) == {**model.config["masking"],
                                      "strategy_weights": cfg.strategy_weights}
   assert hash(cfg)  # Static jit argument.
+
+
+def test_batched_functions_split_the_blocked_attention_over_devices(setup):
+  """Under the model's mesh context the embed program gathers nothing (the kernel is per device)."""
+  _, model, signals, observed = setup
+  assert model.model_cfg.attention == "blocked" and model._devices > 1
+  z, obs, _ = model.prepare(signals, observed)
+  size = model.padded_size(z.shape[0])
+  arrays = model.shard(*(np.resize(a, (size,) + a.shape[1:]) for a in (z, obs)))
+  embed = model._embed_fn[False]
+  with model.mesh_context():
+    inside = embed.lower(model.params, *arrays).compile().as_text()
+  outside = embed.lower(model.params, *arrays).compile().as_text()
+  assert "all-gather" not in inside
+  assert "all-gather" in outside  # Without the context GSPMD replicates the kernel's loop.

@@ -97,10 +97,11 @@ def fine_tune(model: PretrainedModel, z: np.ndarray, observed: np.ndarray, y: np
   size = model.padded_size(batch_size)
   batches = np.random.default_rng(seed).integers(0, z.shape[0], size=(steps, size))
   losses = []
-  for idx in batches:
-    signals, obs, yb = model.shard(z[idx], observed[idx], y[idx])
-    train, opt_state, loss = step(train, opt_state, signals, obs, yb, offset)
-    losses.append(loss)
+  with model.mesh_context():
+    for idx in batches:
+      signals, obs, yb = model.shard(z[idx], observed[idx], y[idx])
+      train, opt_state, loss = step(train, opt_state, signals, obs, yb, offset)
+      losses.append(loss)
   losses = np.asarray(jax.device_get(losses), np.float64)
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"fine-tuning loss became NaN/inf (kind={kind}, lr={lr})")
