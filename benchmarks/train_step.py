@@ -32,6 +32,7 @@ def _configure(args, size: str, batch: int):
     config.batch_size = batch
     config.total_steps = 1000
     config.model.dtype = args.dtype
+    config.model.matmul_dtype = args.matmul_dtype
     config.model.attention = args.attention
     config.model.remat = args.remat
     config.masking.encoder_buckets = args.buckets
@@ -105,6 +106,8 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--devices", default="1,8", help="device counts to run (fake CPU devices)")
   ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--matmul_dtype", default="float32",
+                  help="operand dtype of the dense and blocked-attention products")
   ap.add_argument("--attention", default="auto")
   ap.add_argument("--remat", default="none")
   ap.add_argument("--buckets", type=int, default=0)
