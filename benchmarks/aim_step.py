@@ -182,13 +182,15 @@ def main():
     buckets = variant.startswith("aim_buckets")
     scheme = "aim" if buckets else variant
     mask_cfg = effective_mask_config(MaskConfig(scheme=scheme), cfg)
-    variant_cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16") if variant.endswith("bf16") else cfg
+    bf16 = variant.endswith("bf16")
+    variant_cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16") if bf16 else cfg
     r = run_variant(variant_cfg, mask_cfg, signals, observed, args.steps,
                     buckets=args.buckets if buckets else 0,
                     with_breakdown=args.breakdown)
     flops = step_flops(cfg, r["n_keep"], args.batch)
     predicted = flops / rate
-    print(f"{variant:15s} matmul={variant_cfg.matmul_dtype} n_keep={r['n_keep']:5d} visible={r['mean_visible']:7.1f} "
+    print(f"{variant:15s} matmul={variant_cfg.matmul_dtype} n_keep={r['n_keep']:5d} "
+          f"visible={r['mean_visible']:7.1f} "
           f"step={r['step_s']:.3f}s (steps {', '.join(f'{t:.3f}' for t in r['times'])}) "
           f"compile={r['compile_s']:.1f}s flops={flops / 1e9:.1f}G (xla {r['xla_flops'] / 1e9:.1f}G) "
           f"predicted={predicted:.3f}s measured/predicted={r['step_s'] / predicted:.2f}")

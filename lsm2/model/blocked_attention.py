@@ -117,8 +117,8 @@ def _bwd_kernel(q, qt, k, v, do, dot, lse, delta, q_lengths, kv_lengths, q_tilin
   """Flash-style backward over the valid blocks: P is recomputed from q, k and the saved lse.
 
   q, do: [b, h, lq, d] (q pre-scaled, do 0 past q_length); qt, dot: their [b, h, d, lq]
-  transposes; all four, k and v in the matmul dtype. Returns dq [b, h, lq, d] w.r.t. the scaled q, and dk, dv transposed to
-  [b, h, d, lk] (see the module docstring). Outer loop over key blocks, whose dK and dV
+  transposes; all four, k and v in the matmul dtype. Returns dq [b, h, lq, d] w.r.t. the
+  scaled q, and dk, dv transposed to [b, h, d, lk] (see the module docstring). Outer loop over key blocks, whose dK and dV
   accumulate in the loop carry; dQ is read, updated and written per query block.
   """
   b, h, lq, d = q.shape
