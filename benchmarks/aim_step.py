@@ -33,6 +33,7 @@ from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
 from lsm2.train.train import encoder_buckets
+from timing import run_times
 
 VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16")
 # aim_buckets: AIM's masks, with the encoder cut to the smallest of --buckets
@@ -48,14 +49,7 @@ CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
 def matmul_rate(dtype, size: int = 1024, repeats: int = 5) -> float:
   """Achieved FLOP/s of a square matmul, the yardstick of the prediction."""
   a = jnp.ones((size, size), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / statistics.median(times)
+  return 2 * size**3 / statistics.median(run_times(jax.jit(lambda x: x @ x), (a,), repeats))
 
 
 def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0):
@@ -68,16 +62,6 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0):
     obs[i, :, rng.integers(cfg.num_channels)] = False
   signals = rng.normal(size=obs.shape).astype(np.float32)
   return jnp.asarray(signals), jnp.asarray(obs)
-
-
-def _median_time(fn, args, steps: int) -> float:
-  jax.block_until_ready(fn(*args))  # Compile and warm up.
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def breakdown(cfg, model, masks, steps: int) -> dict[str, float]:
@@ -97,12 +81,13 @@ def breakdown(cfg, model, masks, steps: int) -> dict[str, float]:
     x = jax.random.normal(key, (b, n, width), jnp.float32)
     graphdef, params = nnx.split(stack)
     stack_loss = lambda p, x, gd=graphdef, n=lengths: jnp.sum(nnx.merge(gd, p)(x, n) ** 2)
-    total = _median_time(jax.jit(jax.grad(stack_loss, argnums=(0, 1))), (params, x), steps)
+    total = statistics.median(run_times(jax.jit(jax.grad(stack_loss, argnums=(0, 1))), (params, x),
+                                        steps))
     q = jax.random.normal(key, (b, n, heads, width // heads), jnp.float32)
     core = lambda q, n=lengths: jnp.sum(dot_product_attention(
         q, q * 0.5, q * 0.25, q_lengths=n, kv_lengths=n, implementation=cfg.attention,
         matmul_dtype=cfg.matmul_dtype) ** 2)
-    attention = depth * _median_time(jax.jit(jax.grad(core)), (q,), steps)
+    attention = depth * statistics.median(run_times(jax.jit(jax.grad(core)), (q,), steps))
     parts[f"{part}_attention_s"] = attention
     parts[f"{part}_dense_s"] = total - attention
   return parts
@@ -128,12 +113,7 @@ def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0,
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  jax.block_until_ready(compiled(params))  # warm-up
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(params))
-    times.append(time.perf_counter() - start)
+  times = run_times(compiled, (params,), steps)
   visible = np.asarray(masks.visible_len)
   if with_breakdown:
     parts = breakdown(cfg, nnx.merge(graphdef, params), masks, steps)

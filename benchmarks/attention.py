@@ -24,25 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lsm2.model.blocked_attention import blocked_attention
+from timing import run_times
 
 TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "torch_sdpa_reference.py"
-
-
-def median_seconds(f, args, repeats: int) -> float:
-  jax.block_until_ready(f(*args))  # Compile and warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def covered(n: int, block: int, tail: int) -> int:
@@ -117,7 +107,7 @@ def main():
   result = {}
   for name, f in attend.items():
     step = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
-    seconds = median_seconds(step, (q, k, v), args.repeats)
+    seconds = statistics.median(run_times(step, (q, k, v), args.repeats))
     result[f"{name}_s"] = seconds
     result[f"gflops_{name}"] = flops / seconds / 1e9
     print(f"{name:8s}: {seconds:.3f} s fwd+bwd, {flops / seconds / 1e9:6.1f} GFLOP/s effective")
