@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lsm2.model.aim import (NO_STRATEGY, aim_masks, inference_masks, masks_from_artificial,
-                            truncate_kept)
+                            pack_visible, truncate_kept)
 from lsm2.model.config import STRATEGIES, MaskConfig, ModelConfig, effective_mask_config
 
 PAPER = ModelConfig()  # 1440 x 26, 10-minute patches: 144 x 26 = 3,744 tokens.
@@ -200,6 +200,32 @@ def test_truncate_kept(observed):
     truncate_kept(m, longest - 1)
   with pytest.raises(ValueError, match="length"):
     truncate_kept(m, m.n_keep + 1)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_pack_visible_holds_every_visible_token_once(observed, groups):
+  m = aim_masks(jnp.asarray(observed), jax.random.key(0), MaskConfig(), PAPER)
+  visible = np.asarray(m.visible_len)
+  per_group = visible.reshape(groups, -1).sum(axis=1)
+  length = int(per_group.max()) + 3
+  p = pack_visible(m, length, groups)
+  pack, unpack = np.asarray(p.pack_idx), np.asarray(p.unpack_idx)
+  assert pack.shape == (groups, length) and unpack.shape == m.keep_idx.shape
+  size = BATCH // groups
+  for g in range(groups):
+    # Slots in order: each example's visible positions 0..visible_len-1, example after example.
+    want = np.concatenate([e * m.n_keep + np.arange(visible[g * size + e]) for e in range(size)])
+    np.testing.assert_array_equal(pack[g, :per_group[g]], want)
+    for e in range(size):
+      # Unpacking finds each visible token's slot.
+      slots = unpack[g * size + e, :visible[g * size + e]]
+      np.testing.assert_array_equal(pack[g, slots], e * m.n_keep + np.arange(len(slots)))
+  with pytest.raises(ValueError, match="cannot hold"):
+    pack_visible(m, int(per_group.max()) - 1, groups)
+  with pytest.raises(ValueError, match="divide"):
+    pack_visible(m, length, 5)
+  with pytest.raises(ValueError, match="packed"):
+    truncate_kept(p, int(visible.max()))
 
 
 def test_one_compilation_serves_any_missingness():

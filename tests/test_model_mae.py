@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lsm2.model.aim import aim_masks, inference_masks, truncate_kept
+from lsm2.model.aim import aim_masks, inference_masks, pack_visible, truncate_kept
 from lsm2.model.config import MaskConfig, get_model_config
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
@@ -241,3 +241,57 @@ def test_bfloat16_matmuls_float32_everything_else(fns):
   rel = np.linalg.norm(flat - ref) / np.linalg.norm(ref)
   assert 0 < rel < 3e-2  # Rounded operands (not float32), yet the same descent direction.
   np.testing.assert_allclose(value, ref_value, rtol=1e-2)
+
+
+@pytest.mark.parametrize("attention", ["xla", "blocked"])
+def test_loss_tokens_only_is_exact_for_the_loss(attention):
+  """Decoding only the loss tokens gives the same loss and gradients; the rest is not decoded."""
+  graphdef, params = nnx.split(LSM2MAE(dataclasses.replace(CFG, attention=attention), rngs=nnx.Rngs(0)))
+  signals, observed = synthetic_batch(6)
+  masks = aim_masks(observed, jax.random.key(2), MASK, CFG)
+
+  def loss(params, only):
+    pred = nnx.merge(graphdef, params)(signals, observed, masks, loss_tokens_only=only)
+    return reconstruction_loss(pred, signals, masks, MASK.strategy_names)[0], pred
+
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (ref_loss, ref_pred), ref_grads = step(params, False)
+  (value, pred), grads = step(params, True)
+  np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
+  selected = np.asarray(masks.loss_weight) > 0
+  np.testing.assert_allclose(np.asarray(pred)[selected], np.asarray(ref_pred)[selected], atol=1e-5)
+  # Tokens without a loss minute are left at 0 (the full pass reconstructs them).
+  t, c = CFG.patch_time, CFG.patch_channels
+  tokens = selected.reshape(B, -1, t, CFG.num_channels // c, c).any(axis=(2, 4))
+  untouched = ~np.repeat(np.repeat(tokens, t, axis=1), c, axis=2)
+  assert untouched.any() and tokens.any()
+  assert (np.asarray(pred)[untouched] == 0).all()
+  assert (np.asarray(ref_pred)[untouched] != 0).all()
+
+
+@pytest.mark.parametrize("attention,remat,groups", [("xla", "none", 2), ("blocked", "none", 1),
+                                                   ("blocked", "full", 2)])
+def test_packed_encoder_is_exact(attention, remat, groups):
+  """Packing the visible tokens (per group of examples) changes no encoder output or gradient."""
+  cfg = dataclasses.replace(CFG, attention=attention, remat=remat)
+  graphdef, params = nnx.split(LSM2MAE(cfg, rngs=nnx.Rngs(0)))
+  signals, observed = synthetic_batch(7)
+  masks = aim_masks(observed, jax.random.key(4), MASK, CFG)
+
+  def loss(params, masks):
+    model = nnx.merge(graphdef, params)
+    pred = model(signals, observed, masks)
+    return reconstruction_loss(pred, signals, masks, MASK.strategy_names)[0], model.encode(
+        signals, observed, masks)
+
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (ref_loss, ref_enc), ref_grads = step(params, masks)
+  visible = np.asarray(masks.visible_len)
+  length = int(visible.reshape(groups, -1).sum(axis=1).max()) + 2
+  packed = pack_visible(masks, length, groups)
+  assert groups * length < B * masks.n_keep  # fewer rows than the unpacked layout
+  (value, enc), grads = step(params, packed)
+  np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(on_grid(enc, masks), on_grid(ref_enc, masks), atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)

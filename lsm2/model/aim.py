@@ -44,6 +44,11 @@ class AimMasks:
     keep_visible: whether each kept token is visible (= position < visible_len).
     visible_len: visible tokens per example (the encoder's key length).
     loss_weight: 1.0 at observed minutes of masked tokens, else 0.0.
+    pack_idx: with a packed encoder (`pack_visible`), for each of g groups of
+      b/g examples and each packed slot, the flat index (example in group * k
+      + position) of the visible token it holds; None otherwise.
+    unpack_idx: the packed slot of each kept token of each example (meaningful
+      at visible positions only); None without packing.
   """
 
   inherited: Bool[Array, "b n"]
@@ -55,6 +60,8 @@ class AimMasks:
   keep_visible: Bool[Array, "b k"]
   visible_len: Int[Array, "b"]
   loss_weight: Float[Array, "b t c"]
+  pack_idx: Int[Array, "g p"] | None = None
+  unpack_idx: Int[Array, "b k"] | None = None
 
   @property
   def n_keep(self) -> int:
@@ -265,6 +272,8 @@ def truncate_kept(masks: AimMasks, length: int) -> AimMasks:
   """
   if not 0 < length <= masks.n_keep:
     raise ValueError(f"truncate_kept: length={length} must be in [1, n_keep={masks.n_keep}]")
+  if masks.pack_idx is not None:
+    raise ValueError("truncate_kept: these masks are packed (pack_visible); truncate first")
   if not isinstance(masks.visible_len, jax.core.Tracer):
     longest = int(jnp.max(masks.visible_len))
     if length < longest:
@@ -277,3 +286,42 @@ def truncate_kept(masks: AimMasks, length: int) -> AimMasks:
       keep_idx=masks.keep_idx[:, :length],
       keep_visible=masks.keep_visible[:, :length],
   )
+
+
+@functools.partial(jax.jit, static_argnames=("n_keep", "length", "groups"))
+def _pack_indices(visible_len, n_keep: int, length: int, groups: int):
+  n = visible_len.reshape(groups, -1)
+  ends = jnp.cumsum(n, axis=1)
+  starts = ends - n
+  slots = jnp.arange(length, dtype=jnp.int32)
+  example = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)
+  example = jnp.minimum(example, n.shape[1] - 1)
+  position = slots - jnp.take_along_axis(starts, example, axis=1)
+  pack_idx = jnp.where(slots < ends[:, -1:], example * n_keep + position, 0)
+  kept = jnp.arange(n_keep, dtype=jnp.int32)
+  unpack_idx = jnp.where(kept < visible_len[:, None], starts.reshape(-1, 1) + kept, 0)
+  return pack_idx.astype(jnp.int32), unpack_idx.astype(jnp.int32)
+
+
+def pack_visible(masks: AimMasks, length: int, groups: int = 1) -> AimMasks:
+  """Lays the visible tokens of each group of b/groups examples end to end in `length` slots.
+
+  With it the encoder's per-token work (projections, MLPs, norms) runs on
+  `groups * length` rows instead of b * n_keep, whatever the spread of visible
+  counts across the batch; attention still runs per example on the [b, n_keep]
+  layout, where its kernel skips the keys past `visible_len`. Exact: the
+  encoder outputs at visible tokens do not change. Groups keep the packing
+  local to each data-parallel shard (one group per shard). Needs `length` >=
+  the largest visible count of a group: checked when `visible_len` is
+  concrete; under tracing it is the caller's contract.
+  """
+  b = masks.visible_len.shape[0]
+  if groups < 1 or b % groups:
+    raise ValueError(f"pack_visible: groups={groups} must divide the batch size {b}")
+  if not isinstance(masks.visible_len, jax.core.Tracer):
+    longest = int(jnp.max(masks.visible_len.reshape(groups, -1).sum(axis=1)))
+    if length < longest:
+      raise ValueError(
+          f"pack_visible: length={length} cannot hold the {longest} visible tokens of a group")
+  pack_idx, unpack_idx = _pack_indices(masks.visible_len, masks.n_keep, length, groups)
+  return masks.replace(pack_idx=pack_idx, unpack_idx=unpack_idx)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from lsm2.model.aim import AimMasks, effective_observed, inference_masks
 from lsm2.model import matmul
@@ -95,6 +95,21 @@ def unpatchify(x: Float[Array, "b n p"], cfg: ModelConfig) -> Float[Array, "b t 
   return x.transpose(0, 1, 3, 2, 4).reshape(x.shape[0], cfg.time_steps, cfg.num_channels)
 
 
+def _pack(x: Float[Array, "b k *f"], pack_idx: Int[Array, "g p"]) -> Float[Array, "g p *f"]:
+  """Visible tokens of each example group end to end (`aim.pack_visible`)."""
+  g = pack_idx.shape[0]
+  x = x.reshape(g, -1, *x.shape[2:])
+  return jnp.take_along_axis(x, pack_idx.reshape(*pack_idx.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def _unpack(x: Float[Array, "g p *f"], unpack_idx: Int[Array, "b k"]) -> Float[Array, "b k *f"]:
+  """Back to [b, k] (only visible positions are meaningful)."""
+  g = x.shape[0]
+  idx = unpack_idx.reshape(g, -1)
+  out = jnp.take_along_axis(x, idx.reshape(*idx.shape, *(1,) * (x.ndim - 2)), axis=1)
+  return out.reshape(*unpack_idx.shape, *x.shape[2:])
+
+
 def _scatter_to_grid(values: Float[Array, "b k d"], idx, num_tokens: int) -> Float[Array, "b n d"]:
   return jax.vmap(lambda i, v: jnp.zeros((num_tokens, v.shape[-1]), v.dtype).at[i].set(v))(idx, values)
 
@@ -129,19 +144,26 @@ class SelfAttention(nnx.Module):
     self.matmul_dtype = cfg.matmul_dtype
     self.remat = cfg.remat == "attention"
 
-  def __call__(self, x, lengths):
+  def __call__(self, x, lengths, q_lengths=None, packing=None):
+    """`packing`: (pack_idx, unpack_idx) when x holds packed tokens [g, p, d]; attention
+    then runs per example on the unpacked [b, k] layout."""
     qkv = self.qkv(x)
+    if packing is not None:
+      qkv = _unpack(qkv, packing[1])
     core = functools.partial(_attention_core, implementation=self.implementation,
                              matmul_dtype=self.matmul_dtype)
     if self.remat:
       core = jax.checkpoint(core)  # Logits and probabilities are recomputed in the backward pass.
-    return self.out(core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths))
+    q_lengths = lengths if q_lengths is None else q_lengths
+    y = core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, q_lengths)
+    return self.out(y if packing is None else _pack(y, packing[0]))
 
 
-def _attention_core(q, k, v, lengths, *, implementation, matmul_dtype):
-  # Valid queries = valid keys = the visible tokens (AIM layout), or everything.
+def _attention_core(q, k, v, kv_lengths, q_lengths, *, implementation, matmul_dtype):
+  # Encoder: valid queries = valid keys = the visible tokens (AIM layout). Decoder: every
+  # key, and every query but in the last block of a loss-only pass.
   return dot_product_attention(
-      q, k, v, kv_lengths=lengths, q_lengths=lengths, implementation=implementation,
+      q, k, v, kv_lengths=kv_lengths, q_lengths=q_lengths, implementation=implementation,
       matmul_dtype=matmul_dtype)
 
 
@@ -154,13 +176,13 @@ class Block(nnx.Module):
     self.norm2 = _norm(cfg, width, rngs)
     self.mlp = Mlp(cfg, width, hidden, rngs=rngs)
 
-  def __call__(self, x, lengths):
-    x = x + self.attn(self.norm1(x), lengths).astype(x.dtype)
+  def __call__(self, x, lengths, q_lengths=None, packing=None):
+    x = x + self.attn(self.norm1(x), lengths, q_lengths, packing).astype(x.dtype)
     return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
 
-def _apply_block(block: Block, x, lengths):
-  return block(x, lengths)
+def _apply_block(block: Block, x, lengths, q_lengths, packing):
+  return block(x, lengths, q_lengths, packing)
 
 
 class Transformer(nnx.Module):
@@ -171,10 +193,13 @@ class Transformer(nnx.Module):
     self.norm = _norm(cfg, width, rngs)
     self.remat = cfg.remat == "full"
 
-  def __call__(self, x, lengths=None):
+  def __call__(self, x, lengths=None, last_q_lengths=None, packing=None):
+    """`lengths`: valid keys (and queries) per example; `last_q_lengths`: the last block
+    only computes that many leading query rows (the others are not valid outputs);
+    `packing`: see `SelfAttention`."""
     apply = nnx.remat(_apply_block) if self.remat else _apply_block
-    for block in self.blocks:
-      x = apply(block, x, lengths)
+    for i, block in enumerate(self.blocks):
+      x = apply(block, x, lengths, last_q_lengths if i == len(self.blocks) - 1 else None, packing)
     return self.norm(x)
 
 
@@ -226,20 +251,49 @@ class LSM2MAE(nnx.Module):
       patches = jnp.concatenate([patches, patchify(observed, cfg).astype(dtype)], axis=-1)
     x = self.patch_embed(patches) + jnp.asarray(sincos_2d(*cfg.grid, cfg.enc_width), dtype)
     x = jnp.take_along_axis(x, masks.keep_idx[:, :, None], axis=1)
-    return self.encoder(x, masks.visible_len)
+    if masks.pack_idx is None:
+      return self.encoder(x, masks.visible_len)
+    # Packed: per-token layers run on the visible tokens only (aim.pack_visible).
+    packing = (masks.pack_idx, masks.unpack_idx)
+    return _unpack(self.encoder(_pack(x, masks.pack_idx), masks.visible_len, packing=packing),
+                   masks.unpack_idx)
 
   def __call__(
       self, signals: Float[Array, "b t c"], observed: Bool[Array, "b t c"], masks: AimMasks,
+      *, loss_tokens_only: bool = False,
   ) -> Float[Array, "b t c"]:
-    """Reconstruction of every minute (float32)."""
+    """Reconstruction of every minute (float32).
+
+    With `loss_tokens_only` only the tokens holding a minute of `masks.loss_weight` are
+    reconstructed (the rest are 0): exact for the loss and its gradient, and the decoder's
+    last block computes only those query rows (see `_decode_loss_tokens`).
+    """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     y = self.enc_to_dec(self.encode(signals, observed, masks))
     grid = _scatter_to_grid(y, masks.keep_idx, cfg.num_tokens)
     grid = jnp.where(masks.total[:, :, None], self.mask_token[...].astype(dtype), grid)
     grid = grid + jnp.asarray(sincos_2d(*cfg.grid, cfg.dec_width), dtype)
-    out = self.head(self.decoder(grid))
+    if loss_tokens_only:
+      out = self._decode_loss_tokens(grid, masks)
+    else:
+      out = self.head(self.decoder(grid))
     return unpatchify(out.astype(jnp.float32), cfg)
+
+  def _decode_loss_tokens(self, grid: Float[Array, "b n d"], masks: AimMasks) -> Float[Array, "b n p"]:
+    """Decoder and head where the loss looks only; 0 elsewhere.
+
+    Positions are already added, so the decoder's full attention does not depend on the
+    token order: putting each example's loss tokens first lets the last block stop its
+    query rows at their count (the blocked kernel skips the rest; at ~35% loss tokens
+    that is ~65% of the last block's attention), while every token stays a key.
+    """
+    has_loss = patchify(masks.loss_weight > 0, self.cfg).any(axis=-1)
+    order = jnp.argsort(~has_loss, axis=1, stable=True)
+    x = jnp.take_along_axis(grid, order[:, :, None], axis=1)
+    x = self.decoder(x, last_q_lengths=has_loss.sum(axis=1, dtype=jnp.int32))
+    out = _scatter_to_grid(self.head(x), order, self.cfg.num_tokens)
+    return jnp.where(has_loss[:, :, None], out, 0)
 
   def embed(
       self,
