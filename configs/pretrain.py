@@ -80,6 +80,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Visible-token buckets: 0 = the paper's fixed split; K > 0 compiles K encoder
   # lengths and picks per batch the smallest that holds every visible token.
   config.masking.encoder_buckets = 0
+  # Packed encoder: the K buckets are total visible tokens per data-parallel shard,
+  # and per-token layers run on the visible tokens of all its examples end to end.
+  config.masking.pack_encoder = False
 
   # Optimisation: paper defaults.
   config.batch_size = 1024

@@ -77,6 +77,7 @@ def data_dir(tmp_path_factory):
     ({"masking.n_drop": 100000}, "n_drop=100000"),
     ({"mesh.data": 3}, "config.mesh"),
     ({"masking.scheme": "nope"}, "scheme"),
+    ({"masking.pack_encoder": True}, "pack_encoder needs config.masking.encoder_buckets > 0"),
 ])
 def test_invalid_config_fails_before_compiling(data_dir, tmp_path, overrides, message):
   config = small_config(data_dir, **overrides)
@@ -88,12 +89,13 @@ def test_invalid_config_fails_before_compiling(data_dir, tmp_path, overrides, me
 # ---------------------------------------------------------------------------
 # Meshes: data, FSDP and tensor parallel give the single-device loss.
 # ---------------------------------------------------------------------------
-def _run_steps(config, mesh, batches, buckets=None):
+def _run_steps(config, mesh, batches, buckets=None, pack_groups=0):
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
   train.validate_config(config, model_cfg, mask_cfg, mesh)
   setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
   state = train.create_state(setup)
-  runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets)
+  runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets,
+                            pack_groups)
   losses = []
   with sharding.mesh_context(mesh, config.logical_axis_rules):
     for local in batches:
@@ -158,6 +160,22 @@ def test_encoder_buckets_are_exact_and_bounded(data_dir, batches, single_device_
   assert runner.compiled_lengths <= set(buckets)
   assert runner.step_fn._cache_size() == len(runner.compiled_lengths)
   assert min(runner.compiled_lengths) < buckets[-1]
+
+
+@pytest.mark.slow
+def test_packed_encoder_is_exact_and_bounded(data_dir, batches, single_device_run):
+  """Packing per data shard (2 shards, 2 groups) trains with the fixed split's losses."""
+  config = small_config(data_dir)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
+  rows = (model_cfg.num_tokens - mask_cfg.n_drop) * config.batch_size // 2
+  buckets = train.encoder_buckets(8, rows)
+  losses, _, runner = _run_steps(config, mesh, batches * 2, buckets=buckets, pack_groups=2)
+  reference, _, _ = single_device_run
+  np.testing.assert_allclose(losses[:3], reference, rtol=2e-5)
+  assert runner.compiled_lengths <= set(buckets)
+  assert runner.step_fn._cache_size() == len(runner.compiled_lengths)
+  assert max(runner.compiled_lengths) < buckets[-1]  # fewer encoder rows than the fixed split
 
 
 def test_encoder_bucket_lengths():

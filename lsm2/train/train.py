@@ -92,6 +92,9 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
     raise ValueError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
   if config.masking.encoder_buckets < 0:
     raise ValueError(f"config.masking.encoder_buckets={config.masking.encoder_buckets} must be >= 0")
+  if config.masking.pack_encoder and config.masking.encoder_buckets == 0:
+    raise ValueError("config.masking.pack_encoder needs config.masking.encoder_buckets > 0 "
+                     "(how many packed encoder lengths to compile)")
 
 
 def encoder_buckets(num_buckets: int, n_keep: int) -> tuple[int, ...]:
@@ -187,7 +190,8 @@ def _forward_loss(setup: Setup, params, batch, masks, strategy_names):
   """Model reconstruction and the masked MSE (with per-strategy aux)."""
   model = nnx.merge(setup.graphdef, params)
   observed = aim.effective_observed(batch["observed"], setup.mask_cfg)
-  pred = model(batch["signals"], observed, masks)
+  # Exact for the loss: the decoder's last block skips the query rows the loss never reads.
+  pred = model(batch["signals"], observed, masks, loss_tokens_only=True)
   return loss_lib.reconstruction_loss(pred, batch["signals"], masks, strategy_names)
 
 
@@ -236,23 +240,33 @@ class StepRunner:
 
   With buckets the encoder only computes as many kept tokens as the batch's
   largest visible count needs (visible tokens come first, so the cut tail is
-  only attention-masked tokens whose outputs are discarded: exact). One
-  compilation per bucket; `compiled_lengths` records which were used.
+  only attention-masked tokens whose outputs are discarded: exact). With
+  `pack_groups` the buckets are packed lengths instead: the visible tokens of
+  each group of examples (one group per data-parallel shard) are laid end to
+  end, so per-token layers follow the batch's total, not its largest, visible
+  count (`aim.pack_visible`; exact too). One compilation per bucket;
+  `compiled_lengths` records which were used.
   """
 
-  def __init__(self, setup: Setup, step_fn, buckets: tuple[int, ...] | None):
+  def __init__(self, setup: Setup, step_fn, buckets: tuple[int, ...] | None, pack_groups: int = 0):
     self.mask_fn = make_mask_fn(setup)
     self.step_fn = step_fn
     self.buckets = buckets
+    self.pack_groups = pack_groups
     self.compiled_lengths: set[int] = set()
 
   def masks(self, rng, step, observed):
     masks = self.mask_fn(rng, step, observed)
     if self.buckets is None:
       return masks
-    longest = int(jax.device_get(jnp.max(masks.visible_len)))
+    visible = masks.visible_len
+    if self.pack_groups:
+      visible = visible.reshape(self.pack_groups, -1).sum(axis=1)
+    longest = int(jax.device_get(jnp.max(visible)))
     length = next(b for b in self.buckets if b >= longest)
     self.compiled_lengths.add(length)
+    if self.pack_groups:
+      return aim.pack_visible(masks, length, self.pack_groups)
     return aim.truncate_kept(masks, length)
 
 
@@ -375,9 +389,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Compiled functions ------------------------------------------------------
   n_keep = model_cfg.num_tokens - mask_cfg.n_drop
-  buckets = (encoder_buckets(config.masking.encoder_buckets, n_keep)
+  pack_groups = sharding_lib.data_parallel_size(mesh) if config.masking.pack_encoder else 0
+  # Packed lengths range up to every kept token of a group's examples.
+  rows = n_keep * config.batch_size // pack_groups if pack_groups else n_keep
+  buckets = (encoder_buckets(config.masking.encoder_buckets, rows)
              if config.masking.encoder_buckets > 0 else None)
-  runner = StepRunner(setup, make_train_step(setup, strategy_names), buckets)
+  runner = StepRunner(setup, make_train_step(setup, strategy_names), buckets, pack_groups)
   eval_step = make_eval_step(setup, strategy_names)
   train_collection = metrics_lib.train_metrics_collection(strategy_names)
 
