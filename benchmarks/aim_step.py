@@ -26,20 +26,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsm2.model.aim import aim_masks, truncate_kept
+from lsm2.model.aim import aim_masks, pack_visible, truncate_kept
 from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
 from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
-from lsm2.model.mae import LSM2MAE
+from lsm2.model.mae import LSM2MAE, patchify
 from lsm2.train.train import encoder_buckets
 from timing import run_times
 
-VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16")
+VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16", "aim_lsm2")
 # aim_buckets: AIM's masks, with the encoder cut to the smallest of --buckets
 # compiled lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
 # aim_buckets_bf16: the same with bfloat16 matmul operands accumulated in float32
 # (ModelConfig.matmul_dtype; parameters and activations stay float32).
+# aim_lsm2: everything exact lsm2's training step can skip, with bfloat16 matmuls: the
+# encoder packed (visible tokens of the whole batch end to end, `--buckets` packed
+# lengths; config.masking.pack_encoder) and the decoder's last block only on the
+# tokens the loss reads (always on in training).
 # CPU-sized default: the paper geometry with a narrow, shallow model (head size 64
 # like ViT-S); --full_size --model S gives the paper model.
 CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
@@ -64,47 +68,61 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0):
   return jnp.asarray(signals), jnp.asarray(obs)
 
 
-def breakdown(cfg, model, masks, steps: int) -> dict[str, float]:
+def breakdown(cfg, model, masks, steps: int, last_q_lengths=None) -> dict[str, float]:
   """Forward+backward seconds of each part of the step, timed alone at the step's shapes.
 
   The encoder and decoder stacks run on random inputs of their real shapes (encoder:
-  the bucket length with the batch's visible lengths; decoder: every token, full
-  attention); their attention cores are timed alone and times their depth, and what
-  the stacks spend besides attention is dense layers, norms and activations.
+  the bucket length with the batch's visible lengths, or packed rows with packed masks;
+  decoder: every token, full attention, the last block on `last_q_lengths` query rows
+  if given); their attention
+  cores are timed alone and times their depth, and what the stacks spend besides
+  attention is dense layers, norms and activations.
   """
   b, key = masks.keep_idx.shape[0], jax.random.key(1)
   parts = {}
-  for part, n, lengths in (("encoder", masks.n_keep, masks.visible_len),
-                           ("decoder", cfg.num_tokens, None)):
+  packing = None if masks.pack_idx is None else (masks.pack_idx, masks.unpack_idx)
+  for part, n, lengths, last_q, pack in (
+      ("encoder", masks.n_keep, masks.visible_len, None, packing),
+      ("decoder", cfg.num_tokens, None, last_q_lengths, None)):
     width, depth, heads = (getattr(cfg, f"{part[:3]}_{k}") for k in ("width", "depth", "heads"))
     stack = getattr(model, part)
-    x = jax.random.normal(key, (b, n, width), jnp.float32)
+    x = jax.random.normal(key, (b, n, width) if pack is None else (*pack[0].shape, width))
     graphdef, params = nnx.split(stack)
-    stack_loss = lambda p, x, gd=graphdef, n=lengths: jnp.sum(nnx.merge(gd, p)(x, n) ** 2)
+    stack_loss = lambda p, x, gd=graphdef, n=lengths, lq=last_q, pk=pack: jnp.sum(
+        nnx.merge(gd, p)(x, n, lq, pk) ** 2)
     total = statistics.median(run_times(jax.jit(jax.grad(stack_loss, argnums=(0, 1))), (params, x),
                                         steps))
     q = jax.random.normal(key, (b, n, heads, width // heads), jnp.float32)
-    core = lambda q, n=lengths: jnp.sum(dot_product_attention(
-        q, q * 0.5, q * 0.25, q_lengths=n, kv_lengths=n, implementation=cfg.attention,
+    core = lambda q, n=lengths, lq=lengths: jnp.sum(dot_product_attention(
+        q, q * 0.5, q * 0.25, q_lengths=lq, kv_lengths=n, implementation=cfg.attention,
         matmul_dtype=cfg.matmul_dtype) ** 2)
-    attention = depth * statistics.median(run_times(jax.jit(jax.grad(core)), (q,), steps))
+    attention = (depth if last_q is None else depth - 1) * statistics.median(
+        run_times(jax.jit(jax.grad(core)), (q,), steps))
+    if last_q is not None:
+      last = lambda q, lq=last_q: core(q, lq=lq)
+      attention += statistics.median(run_times(jax.jit(jax.grad(last)), (q,), steps))
     parts[f"{part}_attention_s"] = attention
     parts[f"{part}_dense_s"] = total - attention
   return parts
 
 
-def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0,
+def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0, lsm2: bool = False,
                 with_breakdown: bool = False):
+  """One variant's step; `lsm2`: packed encoder (buckets of the batch's total visible count)
+  and the decoder's last block on the loss tokens only."""
   model = LSM2MAE(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   masks = aim_masks(observed, jax.random.key(0), mask_cfg, cfg)
+  visible = np.asarray(masks.visible_len)
   if buckets:
-    lengths = encoder_buckets(buckets, masks.n_keep)
-    longest = int(np.max(masks.visible_len))
-    masks = truncate_kept(masks, next(b for b in lengths if b >= longest))
+    longest, rows = (visible.sum(), masks.n_keep * len(visible)) if lsm2 else (visible.max(), masks.n_keep)
+    length = next(b for b in encoder_buckets(buckets, rows) if b >= longest)
+    masks = pack_visible(masks, length) if lsm2 else truncate_kept(masks, length)
+  encoder_rows = masks.pack_idx.size if lsm2 else masks.keep_idx.size
+  loss_tokens_only = lsm2
 
   def loss_fn(params):
-    pred = nnx.merge(graphdef, params)(signals, observed, masks)
+    pred = nnx.merge(graphdef, params)(signals, observed, masks, loss_tokens_only=loss_tokens_only)
     return reconstruction_loss(pred, signals, masks, mask_cfg.strategy_names)[0]
 
   step = jax.jit(jax.value_and_grad(loss_fn))
@@ -114,14 +132,15 @@ def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   times = run_times(compiled, (params,), steps)
-  visible = np.asarray(masks.visible_len)
   if with_breakdown:
-    parts = breakdown(cfg, nnx.merge(graphdef, params), masks, steps)
+    loss_tokens = patchify(masks.loss_weight > 0, cfg).any(axis=-1).sum(axis=1, dtype=jnp.int32)
+    parts = breakdown(cfg, nnx.merge(graphdef, params), masks, steps,
+                      last_q_lengths=loss_tokens if loss_tokens_only else None)
     parts["rest_s"] = statistics.median(times) - sum(parts.values())
   return dict(step_s=statistics.median(times), times=times, compile_s=compile_s,
               breakdown=parts if with_breakdown else None,
               xla_flops=float(cost.get("flops", float("nan"))) if cost else float("nan"),
-              n_keep=masks.n_keep, mean_visible=float(visible.mean()))
+              n_keep=masks.n_keep, encoder_rows=encoder_rows, mean_visible=float(visible.mean()))
 
 
 def main():
@@ -159,23 +178,26 @@ def main():
   for variant in args.variants.split(","):
     if variant not in VARIANTS:
       raise ValueError(f"--variants: unknown variant {variant!r}; expected {VARIANTS}")
-    buckets = variant.startswith("aim_buckets")
+    lsm2 = variant == "aim_lsm2"
+    buckets = variant.startswith("aim_buckets") or lsm2
     scheme = "aim" if buckets else variant
     mask_cfg = effective_mask_config(MaskConfig(scheme=scheme), cfg)
-    bf16 = variant.endswith("bf16")
+    bf16 = variant.endswith("bf16") or lsm2
     variant_cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16") if bf16 else cfg
     r = run_variant(variant_cfg, mask_cfg, signals, observed, args.steps,
-                    buckets=args.buckets if buckets else 0,
+                    buckets=args.buckets if buckets else 0, lsm2=lsm2,
                     with_breakdown=args.breakdown)
     flops = step_flops(cfg, r["n_keep"], args.batch)
     predicted = flops / rate
     print(f"{variant:15s} matmul={variant_cfg.matmul_dtype} n_keep={r['n_keep']:5d} "
+          f"encoder_rows={r['encoder_rows']:6d} "
           f"visible={r['mean_visible']:7.1f} "
           f"step={r['step_s']:.3f}s (steps {', '.join(f'{t:.3f}' for t in r['times'])}) "
           f"compile={r['compile_s']:.1f}s flops={flops / 1e9:.1f}G (xla {r['xla_flops'] / 1e9:.1f}G) "
           f"predicted={predicted:.3f}s measured/predicted={r['step_s'] / predicted:.2f}")
     results.update({f"step_s_{variant}": r["step_s"], f"flops_{variant}": flops,
                     f"xla_flops_{variant}": r["xla_flops"], f"n_keep_{variant}": r["n_keep"],
+                    f"encoder_rows_{variant}": r["encoder_rows"],
                     f"time_over_flop_prediction_{variant}": r["step_s"] / predicted})
     if r["breakdown"]:
       print(f"{'':15s} " + "  ".join(f"{k}={v:.2f}" for k, v in r["breakdown"].items()))
