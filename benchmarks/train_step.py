@@ -36,6 +36,7 @@ def _configure(args, size: str, batch: int):
     config.model.attention = args.attention
     config.model.remat = args.remat
     config.masking.encoder_buckets = args.buckets
+    config.masking.pack_encoder = args.pack
   return config
 
 
@@ -71,8 +72,7 @@ def measure(args, size: str, batch: int) -> dict:
   setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
   state = train.create_state(setup)
   n_keep = model_cfg.num_tokens - mask_cfg.n_drop
-  buckets = train.encoder_buckets(args.buckets, n_keep) if args.buckets else None
-  runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets)
+  runner = train.make_runner(config, setup, train.make_train_step(setup, mask_cfg.strategy_names))
   batch_arrays = pipeline.to_global_batch(_day_batch(batch), setup.batch_sharding)
   times = []
   with sharding.mesh_context(mesh, config.logical_axis_rules):
@@ -118,6 +118,8 @@ def main():
   ap.add_argument("--attention", default="auto")
   ap.add_argument("--remat", default="none")
   ap.add_argument("--buckets", type=int, default=0)
+  ap.add_argument("--pack", action="store_true",
+                  help="packed encoder (config.masking.pack_encoder; needs --buckets)")
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak, for MFU")
   ap.add_argument("--json", default=None)
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -138,7 +140,8 @@ def main():
     if devices > 1:  # Fake CPU devices; on an accelerator pass --devices with the real count.
       env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     passed = {k: v for k, v in vars(args).items() if k not in ("json", "child")}
-    cmd = [sys.executable, __file__, "--child", *(f"--{k}={v}" for k, v in passed.items())]
+    cmd = [sys.executable, __file__, "--child",
+           *(f"--{k}" if v is True else f"--{k}={v}" for k, v in passed.items() if v is not False)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
       sys.exit(f"benchmark child ({devices} devices) failed:\n{proc.stderr[-3000:]}")

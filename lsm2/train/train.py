@@ -270,6 +270,17 @@ class StepRunner:
     return aim.truncate_kept(masks, length)
 
 
+def make_runner(config: ml_collections.ConfigDict, setup: Setup, step_fn) -> StepRunner:
+  """The encoder layout the config asks for: fixed split, buckets, or packed buckets."""
+  n_keep = setup.model_cfg.num_tokens - setup.mask_cfg.n_drop
+  pack_groups = sharding_lib.data_parallel_size(setup.mesh) if config.masking.pack_encoder else 0
+  # Packed lengths range up to every kept token of a group's examples.
+  rows = n_keep * config.batch_size // pack_groups if pack_groups else n_keep
+  buckets = (encoder_buckets(config.masking.encoder_buckets, rows)
+             if config.masking.encoder_buckets > 0 else None)
+  return StepRunner(setup, step_fn, buckets, pack_groups)
+
+
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
@@ -388,13 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state["step"]))
 
   # --- Compiled functions ------------------------------------------------------
-  n_keep = model_cfg.num_tokens - mask_cfg.n_drop
-  pack_groups = sharding_lib.data_parallel_size(mesh) if config.masking.pack_encoder else 0
-  # Packed lengths range up to every kept token of a group's examples.
-  rows = n_keep * config.batch_size // pack_groups if pack_groups else n_keep
-  buckets = (encoder_buckets(config.masking.encoder_buckets, rows)
-             if config.masking.encoder_buckets > 0 else None)
-  runner = StepRunner(setup, make_train_step(setup, strategy_names), buckets, pack_groups)
+  runner = make_runner(config, setup, make_train_step(setup, strategy_names))
   eval_step = make_eval_step(setup, strategy_names)
   train_collection = metrics_lib.train_metrics_collection(strategy_names)
 
