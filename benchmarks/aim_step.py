@@ -35,7 +35,8 @@ from lsm2.model.mae import LSM2MAE, patchify
 from lsm2.train.train import encoder_buckets
 from timing import run_times
 
-VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16", "aim_lsm2")
+VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16", "aim_lsm2",
+            "aim_lsm2_f32")
 # aim_buckets: AIM's masks, with the encoder cut to the smallest of --buckets
 # compiled lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
 # aim_buckets_bf16: the same with bfloat16 matmul operands accumulated in float32
@@ -43,7 +44,7 @@ VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16", 
 # aim_lsm2: everything exact lsm2's training step can skip, with bfloat16 matmuls: the
 # encoder packed (visible tokens of the whole batch end to end, `--buckets` packed
 # lengths; config.masking.pack_encoder) and the decoder's last block only on the
-# tokens the loss reads (always on in training).
+# tokens the loss reads (always on in training). aim_lsm2_f32: the same in float32.
 # CPU-sized default: the paper geometry with a narrow, shallow model (head size 64
 # like ViT-S); --full_size --model S gives the paper model.
 CPU_OVERRIDES = dict(enc_width=128, enc_depth=2, enc_heads=2, enc_mlp=512,
@@ -178,11 +179,11 @@ def main():
   for variant in args.variants.split(","):
     if variant not in VARIANTS:
       raise ValueError(f"--variants: unknown variant {variant!r}; expected {VARIANTS}")
-    lsm2 = variant == "aim_lsm2"
+    lsm2 = variant.startswith("aim_lsm2")
     buckets = variant.startswith("aim_buckets") or lsm2
     scheme = "aim" if buckets else variant
     mask_cfg = effective_mask_config(MaskConfig(scheme=scheme), cfg)
-    bf16 = variant.endswith("bf16") or lsm2
+    bf16 = variant.endswith("bf16") or variant == "aim_lsm2"
     variant_cfg = dataclasses.replace(cfg, matmul_dtype="bfloat16") if bf16 else cfg
     r = run_variant(variant_cfg, mask_cfg, signals, observed, args.steps,
                     buckets=args.buckets if buckets else 0, lsm2=lsm2,
