@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsm2.model.aim import aim_masks, pack_visible, truncate_kept
+from lsm2.model.aim import aim_masks, loss_tokens, pack_visible, truncate_kept
 from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
 from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
-from lsm2.model.mae import LSM2MAE, patchify
+from lsm2.model.mae import LSM2MAE
 from lsm2.train.train import encoder_buckets
 from timing import run_times
 
@@ -120,10 +120,9 @@ def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0, lsm2:
     length = next(b for b in encoder_buckets(buckets, rows) if b >= longest)
     masks = pack_visible(masks, length) if lsm2 else truncate_kept(masks, length)
   encoder_rows = masks.pack_idx.size if lsm2 else masks.keep_idx.size
-  loss_tokens_only = lsm2
 
   def loss_fn(params):
-    pred = nnx.merge(graphdef, params)(signals, observed, masks, loss_tokens_only=loss_tokens_only)
+    pred = nnx.merge(graphdef, params)(signals, observed, masks, loss_tokens_only=lsm2)
     return reconstruction_loss(pred, signals, masks, mask_cfg.strategy_names)[0]
 
   step = jax.jit(jax.value_and_grad(loss_fn))
@@ -134,9 +133,8 @@ def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0, lsm2:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   times = run_times(compiled, (params,), steps)
   if with_breakdown:
-    loss_tokens = patchify(masks.loss_weight > 0, cfg).any(axis=-1).sum(axis=1, dtype=jnp.int32)
-    parts = breakdown(cfg, nnx.merge(graphdef, params), masks, steps,
-                      last_q_lengths=loss_tokens if loss_tokens_only else None)
+    last_q = loss_tokens(masks, cfg).sum(axis=1, dtype=jnp.int32) if lsm2 else None
+    parts = breakdown(cfg, nnx.merge(graphdef, params), masks, steps, last_q_lengths=last_q)
     parts["rest_s"] = statistics.median(times) - sum(parts.values())
   return dict(step_s=statistics.median(times), times=times, compile_s=compile_s,
               breakdown=parts if with_breakdown else None,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lsm2.model.aim import aim_masks, inference_masks, pack_visible, truncate_kept
+from lsm2.model.aim import aim_masks, inference_masks, loss_tokens, pack_visible, truncate_kept
 from lsm2.model.config import MaskConfig, get_model_config
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
@@ -264,6 +264,7 @@ def test_loss_tokens_only_is_exact_for_the_loss(attention):
   # Tokens without a loss minute are left at 0 (the full pass reconstructs them).
   t, c = CFG.patch_time, CFG.patch_channels
   tokens = selected.reshape(B, -1, t, CFG.num_channels // c, c).any(axis=(2, 4))
+  np.testing.assert_array_equal(loss_tokens(masks, CFG), tokens.reshape(B, -1))
   untouched = ~np.repeat(np.repeat(tokens, t, axis=1), c, axis=2)
   assert untouched.any() and tokens.any()
   assert (np.asarray(pred)[untouched] == 0).all()

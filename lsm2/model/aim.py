@@ -82,6 +82,13 @@ def token_counts(observed: Bool[Array, "*b t c"], model_cfg: ModelConfig) -> Int
   return counts.reshape(*observed.shape[:-2], n_time * n_signal)
 
 
+def loss_tokens(masks: AimMasks, model_cfg: ModelConfig) -> Bool[Array, "b n"]:
+  """Tokens holding at least one minute of `masks.loss_weight` (the tokens the loss reads)."""
+  n_time, n_signal = model_cfg.grid
+  w = masks.loss_weight.reshape(-1, n_time, model_cfg.patch_time, n_signal, model_cfg.patch_channels)
+  return (w > 0).any(axis=(2, 4)).reshape(-1, n_time * n_signal)
+
+
 def tokens_to_minutes(mask: Bool[Array, "*b n"], model_cfg: ModelConfig) -> Bool[Array, "*b t c"]:
   """Broadcasts a token mask to every minute and signal of its patch."""
   n_time, n_signal = model_cfg.grid

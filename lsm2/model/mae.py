@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from lsm2.model.aim import AimMasks, effective_observed, inference_masks
+from lsm2.model.aim import AimMasks, effective_observed, inference_masks, loss_tokens
 from lsm2.model import matmul
 from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig
@@ -288,7 +288,7 @@ class LSM2MAE(nnx.Module):
     query rows at their count (the blocked kernel skips the rest; at ~35% loss tokens
     that is ~65% of the last block's attention), while every token stays a key.
     """
-    has_loss = patchify(masks.loss_weight > 0, self.cfg).any(axis=-1)
+    has_loss = loss_tokens(masks, self.cfg)
     order = jnp.argsort(~has_loss, axis=1, stable=True)
     x = jnp.take_along_axis(grid, order[:, :, None], axis=1)
     x = self.decoder(x, last_q_lengths=has_loss.sum(axis=1, dtype=jnp.int32))
