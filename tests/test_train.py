@@ -261,8 +261,11 @@ def test_preempt_crash_and_resume_equals_uninterrupted(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_as_one(data_dir, tmp_path):
-  """launch/local.sh 2 over loopback gives the single-process losses; 1 process resumes it."""
-  overrides = cli_overrides(data_dir, total_steps=10, eval_every=100, **{"mesh.data": 2})
+  """launch/local.sh 2 over loopback gives the single-process losses; 1 process resumes it.
+
+  Both run the packed encoder (one packing group per process's shard)."""
+  packed = {"mesh.data": 2, "masking.encoder_buckets": 4, "masking.pack_encoder": True}
+  overrides = cli_overrides(data_dir, total_steps=10, eval_every=100, **packed)
   env = {**os.environ, "PYTHON": sys.executable}
   two = tmp_path / "two"
   subprocess.run(["bash", "launch/local.sh", "2", "--config", "configs/pretrain.py:tiny,aim,runlocal",
@@ -280,11 +283,12 @@ def test_two_processes_match_one_and_resume_as_one(data_dir, tmp_path):
     assert got[step] == pytest.approx(want[step], rel=1e-5)
 
   # The 2-process checkpoint resumes in a 1-process job (with 2 devices).
-  overrides = cli_overrides(data_dir, total_steps=15, eval_every=100, **{"mesh.data": 2})
+  overrides = cli_overrides(data_dir, total_steps=15, eval_every=100, **packed)
   log = subprocess.run([sys.executable, "-m", "lsm2.main", "--config=configs/pretrain.py:tiny,aim,runlocal",
                         f"--workdir={two}", *overrides], cwd=REPO, check=True, timeout=600,
                        capture_output=True, text=True,
                        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).stderr
   assert "Resumed from" in log and "at step 10" in log
+  assert "Encoder layout: packed encoder, 2 group(s)" in log
   assert "written by 2 processes, this job has 1" in log
   assert 15 in _scalars(two, "train/loss")

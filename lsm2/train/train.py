@@ -278,6 +278,10 @@ def make_runner(config: ml_collections.ConfigDict, setup: Setup, step_fn) -> Ste
   rows = n_keep * config.batch_size // pack_groups if pack_groups else n_keep
   buckets = (encoder_buckets(config.masking.encoder_buckets, rows)
              if config.masking.encoder_buckets > 0 else None)
+  layout = ("fixed split" if buckets is None else
+            f"packed encoder, {pack_groups} group(s), lengths {buckets}" if pack_groups else
+            f"encoder buckets {buckets}")
+  logging.info("Encoder layout: %s (n_keep %d).", layout, n_keep)
   return StepRunner(setup, step_fn, buckets, pack_groups)
 
 
