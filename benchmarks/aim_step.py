@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsm2.model.aim import aim_masks, loss_tokens, pack_visible, truncate_kept
+from lsm2.model.aim import aim_masks, loss_tokens
 from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, get_model_config
 from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
-from lsm2.train.train import encoder_buckets
+from lsm2.train.train import fit_encoder, layout_buckets
 from timing import run_times
 
 VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16", "aim_lsm2",
@@ -116,10 +116,10 @@ def run_variant(cfg, mask_cfg, signals, observed, steps, buckets: int = 0, lsm2:
   masks = aim_masks(observed, jax.random.key(0), mask_cfg, cfg)
   visible = np.asarray(masks.visible_len)
   if buckets:
-    longest, rows = (visible.sum(), masks.n_keep * len(visible)) if lsm2 else (visible.max(), masks.n_keep)
-    length = next(b for b in encoder_buckets(buckets, rows) if b >= longest)
-    masks = pack_visible(masks, length) if lsm2 else truncate_kept(masks, length)
-  encoder_rows = masks.pack_idx.size if lsm2 else masks.keep_idx.size
+    groups = 1 if lsm2 else 0  # One packing group: one device.
+    lengths = layout_buckets(buckets, masks.n_keep, len(visible), groups)
+    masks, _ = fit_encoder(masks, lengths, groups)
+  encoder_rows = (masks.keep_idx if masks.pack_idx is None else masks.pack_idx).size
 
   def loss_fn(params):
     pred = nnx.merge(graphdef, params)(signals, observed, masks, loss_tokens_only=lsm2)

@@ -84,9 +84,7 @@ def token_counts(observed: Bool[Array, "*b t c"], model_cfg: ModelConfig) -> Int
 
 def loss_tokens(masks: AimMasks, model_cfg: ModelConfig) -> Bool[Array, "b n"]:
   """Tokens holding at least one minute of `masks.loss_weight` (the tokens the loss reads)."""
-  n_time, n_signal = model_cfg.grid
-  w = masks.loss_weight.reshape(-1, n_time, model_cfg.patch_time, n_signal, model_cfg.patch_channels)
-  return (w > 0).any(axis=(2, 4)).reshape(-1, n_time * n_signal)
+  return token_counts(masks.loss_weight > 0, model_cfg) > 0
 
 
 def tokens_to_minutes(mask: Bool[Array, "*b n"], model_cfg: ModelConfig) -> Bool[Array, "*b t c"]:

@@ -259,25 +259,39 @@ class StepRunner:
     masks = self.mask_fn(rng, step, observed)
     if self.buckets is None:
       return masks
-    visible = masks.visible_len
-    if self.pack_groups:
-      visible = visible.reshape(self.pack_groups, -1).sum(axis=1)
-    longest = int(jax.device_get(jnp.max(visible)))
-    length = next(b for b in self.buckets if b >= longest)
+    masks, length = fit_encoder(masks, self.buckets, self.pack_groups)
     self.compiled_lengths.add(length)
-    if self.pack_groups:
-      return aim.pack_visible(masks, length, self.pack_groups)
-    return aim.truncate_kept(masks, length)
+    return masks
+
+
+def layout_buckets(num_buckets: int, n_keep: int, batch_size: int, pack_groups: int
+                   ) -> tuple[int, ...] | None:
+  """Encoder lengths to compile (None: the fixed split). Packed lengths range up to every
+  kept token of a group's examples."""
+  if num_buckets <= 0:
+    return None
+  return encoder_buckets(num_buckets, n_keep * batch_size // pack_groups if pack_groups else n_keep)
+
+
+def fit_encoder(masks: aim.AimMasks, buckets: tuple[int, ...], pack_groups: int = 0
+                ) -> tuple[aim.AimMasks, int]:
+  """Masks cut (or, with `pack_groups`, packed) to the smallest bucket that holds the
+  batch's visible tokens (largest count per example, or total per group), and that length."""
+  visible = masks.visible_len
+  if pack_groups:
+    visible = visible.reshape(pack_groups, -1).sum(axis=1)
+  longest = int(jax.device_get(jnp.max(visible)))
+  length = next(b for b in buckets if b >= longest)
+  if pack_groups:
+    return aim.pack_visible(masks, length, pack_groups), length
+  return aim.truncate_kept(masks, length), length
 
 
 def make_runner(config: ml_collections.ConfigDict, setup: Setup, step_fn) -> StepRunner:
   """The encoder layout the config asks for: fixed split, buckets, or packed buckets."""
   n_keep = setup.model_cfg.num_tokens - setup.mask_cfg.n_drop
   pack_groups = sharding_lib.data_parallel_size(setup.mesh) if config.masking.pack_encoder else 0
-  # Packed lengths range up to every kept token of a group's examples.
-  rows = n_keep * config.batch_size // pack_groups if pack_groups else n_keep
-  buckets = (encoder_buckets(config.masking.encoder_buckets, rows)
-             if config.masking.encoder_buckets > 0 else None)
+  buckets = layout_buckets(config.masking.encoder_buckets, n_keep, config.batch_size, pack_groups)
   layout = ("fixed split" if buckets is None else
             f"packed encoder, {pack_groups} group(s), lengths {buckets}" if pack_groups else
             f"encoder buckets {buckets}")
