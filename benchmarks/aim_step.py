@@ -32,13 +32,13 @@ from lsm2.model.config import MaskConfig, ModelConfig, effective_mask_config, ge
 from lsm2.model.flops import step_flops
 from lsm2.model.loss import reconstruction_loss
 from lsm2.model.mae import LSM2MAE
-from lsm2.train.train import fit_encoder, layout_buckets
+from lsm2.train.encoder_layout import fit_encoder, layout_buckets
 from timing import run_times
 
 VARIANTS = ("aim", "attention_only", "lsm1", "aim_buckets", "aim_buckets_bf16", "aim_lsm2",
             "aim_lsm2_f32")
 # aim_buckets: AIM's masks, with the encoder cut to the smallest of --buckets
-# compiled lengths that holds the batch's visible tokens (exact; see lsm2/train/train.py).
+# compiled lengths that holds the batch's visible tokens (exact; see lsm2/train/encoder_layout.py).
 # aim_buckets_bf16: the same with bfloat16 matmul operands accumulated in float32
 # (ModelConfig.matmul_dtype; parameters and activations stay float32).
 # aim_lsm2: everything exact lsm2's training step can skip, with bfloat16 matmuls: the

@@ -6,14 +6,14 @@ At B=4, H=6, L=2304, Dh=64 (the defaults) every implementation gets the same key
 mask: keys past 78% of L are excluded. The blocked kernel also skips the query rows past
 that length (q_lengths = kv_lengths, as in AIM's encoder, whose attention-masked rows are
 thrown away); XLA and PyTorch compute every row. GFLOP/s use one formula for all,
-4*B*H*L*L*Dh*3 per forward+backward (full unmasked attention, as in
-../shared/bench/torch_sdpa_reference.py), so skipped work shows as a higher "effective"
-rate; the blocked kernel's rate on the FLOPs it actually computes is reported beside it.
+4*B*H*L*L*Dh*3 per forward+backward (full unmasked attention, as the PyTorch SDPA
+reference counts it), so skipped work shows as a higher "effective" rate; the blocked
+kernel's rate on the FLOPs it actually computes is reported beside it.
 
-PyTorch's reference script runs in a subprocess of the same invocation, for a side-by-side
-ratio on this shared, noisy machine. It needs torch, which is not a project dependency:
-  pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
-Without torch that line is skipped with a message. Times are medians of --repeats runs.
+A PyTorch SDPA reference script (not shipped with lsm2) runs in a subprocess of the same
+invocation, for a side-by-side ratio on the same machine. It needs torch, which is not a
+project dependency (`pip install torch`). Without torch or the script that line is skipped
+with a message. Times are medians of --repeats runs.
 """
 import argparse
 import inspect

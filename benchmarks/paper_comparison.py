@@ -1,7 +1,7 @@
 r"""The paper's comparison, reproduced small: AIM vs the LSM-1-style baseline, same budget.
 
-For each dataset (synthetic; Depresjon and Fitabase from ../shared/datasets,
-converted), pretrains `configs/pretrain.py:SIZE,aim,runlocal` and
+For each dataset (synthetic; Depresjon and Fitabase, converted from the public
+datasets in --shared DIR, which lsm2 does not ship), pretrains `configs/pretrain.py:SIZE,aim,runlocal` and
 `configs/pretrain.py:SIZE,lsm1,runlocal` with identical data, steps, batch,
 patch, learning rate and seed, evaluates both with `configs/eval.py:DATASET`
 (probes, few-shot, fine-tuning, generative tasks with classical baselines,
@@ -18,7 +18,6 @@ Stages are resumable: a finished pretraining (WORKDIR/export) or evaluation
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -42,11 +41,9 @@ TIE_REL = 0.02  # Errors (MAE, MSE): relative difference below this is a tie.
 NOTES_MARKER = "<!-- Notes below are written by hand and kept when the script rewrites this file. -->"
 
 
-def _config_module(name: str):
-  spec = importlib.util.spec_from_file_location(f"lsm2_configs_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _config(name: str, arg: str):
+  from lsm2 import config_files  # pylint: disable=g-import-not-at-top
+  return config_files.load_config(REPO / "configs" / f"{name}.py", arg)
 
 
 def _patch(text: str) -> tuple[int, int]:
@@ -111,7 +108,7 @@ def prepare_data(dataset: str, args) -> pathlib.Path:
 
 
 def pretrain_config(dataset: str, scheme: str, data_dir: pathlib.Path, args):
-  config = _config_module("pretrain").get_config(f"{args.size},{scheme},runlocal")
+  config = _config("pretrain", f"{args.size},{scheme},runlocal")
   patch_time, patch_channels = _patch(args.synthetic_patch if dataset == "synthetic" else args.real_patch)
   n_time = 1440 // patch_time
   with config.unlocked():
@@ -131,7 +128,7 @@ def pretrain_config(dataset: str, scheme: str, data_dir: pathlib.Path, args):
 
 
 def eval_config(dataset: str, workdir: pathlib.Path, args):
-  config = _config_module("eval").get_config(dataset)
+  config = _config("eval", dataset)
   with config.unlocked():
     config.init_from = str(workdir)
     config.seed = args.seed

@@ -1,14 +1,12 @@
 """A PyTorch LSM-2 training step at the paper geometry, for side-by-side step-time ratios.
 
-The issue's reference figure (15.96 s per step at B=4) came from the public PyTorch
-reimplementation on a quieter machine of this kind; this machine's speed drifts by
-tens of percent with its neighbours. This script computes the same step the way such a
-reimplementation does, so that `benchmarks/aim_step.py` and `benchmarks/train_step.py`
-can be compared with it in one session: ViT-S encoder (384 wide, 12 layers, 6 heads) over
+Step times taken on different machines, or on one machine under different loads, do
+not compare. This script computes the same step the way a PyTorch reimplementation of
+the paper's model does, so that `benchmarks/aim_step.py` and `benchmarks/train_step.py`
+can be compared with it in one session (benchmarks/MEASUREMENTS.md): ViT-S encoder (384 wide, 12 layers, 6 heads) over
 the paper's fixed split of 2,262 kept tokens with a key-padding mask, decoder (256, 4, 8)
 over all 3,744 tokens with full attention, masked MSE, AdamW; float32, fused SDPA, no
-dropout. It needs `pip install torch==2.13.0` (a CPU wheel lies on the machine's disk;
-not a project dependency).
+dropout. It needs PyTorch (`pip install torch`; not a project dependency).
 
   python benchmarks/torch_reference_step.py --batch 4 --steps 3
 """

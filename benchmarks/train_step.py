@@ -21,13 +21,10 @@ import time
 
 
 def _configure(args, size: str, batch: int):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
+  from lsm2 import config_files  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain.py"
-  spec = importlib.util.spec_from_file_location("pretrain_cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"{size},aim")
+  config = config_files.load_config(path, f"{size},aim")
   with config.unlocked():
     config.batch_size = batch
     config.total_steps = 1000
@@ -62,7 +59,8 @@ def measure(args, size: str, batch: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from lsm2.data import pipeline  # pylint: disable=g-import-not-at-top
   from lsm2.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from lsm2.train import sharding, train  # pylint: disable=g-import-not-at-top
+  from lsm2 import sharding  # pylint: disable=g-import-not-at-top
+  from lsm2.train import encoder_layout, train  # pylint: disable=g-import-not-at-top
 
   batch = -(-batch // jax.device_count()) * jax.device_count()  # A multiple of the devices.
   config = _configure(args, size, batch)
@@ -72,19 +70,21 @@ def measure(args, size: str, batch: int) -> dict:
   setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
   state = train.create_state(setup)
   n_keep = model_cfg.num_tokens - mask_cfg.n_drop
-  runner = train.make_runner(config, setup, train.make_train_step(setup, mask_cfg.strategy_names))
+  train_step = train.make_train_step(setup, mask_cfg.strategy_names)
+  layout = encoder_layout.make_mask_layout(config, train.make_mask_fn(setup), model_cfg, mask_cfg,
+                                           mesh)
   batch_arrays = pipeline.to_global_batch(_day_batch(batch), setup.batch_sharding)
   times = []
   with sharding.mesh_context(mesh, config.logical_axis_rules):
     # A step that compiles (the first, or the first of a new encoder bucket: masks change
     # every step) is not timed; at most 3x the steps are run to collect enough.
     for _ in range(3 * (args.steps + 1)):
-      compiled = runner.step_fn._cache_size()
+      compiled = train_step._cache_size()
       start = time.perf_counter()
-      masks = runner.masks(state["rng"], state["step"], batch_arrays["observed"])
-      state, out = runner.step_fn(state, batch_arrays, masks)
+      masks = layout.draw(state["rng"], state["step"], batch_arrays["observed"])
+      state, out = train_step(state, batch_arrays, masks)
       jax.block_until_ready(out["loss"])
-      if runner.step_fn._cache_size() == compiled:
+      if train_step._cache_size() == compiled:
         times.append(time.perf_counter() - start)
       if len(times) == args.steps:
         break
@@ -112,7 +112,7 @@ def main():
   ap.add_argument("--batch_B", type=int, default=1)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--devices", default="1,8", help="device counts to run (fake CPU devices)")
-  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--dtype", default="auto", help="compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU")
   ap.add_argument("--matmul_dtype", default="float32",
                   help="operand dtype of the dense and blocked-attention products")
   ap.add_argument("--attention", default="auto")

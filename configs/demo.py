@@ -5,21 +5,18 @@ r"""The README's demo: a laptop-CPU run in a few minutes, nothing to download.
 Synthesizes a small wearable dataset into WORKDIR/data (if absent), pretrains a
 tiny AIM model on it, then evaluates the pretrained encoder downstream.
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 
-# Sibling config files are loaded by path, so the demo works from any directory.
-_spec = importlib.util.spec_from_file_location(
-    "lsm2_configs_pretrain", pathlib.Path(__file__).with_name("pretrain.py"))
-pretrain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pretrain)
+from lsm2 import config_files
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  config = pretrain.get_config("tiny,aim,runlocal")
+  # The sibling pretrain.py, by path, so the demo works from any directory.
+  config = config_files.load_config(pathlib.Path(__file__).with_name("pretrain.py"),
+                                    "tiny,aim,runlocal")
   with config.unlocked():
     config.mode = "demo"
     config.data.dir = ""  # Empty: WORKDIR/data.

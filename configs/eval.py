@@ -71,6 +71,8 @@ def get_config(taskset: str = "synthetic") -> ml_collections.ConfigDict:
   config.robustness.enabled = True
   config.robustness.sensor_groups = True
   config.robustness.time_segments = True
+  # Inputs restricted to a device's channels (lsm2.data.channels.DEVICE_PROFILES).
+  config.robustness.device_profiles = ("apple_watch_basic",)
   config.robustness.labels = ()  # Empty: the probe labels.
   config.robustness.generative_task = "random_imputation_80"
   config.robustness.missingness_buckets = True

@@ -10,16 +10,22 @@ Examples:
       --config.data.dir=gs://bucket/data
   python -m lsm2.main --config=configs/pretrain.py:tiny,lsm1,runlocal --workdir=/tmp/run \
       --config.data.dir=/tmp/data --config.total_steps=50
+
+Model and masking defaults are the frozen dataclasses' own (lsm2/model/config.py),
+so each is written once; this file only adds run-level choices (model size,
+dtype and attention "auto", n_drop -1) and the runlocal settings.
 """
 import ml_collections
 
-SIZES = ("tiny", "S", "B", "L")
-SCHEMES = ("aim", "lsm1", "dropout_only", "attention_only")
+from lsm2.model import config as model_config_lib
+
+SIZES = model_config_lib.SIZES
+SCHEMES = model_config_lib.SCHEMES
 
 
 def parse_arg(arg: str) -> dict:
   """Turns 'S,aim,runlocal' into {'size': 'S', 'scheme': 'aim', 'runlocal': True}."""
-  out = {"size": "S", "scheme": "aim", "runlocal": False}
+  out = {"size": "S", "scheme": model_config_lib.MaskConfig.scheme, "runlocal": False}
   for token in filter(None, (t.strip() for t in (arg or "").split(","))):
     if token in SIZES:
       out["size"] = token
@@ -51,32 +57,46 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.synthesize_subjects = 0
   config.data.synthesize_days = 0
 
-  # Model: a named size plus overrides of its frozen ModelConfig.
+  # Model: a named size plus overrides of its frozen ModelConfig (field docs there).
+  model = model_config_lib.field_defaults(model_config_lib.ModelConfig)
   config.model = ml_collections.ConfigDict()
   config.model.size = a["size"]
-  config.model.patch_time = 10
-  config.model.patch_channels = 1
-  config.model.dtype = "float32"  # "bfloat16" on accelerators.
+  config.model.patch_time = model["patch_time"]  # Minutes per token.
+  config.model.patch_channels = model["patch_channels"]  # Signals per token.
+  # Compute dtype. "auto" is the precision policy (docs/launching.md): bfloat16 on
+  # TPU and GPU, float32 on CPU; parameters, optimizer state and loss stay float32.
+  config.model.dtype = "auto"
   # Operands of the dense and blocked-attention products, accumulated in float32:
   # "bfloat16" is TPU-style mixed precision and ~2x faster on AVX512-BF16 CPUs.
-  config.model.matmul_dtype = "float32"
+  config.model.matmul_dtype = model["matmul_dtype"]
   # "auto": "blocked" on CPU (skips attention-masked blocks, ~4x XLA's speed
-  # there), "cudnn" on GPU, "xla" elsewhere; or name one of those.
+  # there), "splash" on TPU, "cudnn" on GPU in bfloat16, "xla" otherwise; or
+  # name one of those.
   config.model.attention = "auto"
-  config.model.remat = "none"  # "none" | "attention" | "full"
-  config.model.observed_in_embedding = False
+  config.model.remat = model["remat"]  # "none" | "attention" | "full"
+  config.model.observed_in_embedding = model["observed_in_embedding"]
 
-  # Masking (AIM): paper defaults, see ../shared/spec/LSM2_METHOD.md section 3.
+  # Masking (AIM): every MaskConfig field, paper defaults (docs/method.md).
+  masking = model_config_lib.field_defaults(model_config_lib.MaskConfig)
   config.masking = ml_collections.ConfigDict()
   config.masking.scheme = a["scheme"]
-  config.masking.inherited_threshold = 1.0
-  config.masking.random_ratio = 0.8
-  config.masking.time_bars = 57
+  config.masking.inherited_threshold = masking["inherited_threshold"]
+  config.masking.random_ratio = masking["random_ratio"]
+  config.masking.time_bars = masking["time_bars"]
+  config.masking.interp_gap_minutes = masking["interp_gap_minutes"]
+  config.masking.extrap_gap_minutes = masking["extrap_gap_minutes"]
+  config.masking.signal_imputation_k = masking["signal_imputation_k"]
   # Masked tokens dropped before the encoder. -1: the paper's ratio for any
   # grid, time_bars / n_time of all tokens (1,482 of 3,744 at 26 channels).
   # The lsm1 / dropout_only / attention_only schemes set their own.
   config.masking.n_drop = -1
-  config.masking.weights = ml_collections.ConfigDict({"random": 0.5, "time_bars": 0.5})
+  # Odds of each masking strategy per example; 0 leaves a strategy out of the
+  # mix (and out of the per-strategy metrics). E.g. interpolation alone:
+  #   --config.masking.weights.temporal_interpolation=1
+  #   --config.masking.weights.random=0 --config.masking.weights.time_bars=0
+  mix = dict(masking["strategy_weights"])
+  config.masking.weights = ml_collections.ConfigDict(
+      {name: float(mix.get(name, 0.0)) for name in model_config_lib.STRATEGIES})
   # Visible-token buckets: 0 = the paper's fixed split; K > 0 compiles K encoder
   # lengths and picks per batch the smallest that holds every visible token.
   config.masking.encoder_buckets = 0

@@ -11,6 +11,17 @@ shape (default: the finite values). Normalisation uses the statistics stored
 with the checkpoint. Values at unobserved minutes (even NaN) never reach the
 model, so they never change any output.
 
+Named inputs (lsm2.data.named) need no channel order: a pandas DataFrame with
+a minute DatetimeIndex (one column per channel, one or many days) or a dict of
+named `[1440]` / `[N, 1440]` arrays. Columns go to the model's channels by name
+or documented alias ("heart_rate" -> "hr"); names the model lacks are ignored,
+model channels without a column stay unobserved (AIM masks them), and what was
+used and ignored is logged (a warning when anything was left out) and kept in
+`model.last_channel_report`; `model.match_channels(names)` tells beforehand.
+
+  emb = model.embed(df)              # DataFrame of embeddings, one row per day
+  filled = model.reconstruct(df)     # DataFrame: every minute of those days, all model channels
+
 Days are processed in fixed-size padded batches, sharded over all devices:
 one compilation per batch size in {D, 2D, 4D, ..., batch_size} (D = number of
 devices), never one per input length.
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import pathlib
 from typing import Any, Callable
@@ -29,18 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Bool, Float
 
+from lsm2 import pretrained
+from lsm2 import sharding as sharding_lib
 from lsm2.data import metadata as metadata_lib
+from lsm2.data import named as named_lib
 from lsm2.model import aim
 from lsm2.model import config as model_config_lib
-from lsm2.train import sharding as sharding_lib
-from lsm2.train import train as train_lib
-
-
-def mask_config_from_description(masking: dict[str, Any]) -> model_config_lib.MaskConfig:
-  """The MaskConfig stored in a checkpoint description (JSON lists back to tuples)."""
-  fields = dict(masking)
-  fields["strategy_weights"] = tuple((str(n), float(w)) for n, w in fields["strategy_weights"])
-  return model_config_lib.MaskConfig(**fields)
 
 
 def token_any(minutes: Bool[np.ndarray, "n t c"], model_cfg: model_config_lib.ModelConfig
@@ -86,7 +92,7 @@ class PretrainedModel:
   def __init__(self, model: nnx.Module, description: dict[str, Any], *, batch_size: int = 64):
     self.config = description
     self.model_cfg = model_config_lib.ModelConfig(**description["model"])
-    self.mask_cfg = mask_config_from_description(description["masking"])
+    self.mask_cfg = pretrained.mask_config_from_description(description["masking"])
     self.channel_names = tuple(c["name"] for c in description["channels"])
     self.channel_groups = tuple(c["group"] for c in description["channels"])
     self.norm_mean = np.asarray(description["norm_mean"], np.float32)
@@ -102,6 +108,7 @@ class PretrainedModel:
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be positive")
     self.batch_size = self._devices * math.ceil(batch_size / self._devices)
+    self.last_channel_report: named_lib.ChannelReport | None = None  # Of the last named input.
     self.graphdef, self.params = nnx.split(model)
     self._embed_fn = {
         per_token: jax.jit(functools.partial(_embed, self.graphdef, self.mask_cfg, per_token))
@@ -143,18 +150,45 @@ class PretrainedModel:
 
     With `per_token`: (outputs [N, num_tokens, d] on the token grid, row-major
     over (time, signal) patches, zeros at masked tokens; visible [N, num_tokens]).
+    Named inputs (see the module docstring): a DataFrame gives a DataFrame with
+    one row per day (index `day`), a dict the arrays above.
     """
+    if named_lib.is_named(signals):
+      named = self._place(signals, observed)
+      out = self.embed(named.signals, named.observed, per_token)
+      if named.single:
+        out = jax.tree.map(lambda a: a[0], out)
+      if per_token or not named.report.days:
+        return out
+      import pandas as pd  # pylint: disable=g-import-not-at-top
+      return pd.DataFrame(out, index=pd.DatetimeIndex(named.report.days, name="day"))
     z, obs, single = self.prepare(signals, observed)
     out = self.embed_normalized(z, obs, per_token=per_token)
     return jax.tree.map(lambda a: a[0], out) if single else out
 
-  def reconstruct(self, signals, observed=None, mask=None) -> np.ndarray:
+  def reconstruct(self, signals, observed=None, mask=None):
     """Fills the unobserved minutes and the `mask`ed ones, in original units.
 
     `mask` (bool, shaped like signals) marks observed minutes to hide from the
     model and predict. Every token (patch) holding a minute to fill is masked
     whole; observed minutes outside `mask` keep their input values exactly.
+    Named inputs (see the module docstring) give every model channel, by name:
+    a DataFrame over every minute of the input's days (local wall clock), or
+    a dict of arrays; `mask` is then a bool DataFrame or dict with input names.
     """
+    if named_lib.is_named(signals):
+      named = self._place(signals, observed)
+      hide = None if mask is None else named_lib.place_mask(mask, named)
+      out = self.reconstruct(named.signals, named.observed, hide)
+      if not named.report.days:  # A dict of arrays.
+        return {c: out[..., i][0] if named.single else out[..., i]
+                for i, c in enumerate(self.channel_names)}
+      import pandas as pd  # pylint: disable=g-import-not-at-top
+      days = np.array(named.report.days, "datetime64[m]")
+      minutes = pd.DatetimeIndex((days[:, None] + np.arange(out.shape[1])).reshape(-1),
+                                 name="time")
+      return pd.DataFrame(out.reshape(-1, out.shape[-1]), index=minutes,
+                          columns=list(self.channel_names))
     z, obs, single = self.prepare(signals, observed)
     target = ~obs
     if mask is not None:
@@ -171,6 +205,22 @@ class PretrainedModel:
     original = np.asarray(signals, np.float32).reshape(z.shape)
     out = np.where(obs & ~target, original, pred)
     return out[0] if single else out
+
+  def match_channels(self, names) -> named_lib.ChannelReport:
+    """Which of `names` a named input would use (as which channel), ignore, and leave unobserved."""
+    slots, ignored = named_lib.match_channels(list(names), self.channel_names)
+    return named_lib.channel_report(slots, ignored, self.channel_names)
+
+  def _place(self, data, observed) -> named_lib.NamedInput:
+    """Places a named input at the model's channels; logs and keeps the report."""
+    if observed is not None:
+      raise ValueError("with named inputs, unobserved minutes are the NaN or absent values; "
+                       "pass observed=None")
+    named = named_lib.place(data, self.channel_names, self.model_cfg.time_steps)
+    self.last_channel_report = named.report
+    left_out = named.report.ignored or named.report.unobserved
+    logging.log(logging.WARNING if left_out else logging.INFO, "Named input:\n%s", named.report)
+    return named
 
   # --- Normalised inputs (the evaluation driver's entry points) -------------------
   def embed_normalized(self, z: Float[np.ndarray, "n t c"], observed: Bool[np.ndarray, "n t c"],
@@ -243,5 +293,5 @@ class PretrainedModel:
 def load(path: str | pathlib.Path, step: int | None = None, *, batch_size: int = 64
          ) -> PretrainedModel:
   """Restores a model from a training workdir (export/ or a checkpoint `step`) or an export/ dir."""
-  model, description = train_lib.load_pretrained(path, step)
+  model, description = pretrained.load_pretrained(path, step)
   return PretrainedModel(model, description, batch_size=batch_size)

@@ -7,7 +7,6 @@ The config's `mode` field (default "pretrain") picks what runs: "pretrain",
 "evaluate" (configs/eval.py) or "demo" (configs/demo.py: pretrain, then
 evaluate with the sibling configs/eval.py:synthetic into WORKDIR/eval).
 """
-import importlib.util
 import logging as std_logging
 import os
 import pathlib
@@ -16,6 +15,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from lsm2 import config_files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
@@ -75,8 +76,8 @@ def main(argv):
     from lsm2.eval import run  # pylint: disable=g-import-not-at-top
     run.evaluate(config, _WORKDIR.value)
   elif mode == "demo":
-    from lsm2.eval import run  # pylint: disable=g-import-not-at-top
-    run.demo(config, _WORKDIR.value, _sibling_config("eval.py", "synthetic"))
+    from lsm2 import demo  # pylint: disable=g-import-not-at-top
+    demo.demo(config, _WORKDIR.value, _sibling_config("eval.py", "synthetic"))
   else:
     raise app.UsageError(
         f"config.mode={mode!r} is not a known mode ('pretrain', 'evaluate', 'demo')")
@@ -85,10 +86,7 @@ def main(argv):
 def _sibling_config(filename: str, arg: str):
   """get_config(arg) of a config file beside the --config file."""
   path = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).with_name(filename)
-  spec = importlib.util.spec_from_file_location(f"lsm2_configs_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.load_config(path, arg)
 
 
 if __name__ == "__main__":

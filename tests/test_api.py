@@ -7,6 +7,7 @@ import pytest
 
 import lsm2
 from lsm2 import api
+from lsm2 import pretrained
 from lsm2.data import dataset
 from lsm2.model import config as model_config_lib
 from lsm2.model import mae
@@ -133,7 +134,8 @@ def test_restore_a_chosen_step(setup):
 
 def test_mask_config_round_trips_through_the_description(setup):
   _, model, _, _ = setup
-  cfg = api.mask_config_from_description(model.config["masking"])
+  cfg = pretrained.mask_config_from_description(model.config["masking"])
+  assert cfg == model.mask_cfg
   assert dataclasses.asdict(cfg) == {**model.config["masking"],
                                      "strategy_weights": cfg.strategy_weights}
   assert hash(cfg)  # Static jit argument.
@@ -152,3 +154,30 @@ def test_batched_functions_split_the_blocked_attention_over_devices(setup):
   outside = embed.lower(model.params, *arrays).compile().as_text()
   assert "all-gather" not in inside
   assert "all-gather" in outside  # Without the context GSPMD replicates the kernel's loop.
+
+
+def test_evaluation_reconstruction_reproduces_the_training_loss(setup):
+  """The eval path (hide tokens, reconstruct, score observed target minutes) computes the
+  training loss exactly when it hides the training masks' artificial tokens: a well-trained
+  model cannot look worse in evaluation through a misalignment or de-normalisation slip."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lsm2.model import aim  # pylint: disable=g-import-not-at-top
+  from lsm2.model import loss as loss_lib  # pylint: disable=g-import-not-at-top
+  _, model, signals, observed = setup
+  z, obs, _ = model.prepare(signals, observed)
+  masks = aim.aim_masks(obs, jax.random.key(3), model.mask_cfg, model.model_cfg)
+  net = nnx.merge(model.graphdef, model.params)
+  train_pred = net(z, obs, masks, loss_tokens_only=True)
+  loss, _ = loss_lib.reconstruction_loss(train_pred, z, masks, model.mask_cfg.strategy_names)
+  hidden = np.asarray(masks.artificial)
+  scored = np.asarray(masks.loss_weight) > 0
+  assert scored.any()
+  pred = model.reconstruct_normalized(z, obs, hidden)
+  np.testing.assert_allclose(np.mean((pred - z)[scored] ** 2), float(loss), rtol=1e-4)
+  # And in original units through `reconstruct` (inputs are unclipped there, so compare
+  # on minutes whose normalised value was not clipped).
+  target = np.asarray(aim.tokens_to_minutes(hidden, model.model_cfg)) & obs
+  filled = model.reconstruct(signals, observed, mask=target)
+  z_filled = (filled - model.norm_mean) / model.norm_std
+  unclipped = scored & (np.abs(z) < 5)
+  np.testing.assert_allclose(z_filled[unclipped], pred[unclipped], rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Orbax checkpointing: resharding restore, skipping corrupt steps, params export."""
+"""Orbax checkpointing: resharding restore, skipping corrupt steps; params export and restore
+(lsm2.pretrained, the format inference reads)."""
 import logging
 
 import grain
@@ -8,8 +9,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import pytest
 
+from lsm2 import pretrained
+from lsm2 import sharding
 from lsm2.train import checkpoint
-from lsm2.train import sharding
 
 
 def _state(mesh, spec, value=0.0):
@@ -55,7 +57,7 @@ def test_corrupt_latest_step_falls_back_with_warning(tmp_path, caplog):
     ckpt.maybe_save(step, _state(mesh, P(), value=float(step)), _data_iter(), force=True)
   ckpt.wait()
   # Truncate the newest step: every array file of its state is emptied.
-  for f in (checkpoint.checkpoint_dir(tmp_path) / "2" / checkpoint.STATE).rglob("*"):
+  for f in (pretrained.checkpoint_dir(tmp_path) / "2" / pretrained.STATE).rglob("*"):
     if f.is_file() and f.suffix not in (".json",) and "metadata" not in f.name:
       f.write_bytes(b"")
   with caplog.at_level(logging.WARNING):
@@ -75,12 +77,12 @@ def test_no_checkpoint_returns_none(tmp_path):
 def test_export_round_trip(tmp_path):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   params = _state(mesh, P(), value=7.0)
-  out = checkpoint.export_params(tmp_path, params, {"model": {"enc_width": 8}})
-  assert checkpoint.read_description(out) == {"model": {"enc_width": 8}}
-  back = checkpoint.restore_params(out / checkpoint.EXPORT_PARAMS, _abstract(mesh, P()))
+  out = pretrained.export_params(tmp_path, params, {"model": {"enc_width": 8}})
+  assert pretrained.read_description(out) == {"model": {"enc_width": 8}}
+  back = pretrained.restore_params(out / pretrained.EXPORT_PARAMS, _abstract(mesh, P()))
   np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(params["w"]))
   with pytest.raises(FileNotFoundError, match="no lsm2 description here"):
-    checkpoint.read_description(tmp_path / "nowhere")
+    pretrained.read_description(tmp_path / "nowhere")
 
 
 def test_restore_params_only_at_a_chosen_step(tmp_path):
@@ -91,9 +93,9 @@ def test_restore_params_only_at_a_chosen_step(tmp_path):
     ckpt.maybe_save(step, state, _data_iter(), force=True)
   ckpt.wait()
   abstract = _abstract(mesh, P())
-  step, params = checkpoint.restore_checkpoint_params(tmp_path, abstract)
+  step, params = pretrained.restore_checkpoint_params(tmp_path, abstract)
   assert step == 2 and int(params["step"]) == 2
-  step, params = checkpoint.restore_checkpoint_params(tmp_path, abstract, step=1)
+  step, params = pretrained.restore_checkpoint_params(tmp_path, abstract, step=1)
   assert step == 1 and float(params["w"][0, 0]) == 1.0
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
-    checkpoint.restore_checkpoint_params(tmp_path, abstract, step=7)
+    pretrained.restore_checkpoint_params(tmp_path, abstract, step=7)

@@ -90,8 +90,8 @@ def test_fitabase_nonwear_masks_zero_runs_in_waking_hours(tmp_path):
 def test_convert_cli_nonwear_flags(tmp_path, capsys):
   args = ["--input", str(tmp_path), "--out", str(tmp_path / "out")]
   assert convert_main(["--format", "long_csv", "--nonwear-min-run", "30", *args]) == 2
-  assert "--nonwear-* settings apply to --format actiwatch or fitabase, not long_csv" in (
-      capsys.readouterr().err)
+  assert ("--nonwear-* settings apply to --format actiwatch or fitabase or apple_health or "
+          "fitbit_takeout, not long_csv") in capsys.readouterr().err
   assert convert_main(["--format", "fitabase", "--no-nonwear", "--nonwear-min-waking", "5",
                        *args]) == 2
   assert "--no-nonwear contradicts" in capsys.readouterr().err

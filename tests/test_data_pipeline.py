@@ -126,6 +126,23 @@ def test_unshuffled_order_is_storage_order(data_dirs):
   assert [k for k, _ in _records(it)] == [_key(s) for s in z["signals"]]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_eval_iterator_is_one_unshuffled_pass(data_dirs, fmt):
+  """Validation batches: whole batches of one pass in storage order, equal at every call."""
+  make = lambda: pipeline.make_eval_iterator(data_dirs[fmt], "train", global_batch_size=4,
+                                             process_index=0, process_count=1)
+  first = [k for k, _ in _records(make())]
+  assert len(first) == 12  # 15 records: 3 whole batches, no second epoch.
+  assert [k for k, _ in _records(make())] == first
+  unshuffled = pipeline.make_train_iterator(data_dirs[fmt], "train", global_batch_size=4, seed=9,
+                                            shuffle=False, num_epochs=1, process_index=0,
+                                            process_count=1)
+  assert [k for k, _ in _records(unshuffled)] == first
+  if fmt == "array_record":
+    z = dataset.read_split(data_dirs[fmt], "train")
+    assert first == [_key(s) for s in z["signals"][:12]]
+
+
 def test_global_batch_from_process_local_data(data_dirs):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top

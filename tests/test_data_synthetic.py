@@ -2,12 +2,13 @@
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 from lsm2.data import dataset, metadata, synthetic
 from lsm2.data.channels import DEFAULT_CHANNELS
-from lsm2.data.synthesize import write_synthetic_dataset
+from lsm2.data.synthesize import ensure_synthetic_dataset, write_synthetic_dataset
 
 CH = synthetic.CHANNEL_INDEX
 
@@ -215,3 +216,20 @@ def test_cli_writes_a_dataset(tmp_path):
                           "--subjects", "3", "--days", "1", "--seed", "2"], capture_output=True,
                          text=True, timeout=120, check=False)
   assert again.returncode == 2 and "already holds a dataset" in again.stderr
+
+
+def test_runs_synthesize_their_data_only_where_there_is_none(tmp_path):
+  """config.data.synthesize_subjects > 0 writes a dataset into an empty data.dir, once."""
+  config = ml_collections.ConfigDict({"seed": 4, "data": {
+      "dir": str(tmp_path / "data"), "synthesize_subjects": 0, "synthesize_days": 1}})
+  ensure_synthetic_dataset(config)  # 0 subjects: the run brings its own data.
+  assert not (tmp_path / "data").exists()
+  config.data.synthesize_subjects = 3
+  ensure_synthetic_dataset(config)
+  meta = metadata.load_metadata(tmp_path / "data")
+  assert sum(meta.record_counts.values()) == 3 and meta.source["seed"] == 4
+  written = (tmp_path / "data" / metadata.METADATA_FILE).stat().st_mtime_ns
+  config.data.synthesize_subjects = 5
+  ensure_synthetic_dataset(config)  # A dataset is there: kept as it is.
+  assert (tmp_path / "data" / metadata.METADATA_FILE).stat().st_mtime_ns == written
+  assert sum(metadata.load_metadata(tmp_path / "data").record_counts.values()) == 3

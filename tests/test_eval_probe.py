@@ -108,24 +108,6 @@ def test_majority_and_mean_predictors_give_chance_metrics():
   assert reg["pearson_r"] is None  # a constant prediction has no correlation, reported as such
 
 
-def test_subject_disjoint_split():
-  subjects = np.repeat(np.arange(20), 5)
-  tr, te = probe.subject_disjoint_split(subjects, 0.25, seed=0)
-  assert not set(subjects[tr]) & set(subjects[te])
-  assert len(np.unique(subjects[te])) == 5
-  np.testing.assert_array_equal(np.sort(np.r_[tr, te]), np.arange(100))
-  tr2, te2 = probe.subject_disjoint_split(subjects, 0.25, seed=0)
-  np.testing.assert_array_equal(te, te2)
-  assert not np.array_equal(te, probe.subject_disjoint_split(subjects, 0.25, seed=1)[1])
-  labels = (subjects < 4).astype(int)  # 4 positive subjects of 20
-  for seed in range(5):
-    _, te = probe.subject_disjoint_split(subjects, 0.25, seed=seed, stratify=labels)
-    assert len(np.unique(subjects[te][labels[te] == 1])) == 1
-    assert len(np.unique(subjects[te][labels[te] == 0])) == 4
-  with pytest.raises(ValueError, match="more than one label"):
-    probe.subject_disjoint_split(subjects, 0.25, seed=0, stratify=np.arange(100) % 2)
-
-
 def test_few_shot_indices_are_disjoint_seeded_and_spread_over_subjects():
   subjects = np.repeat(np.arange(10), 6)
   labels = np.tile([0, 1, 2], 20)

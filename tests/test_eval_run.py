@@ -1,5 +1,4 @@
 """The evaluation driver end to end on a tiny checkpoint, and its parts on real model outputs."""
-import importlib.util
 import json
 import shutil
 
@@ -7,6 +6,7 @@ import numpy as np
 import pytest
 
 import lsm2
+from lsm2 import config_files
 from lsm2.data import dataset
 from lsm2.data import metadata as metadata_lib
 from lsm2.eval import discriminative
@@ -23,10 +23,7 @@ GEN_TASKS = ("random_imputation_80", "temporal_interpolation_60min", "signal_imp
 
 
 def eval_config(taskset="synthetic"):
-  spec = importlib.util.spec_from_file_location("lsm2_configs_eval", REPO / "configs" / "eval.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(taskset)
+  return config_files.load_config(REPO / "configs" / "eval.py", taskset)
 
 
 @pytest.fixture(scope="module")

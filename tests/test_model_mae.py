@@ -322,3 +322,12 @@ def test_packed_encoder_under_a_data_mesh_stays_local():
   np.testing.assert_allclose(results["packed"][0], results["plain"][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), results["packed"][1],
                results["plain"][1])
+
+
+def test_fresh_model_predicts_near_the_channel_mean(fns):
+  """The head starts small: first predictions are ~0 (the normalised channel mean), not the
+  xavier head's noise of variance ~0.7 that AdamW needs hundreds of small-LR steps to undo."""
+  signals, observed = synthetic_batch(4)
+  masks = aim_masks(observed, jax.random.key(0), MASK, CFG)
+  pred = np.asarray(fns["pred"](fns["params"], signals, observed, masks))
+  assert 0 < np.var(pred) < 0.05

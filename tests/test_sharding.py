@@ -2,7 +2,7 @@
 import jax
 import pytest
 
-from lsm2.train import sharding
+from lsm2 import sharding
 
 
 @pytest.mark.parametrize("sizes,expected", [

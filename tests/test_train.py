@@ -1,5 +1,4 @@
 """The sharded pretraining system: config validation, mesh equivalence, buckets, resume."""
-import importlib.util
 import os
 import pathlib
 import signal
@@ -15,19 +14,15 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 import tensorflow as tf
 
+from lsm2 import config_files
+from lsm2 import pretrained
+from lsm2 import sharding
 from lsm2.data import pipeline
 from lsm2.data import synthesize
-from lsm2.train import sharding
+from lsm2.train import encoder_layout
 from lsm2.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_pretrain_config_module():
-  spec = importlib.util.spec_from_file_location("pretrain_cfg", REPO / "configs" / "pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # A test geometry: 60-minute x 2-signal tokens (24 x 13 = 312 tokens), so that
@@ -40,7 +35,7 @@ SMALL = {
 
 
 def small_config(data_dir, **overrides):
-  config = _load_pretrain_config_module().get_config("tiny,aim,runlocal")
+  config = config_files.load_config(REPO / "configs" / "pretrain.py", "tiny,aim,runlocal")
   with config.unlocked():
     config.data.dir = str(data_dir)
     for key, value in {**SMALL, **overrides}.items():
@@ -94,16 +89,16 @@ def _run_steps(config, mesh, batches, buckets=None, pack_groups=0):
   train.validate_config(config, model_cfg, mask_cfg, mesh)
   setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
   state = train.create_state(setup)
-  runner = train.StepRunner(setup, train.make_train_step(setup, mask_cfg.strategy_names), buckets,
-                            pack_groups)
+  train_step = train.make_train_step(setup, mask_cfg.strategy_names)
+  layout = encoder_layout.MaskLayout(train.make_mask_fn(setup), buckets, pack_groups)
   losses = []
   with sharding.mesh_context(mesh, config.logical_axis_rules):
     for local in batches:
       batch = pipeline.to_global_batch(local, setup.batch_sharding)
-      masks = runner.masks(state["rng"], state["step"], batch["observed"])
-      state, out = runner.step_fn(state, batch, masks)
+      masks = layout.draw(state["rng"], state["step"], batch["observed"])
+      state, out = train_step(state, batch, masks)
       losses.append(float(out["loss"]))
-  return losses, state, runner
+  return losses, state, layout, train_step
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +123,8 @@ def single_device_run(data_dir, batches):
 def test_parallel_meshes_match_single_device(data_dir, batches, single_device_run, mesh_sizes):
   mesh = sharding.make_mesh(mesh_sizes)
   config = small_config(data_dir)
-  losses, state, _ = _run_steps(config, mesh, batches)
-  reference, _, _ = single_device_run
+  losses, state, _, _ = _run_steps(config, mesh, batches)
+  reference = single_device_run[0]
   # Same math, different reduction orders across shards: float32 round-off only.
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
   assert losses[-1] < losses[0]
@@ -151,15 +146,15 @@ def test_encoder_buckets_are_exact_and_bounded(data_dir, batches, single_device_
   config = small_config(data_dir)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
-  buckets = train.encoder_buckets(4, model_cfg.num_tokens - mask_cfg.n_drop)
-  losses, _, runner = _run_steps(config, mesh, batches * 2, buckets=buckets)
-  reference, _, _ = single_device_run
+  buckets = encoder_layout.encoder_buckets(4, model_cfg.num_tokens - mask_cfg.n_drop)
+  losses, _, layout, train_step = _run_steps(config, mesh, batches * 2, buckets=buckets)
+  reference = single_device_run[0]
   np.testing.assert_allclose(losses[:3], reference, rtol=1e-5)
   # Only the buckets' lengths were compiled, one program each, and some
   # batches ran the encoder on fewer tokens than the fixed split keeps.
-  assert runner.compiled_lengths <= set(buckets)
-  assert runner.step_fn._cache_size() == len(runner.compiled_lengths)
-  assert min(runner.compiled_lengths) < buckets[-1]
+  assert layout.compiled_lengths <= set(buckets)
+  assert train_step._cache_size() == len(layout.compiled_lengths)
+  assert min(layout.compiled_lengths) < buckets[-1]
 
 
 @pytest.mark.slow
@@ -169,18 +164,41 @@ def test_packed_encoder_is_exact_and_bounded(data_dir, batches, single_device_ru
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
   rows = (model_cfg.num_tokens - mask_cfg.n_drop) * config.batch_size // 2
-  buckets = train.encoder_buckets(8, rows)
-  losses, _, runner = _run_steps(config, mesh, batches * 2, buckets=buckets, pack_groups=2)
-  reference, _, _ = single_device_run
+  buckets = encoder_layout.encoder_buckets(8, rows)
+  losses, _, layout, train_step = _run_steps(config, mesh, batches * 2, buckets=buckets,
+                                             pack_groups=2)
+  reference = single_device_run[0]
   np.testing.assert_allclose(losses[:3], reference, rtol=2e-5)
-  assert runner.compiled_lengths <= set(buckets)
-  assert runner.step_fn._cache_size() == len(runner.compiled_lengths)
-  assert max(runner.compiled_lengths) < buckets[-1]  # fewer encoder rows than the fixed split
+  assert layout.compiled_lengths <= set(buckets)
+  assert train_step._cache_size() == len(layout.compiled_lengths)
+  assert max(layout.compiled_lengths) < buckets[-1]  # fewer encoder rows than the fixed split
 
 
 def test_encoder_bucket_lengths():
-  assert train.encoder_buckets(4, 2262) == (576, 1136, 1712, 2262)
-  assert train.encoder_buckets(1, 2262) == (2262,)
+  assert encoder_layout.encoder_buckets(4, 2262) == (576, 1136, 1712, 2262)
+  assert encoder_layout.encoder_buckets(1, 2262) == (2262,)
+
+
+@pytest.mark.parametrize("buckets,pack,want_groups", [(0, False, 0), (4, False, 0), (4, True, 2)])
+def test_mask_layout_follows_the_config(data_dir, buckets, pack, want_groups):
+  """config.masking picks the layout: fixed split, buckets up to n_keep, or packed per shard."""
+  config = small_config(data_dir, **{"masking.encoder_buckets": buckets,
+                                     "masking.pack_encoder": pack})
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
+  drawn = []
+  mask_fn = lambda *args: drawn.append(args) or "masks"
+  layout = encoder_layout.make_mask_layout(config, mask_fn, model_cfg, mask_cfg, mesh)
+  n_keep = model_cfg.num_tokens - mask_cfg.n_drop
+  assert layout.pack_groups == want_groups
+  if not buckets:
+    assert layout.buckets is None
+    assert layout.draw(1, 2, 3) == "masks" and drawn == [(1, 2, 3)]  # The fixed split: as drawn.
+    assert not layout.compiled_lengths
+  elif pack:  # Up to every kept token of a shard's 4 examples.
+    assert layout.buckets == encoder_layout.encoder_buckets(4, n_keep * config.batch_size // 2)
+  else:
+    assert layout.buckets == encoder_layout.encoder_buckets(4, n_keep)
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +230,7 @@ def _scalars(workdir, tag) -> dict[int, float]:
 
 
 def _export_params(workdir):
-  model, _ = train.load_pretrained(workdir)
+  model, _ = pretrained.load_pretrained(workdir)
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 

@@ -1,7 +1,7 @@
 """A tiny pretrained checkpoint shared by the evaluation and API tests (built once per session)."""
-import importlib.util
 import pathlib
 
+from lsm2 import config_files
 from lsm2.data import synthesize
 from lsm2.train import train
 
@@ -10,10 +10,7 @@ STEPS = 10  # Checkpoints at steps 5 and 10, then the export.
 
 
 def pretrain_config(scheme: str = "aim"):
-  spec = importlib.util.spec_from_file_location("lsm2_configs_pretrain", REPO / "configs" / "pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"tiny,{scheme},runlocal")
+  return config_files.load_config(REPO / "configs" / "pretrain.py", f"tiny,{scheme},runlocal")
 
 
 def tiny_pretrained(base: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:

@@ -3,7 +3,7 @@
 The paper's subsets by participants hold 2,308 / 26,268 / 282,244 days;
 max_train_subjects = 0 trains on every subject.
 """
-from lsm2.launch.sweep import axis, product
+from lsm2.sweeps.sweep import axis, product
 
 BASE_CONFIG = "configs/pretrain.py:S,aim"
 

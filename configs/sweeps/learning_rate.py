@@ -1,5 +1,5 @@
 """Peak learning-rate sweep around the paper's 5e-3, at each model size."""
-from lsm2.launch.sweep import axis, product
+from lsm2.sweeps.sweep import axis, product
 
 BASE_CONFIG = "configs/pretrain.py:S,aim"
 

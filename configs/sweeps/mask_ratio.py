@@ -1,6 +1,6 @@
 """Mask-ratio sweep for AIM: the share of all tokens that the random strategy's
 union with the inherited mask covers (paper default 0.8)."""
-from lsm2.launch.sweep import axis
+from lsm2.sweeps.sweep import axis
 
 BASE_CONFIG = "configs/pretrain.py:S,aim"
 

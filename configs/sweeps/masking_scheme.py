@@ -2,9 +2,9 @@
 
 LSM-2 (AIM) vs the LSM-1 baseline (imputed data, no inherited mask, all masked
 tokens dropped) and the dropout-only / attention-mask-only variants of AIM,
-all at the paper's ViT-S recipe (../shared/spec/LSM2_METHOD.md, section 3).
+all at the paper's ViT-S recipe (docs/method.md).
 """
-from lsm2.launch.sweep import axis
+from lsm2.sweeps.sweep import axis
 
 BASE_CONFIG = "configs/pretrain.py:S,aim"
 

@@ -1,5 +1,5 @@
 """Model-size sweep: the paper's scaling study, LSM-2 (AIM) and LSM-1 at 5.8M / 25M / 110M parameters."""
-from lsm2.launch.sweep import axis, product
+from lsm2.sweeps.sweep import axis, product
 
 BASE_CONFIG = "configs/pretrain.py:S,aim"
 

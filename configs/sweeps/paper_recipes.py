@@ -1,6 +1,6 @@
 """Each method with its own published recipe: LSM-2 (AIM) at batch 1024 for
-100k steps, LSM-1 at batch 4096 for 50k steps (LSM2_METHOD.md, section 2)."""
-from lsm2.launch.sweep import axis, zip_axes
+100k steps, LSM-1 at batch 4096 for 50k steps (docs/method.md)."""
+from lsm2.sweeps.sweep import axis, zip_axes
 
 BASE_CONFIG = "configs/pretrain.py:S,aim"
 

@@ -1,10 +1,15 @@
 """The channel registry: what each minute-level feature is, its sensor group, unit and validity range.
 
-`DEFAULT_CHANNELS` are the 26 LSM-2 features in the order of the method spec
-(../shared/spec/LSM2_METHOD.md, section 1). A dataset declares its own channel
+`DEFAULT_CHANNELS` are the 26 LSM-2 features in the order of the method summary
+(docs/method.md). A dataset declares its own channel
 set in its metadata.json (the real datasets here have 1-2 channels); the
 registry below lists every channel the built-in generator and converters know.
 Values outside a channel's validity range are treated as unobserved.
+
+Every registry channel has a one-line meaning (DESCRIPTIONS); ALIASES map the
+names devices, exports and users give channels to registry names
+(`resolve_name`), so named inputs reach the right channel of a model; and
+DEVICE_PROFILES list the channels a device records.
 """
 from __future__ import annotations
 
@@ -105,6 +110,49 @@ FITBIT_CHANNELS: tuple[Channel, ...] = (
     _ch("steps", "accel", "steps/min", 0, 300),
     _ch("intensity", "accel", "level 0-3", 0, 3),
 )
+# Channels of consumer-device exports (converters apple_health, fitbit_takeout).
+DEVICE_CHANNELS: tuple[Channel, ...] = (
+    _ch("active_energy", "other", "kcal/min", 0, 60),
+    _ch("total_energy", "other", "kcal/min", 0, 60),
+    _ch("hrv_sdnn", "ppg", "ms", 0, 500),
+    _ch("respiratory_rate", "other", "breaths/min", 2, 60),
+)
+
+# What each registry channel measures (one line per channel; docs/data.md shows the table).
+DESCRIPTIONS: dict[str, str] = {
+    "hr": "heart rate, mean over the minute",
+    "hrv_shannon_entropy_rr": "Shannon entropy of the minute's RR intervals",
+    "hrv_shannon_entropy_rrd": "Shannon entropy of the successive RR-interval differences",
+    "rmssd_percentile_0595": "RMSSD of the RR intervals between their 5th and 95th percentile",
+    "sdnn_percentile_0595": "SDNN of the RR intervals between their 5th and 95th percentile",
+    "hrv_percent_good": "share of RR intervals of good quality",
+    "hrv_rr_80th_percentile_mean": "mean of the RR intervals above their 80th percentile",
+    "hrv_rr_20th_percentile_mean": "mean of the RR intervals below their 20th percentile",
+    "hrv_rr_median": "median RR interval",
+    "hr_at_rest_mean": "resting heart rate estimate",
+    "eda_level_real": "skin conductance level (tonic EDA)",
+    "leads_contact_counts": "EDA electrode contact counts",
+    "ceda_slope_real_micro_siemens": "slope of the continuous EDA signal",
+    "steps": "steps taken in the minute",
+    "jerk_auto": "autocorrelation of the accelerometer jerk",
+    "log_energy": "log of the accelerometer signal energy",
+    "covariance": "covariance between accelerometer axes",
+    "log_energy_ratio": "log ratio of accelerometer energy between axes",
+    "zero_crossing_std": "standard deviation of accelerometer zero crossings",
+    "zero_crossing_avg": "mean accelerometer zero crossings",
+    "axis_mean": "mean accelerometer axis value (wrist orientation)",
+    "altim_std": "standard deviation of the altimeter",
+    "kurtosis": "kurtosis of the accelerometer magnitude",
+    "sleep_coefficient": "movement-based sleep likelihood",
+    "wrist_temperatures": "wrist skin temperature",
+    "skin_temperature_slope": "slope of the wrist skin temperature",
+    "activity": "Actiwatch activity counts in the minute",
+    "intensity": "Fitbit activity intensity level (0 sedentary .. 3 very active)",
+    "active_energy": "active energy burned in the minute (excludes basal energy)",
+    "total_energy": "total energy burned in the minute (basal + active)",
+    "hrv_sdnn": "heart-rate variability, SDNN of the RR intervals of a short recording",
+    "respiratory_rate": "breaths per minute",
+}
 
 
 def _build_registry(groups: Iterable[tuple[Channel, ...]]) -> dict[str, Channel]:
@@ -118,7 +166,62 @@ def _build_registry(groups: Iterable[tuple[Channel, ...]]) -> dict[str, Channel]
 
 
 KNOWN_CHANNELS: dict[str, Channel] = _build_registry(
-    (DEFAULT_CHANNELS, ACTIWATCH_CHANNELS, FITBIT_CHANNELS))
+    (DEFAULT_CHANNELS, ACTIWATCH_CHANNELS, FITBIT_CHANNELS, DEVICE_CHANNELS))
+APPLE_HEALTH_CHANNELS: tuple[Channel, ...] = tuple(
+    KNOWN_CHANNELS[n] for n in ("hr", "steps", "active_energy", "hrv_sdnn", "respiratory_rate"))
+FITBIT_TAKEOUT_CHANNELS: tuple[Channel, ...] = tuple(
+    KNOWN_CHANNELS[n] for n in ("hr", "steps", "total_energy"))
+
+# Other names of registry channels, as spelt by devices, exports and users. Names are
+# matched after `normalize_name` (lower case, spaces and hyphens as underscores).
+ALIASES: dict[str, str] = {
+    "heart_rate": "hr", "heartrate": "hr", "bpm": "hr", "pulse": "hr",
+    "hkquantitytypeidentifierheartrate": "hr",
+    "step_count": "steps", "stepcount": "steps", "hkquantitytypeidentifierstepcount": "steps",
+    "active_energy_burned": "active_energy", "active_calories": "active_energy",
+    "hkquantitytypeidentifieractiveenergyburned": "active_energy",
+    "calories": "total_energy", "total_calories": "total_energy",
+    "energy_expenditure": "total_energy",
+    "sdnn": "hrv_sdnn", "heart_rate_variability_sdnn": "hrv_sdnn",
+    "hkquantitytypeidentifierheartratevariabilitysdnn": "hrv_sdnn",
+    "breathing_rate": "respiratory_rate", "resp_rate": "respiratory_rate",
+    "hkquantitytypeidentifierrespiratoryrate": "respiratory_rate",
+    "activity_counts": "activity",
+    "wrist_temperature": "wrist_temperatures", "skin_temperature": "wrist_temperatures",
+    "eda": "eda_level_real", "skin_conductance": "eda_level_real",
+}
+
+# Channel sets of devices: what a model can expect from data a user holds (the
+# evaluation's device-subset robustness entries restrict inputs to these).
+DEVICE_PROFILES: dict[str, tuple[str, ...]] = {
+    "apple_watch_basic": ("hr", "steps", "active_energy"),
+    "apple_watch": tuple(c.name for c in APPLE_HEALTH_CHANNELS),
+    "fitbit_takeout": tuple(c.name for c in FITBIT_TAKEOUT_CHANNELS),
+    "fitbit_fitabase": tuple(c.name for c in FITBIT_CHANNELS),
+    "actiwatch": tuple(c.name for c in ACTIWATCH_CHANNELS),
+    "phone": ("steps",),
+}
+
+
+def normalize_name(name: str) -> str:
+  """The form names are matched in: lower case, spaces and hyphens as underscores."""
+  return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def resolve_name(name: str) -> str | None:
+  """The registry name of a channel name or alias (see ALIASES); None if unknown."""
+  key = normalize_name(name)
+  if key in KNOWN_CHANNELS:
+    return key
+  return ALIASES.get(key)
+
+
+def profile_channels(profile: str) -> tuple[str, ...]:
+  """The registry channel names of a device profile (DEVICE_PROFILES); unknown names raise."""
+  if profile not in DEVICE_PROFILES:
+    raise ValueError(f"unknown device profile {profile!r}; known profiles: "
+                     + ", ".join(f"{n} ({'+'.join(c)})" for n, c in DEVICE_PROFILES.items()))
+  return DEVICE_PROFILES[profile]
 
 
 def get_channel(name: str, extra: Mapping[str, Channel] | None = None) -> Channel:

@@ -1,6 +1,6 @@
 """Converts real wearable exports to a dataset directory of day records.
 
-  python -m lsm2.data.convert --format actiwatch|fitabase|long_csv|parquet \
+  python -m lsm2.data.convert --format actiwatch|fitabase|long_csv|parquet|apple_health|fitbit_takeout \
       --input PATH --out DIR [--max-missing 0.8]
 
 Each subject's recording becomes a minute grid per calendar day; days with no
@@ -10,6 +10,14 @@ reference uses 0.5). Subjects are split subject-disjointly with --seed. The
 summary lists subjects, days kept and dropped (and why) and missingness.
 Devices that record zeros off the wrist (actiwatch, fitabase) get a non-wear
 rule (converters.common.NonWearRule; per-format defaults, --nonwear-* flags).
+
+Consumer-device exports (apple_health, fitbit_takeout: one export per subject)
+take non-wear from the absence of heart rate (converters.device.HeartRateWearRule,
+--nonwear-max-gap). One export converts on its own: a single subject's days
+all go to the train split (normalisation statistics come from it), so a person
+can embed their own data; a directory of exports is split subject-disjointly.
+Their channels that hold no observed minute in the train split are left out
+of the dataset (noted in the summary).
 """
 from __future__ import annotations
 
@@ -20,36 +28,45 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from lsm2.data import splits as splits_lib
 from lsm2.data.channels import Channel
-from lsm2.data.converters import actiwatch, fitabase, long_table
+from lsm2.data.converters import actiwatch, apple_health, fitabase, fitbit_takeout, long_table
 from lsm2.data.converters import labels as labels_lib
 from lsm2.data.converters.common import DayStats, NonWearRule, day_records
+from lsm2.data.converters.device import HeartRateWearRule
 from lsm2.data.metadata import DatasetMetadata, LabelSpec
 from lsm2.data.writer import DatasetWriter
 
-FORMATS = ("actiwatch", "fitabase", "long_csv", "parquet")
-# Formats whose zeros can mean "not worn", with their default non-wear rules.
-NONWEAR_DEFAULTS = {"actiwatch": NonWearRule(), "fitabase": fitabase.NONWEAR}
+FORMATS = ("actiwatch", "fitabase", "long_csv", "parquet", "apple_health", "fitbit_takeout")
+# Formats whose zeros (or missing samples) can mean "not worn", with their default non-wear rules.
+NONWEAR_DEFAULTS = {"actiwatch": NonWearRule(), "fitabase": fitabase.NONWEAR,
+                    "apple_health": apple_health.WEAR, "fitbit_takeout": fitbit_takeout.WEAR}
+DEVICE_FORMATS = ("apple_health", "fitbit_takeout")  # One export per subject.
 
 
 def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Path, *,
             max_missing: float = 0.8, seed: int = 0,
             split_fractions: Sequence[float] = (0.8, 0.1, 0.1), shards: int = 2,
             out_format: str = "tfrecord", overwrite: bool = False,
-            nonwear: NonWearRule | bool = True, long_options: dict[str, Any] | None = None
-            ) -> tuple[DatasetMetadata, DayStats]:
+            nonwear: NonWearRule | HeartRateWearRule | bool = True,
+            long_options: dict[str, Any] | None = None,
+            device_options: dict[str, Any] | None = None) -> tuple[DatasetMetadata, DayStats]:
   """Runs one converter end to end; returns the written metadata and the day statistics.
 
   nonwear: True applies the format's default rule (NONWEAR_DEFAULTS; none for
   long tables, whose gaps are explicit), False none, a NonWearRule that rule.
   long_options: keyword arguments of long_table.load (columns, channels, label files).
+  device_options: apple_health: source_priority (source names, best first);
+    fitbit_takeout: timezone (IANA name).
   """
   if not 0.0 <= max_missing <= 1.0:
     raise ValueError(f"--max-missing must be in [0, 1], got {max_missing}")
-  if isinstance(nonwear, NonWearRule) and fmt not in NONWEAR_DEFAULTS:
-    raise ValueError(f"a non-wear rule applies to --format {' or '.join(NONWEAR_DEFAULTS)}, "
-                     f"not {fmt}")
+  if isinstance(nonwear, (NonWearRule, HeartRateWearRule)) and not isinstance(
+      nonwear, type(NONWEAR_DEFAULTS.get(fmt))):
+    raise ValueError(f"a {type(nonwear).__name__} applies to --format " + " or ".join(
+        f for f, r in NONWEAR_DEFAULTS.items() if isinstance(r, type(nonwear))) + f", not {fmt}")
   rule = NONWEAR_DEFAULTS.get(fmt) if nonwear is True else nonwear or None
   stats = DayStats()
   labels: dict[str, LabelSpec] = {}
@@ -62,9 +79,23 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
   elif fmt in ("long_csv", "parquet"):
     timelines, channels, labels = long_table.load(input_path, stats, fmt=fmt,
                                                   **(long_options or {}))
+  elif fmt == "apple_health":
+    timelines, labels = apple_health.load(input_path, stats, rule, **(device_options or {}))
+    channels = apple_health.CHANNELS
+  elif fmt == "fitbit_takeout":
+    timelines, labels = fitbit_takeout.load(input_path, stats, rule, **(device_options or {}))
+    channels = fitbit_takeout.CHANNELS
   else:
     raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
 
+  if fmt in DEVICE_FORMATS and timelines:
+    seen = np.any([np.isfinite(tl.values).any(axis=0) for tl in timelines], axis=0)
+    if not seen.all():
+      stats.notes.append("channels the input never records, left out: "
+                         f"{[c.name for c, k in zip(channels, seen) if not k]}")
+      channels = tuple(c for c, k in zip(channels, seen) if k)
+      for tl in timelines:
+        tl.values = tl.values[:, seen]
   by_subject = {}
   for tl in timelines:
     records = day_records(tl, labels, max_missing, stats)
@@ -73,7 +104,13 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
   if not by_subject:
     raise ValueError(f"{input_path}: no day passed the filters (max missing {max_missing}):\n"
                      + stats.summary(max_missing, 0))
-  assignment = splits_lib.assign_subjects(by_subject, split_fractions, seed)
+  if fmt in DEVICE_FORMATS and len(by_subject) == 1:
+    assignment = {"train": list(by_subject), "validation": [], "test": []}
+    stats.notes.append("one export: every day in the train split")
+  else:
+    assignment = splits_lib.assign_subjects(by_subject, split_fractions, seed)
+  if fmt in DEVICE_FORMATS:
+    channels, by_subject = _drop_unobserved_channels(channels, by_subject, assignment, stats)
   writer = DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=out_format,
                          overwrite=overwrite)
   for split in splits_lib.SPLIT_NAMES:
@@ -88,14 +125,32 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
     source["nonwear_rule"] = dataclasses.asdict(rule) if rule else None
   if (long_options or {}).get("labels"):
     source["label_files"] = [str(f) for f in long_options["labels"]]
+  if device_options:
+    source.update({k: list(v) if isinstance(v, (list, tuple)) else v
+                   for k, v in device_options.items()})
   meta = writer.finish(source=source)
   return meta, stats
 
 
-def _nonwear_from_args(args: argparse.Namespace) -> NonWearRule | bool:
+def _drop_unobserved_channels(channels, by_subject, assignment, stats):
+  """(channels, records) without the channels that no train day observes (an export may lack one)."""
+  train = [r for s in assignment["train"] for r in by_subject[s]]
+  seen = np.any([r.observed.any(axis=0) for r in train], axis=0)
+  if seen.all():
+    return channels, by_subject
+  stats.notes.append("channels without an observed minute in the train split, left out: "
+                     f"{[c.name for c, k in zip(channels, seen) if not k]}")
+  keep = np.flatnonzero(seen)
+  return tuple(channels[i] for i in keep), {
+      s: [dataclasses.replace(r, signals=r.signals[:, keep], observed=r.observed[:, keep])
+          for r in records] for s, records in by_subject.items()}
+
+
+def _nonwear_from_args(args: argparse.Namespace) -> NonWearRule | HeartRateWearRule | bool:
   """The `nonwear` argument of convert(): the format's default rule with the flags given."""
   changes = {k: v for k, v in (("min_run_minutes", args.nonwear_min_run),
-                               ("min_waking_minutes", args.nonwear_min_waking)) if v is not None}
+                               ("min_waking_minutes", args.nonwear_min_waking),
+                               ("max_gap_minutes", args.nonwear_max_gap)) if v is not None}
   if args.nonwear_waking_hours:
     changes["waking_start_hour"], changes["waking_end_hour"] = args.nonwear_waking_hours
   if args.no_nonwear:
@@ -107,7 +162,15 @@ def _nonwear_from_args(args: argparse.Namespace) -> NonWearRule | bool:
   if args.format not in NONWEAR_DEFAULTS:
     raise ValueError(f"--nonwear-* settings apply to --format {' or '.join(NONWEAR_DEFAULTS)}, "
                      f"not {args.format}")
-  return dataclasses.replace(NONWEAR_DEFAULTS[args.format], **changes)
+  default = NONWEAR_DEFAULTS[args.format]
+  fields = {f.name for f in dataclasses.fields(default)}
+  if set(changes) - fields:
+    flags = {"min_run_minutes": "--nonwear-min-run", "min_waking_minutes": "--nonwear-min-waking",
+             "waking_start_hour": "--nonwear-waking-hours", "waking_end_hour": "--nonwear-waking-hours",
+             "max_gap_minutes": "--nonwear-max-gap"}
+    raise ValueError(f"{sorted({flags[k] for k in set(changes) - fields})} do not apply to "
+                     f"--format {args.format} (its non-wear rule is a {type(default).__name__})")
+  return dataclasses.replace(default, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "fitabase 120)")
   g.add_argument("--nonwear-waking-hours", type=int, nargs=2, metavar=("START", "END"),
                  help="waking hours [START, END) (default: actiwatch 7 23, fitabase 9 21)")
+  g.add_argument("--nonwear-max-gap", type=int,
+                 help="apple_health, fitbit_takeout: minutes between heart-rate samples still "
+                 "counted as worn (default: apple_health 20, fitbit_takeout 10)")
   g.add_argument("--no-nonwear", action="store_true",
                  help="apply no non-wear rule: every recorded zero stays observed")
   g = p.add_argument_group("long_csv / parquet")
@@ -148,10 +214,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   g.add_argument("--label-kind", action="append", default=[], metavar="NAME=KIND",
                  help="regression, binary or categorical (default: numeric columns are "
                  "regression, others binary with 2 values, else categorical). Repeatable")
+  g = p.add_argument_group("apple_health / fitbit_takeout")
+  g.add_argument("--source-priority", default="",
+                 help="apple_health: comma-separated sourceName values, best first (default: "
+                 "watches, then iPhones, then other apps, each by name)")
+  g.add_argument("--timezone", help="fitbit_takeout: IANA time zone of the UTC intraday times "
+                 "(default: the export's Profile.csv)")
   args = p.parse_args(argv)
   try:
     if (args.labels or args.label_kind) and args.format not in ("long_csv", "parquet"):
       raise ValueError(f"--labels applies to --format long_csv or parquet, not {args.format}")
+    device_options = {}
+    if args.source_priority:
+      if args.format != "apple_health":
+        raise ValueError(f"--source-priority applies to --format apple_health, not {args.format}")
+      device_options["source_priority"] = [n.strip() for n in args.source_priority.split(",")
+                                           if n.strip()]
+    if args.timezone:
+      if args.format != "fitbit_takeout":
+        raise ValueError(f"--timezone applies to --format fitbit_takeout, not {args.format}")
+      device_options["timezone"] = args.timezone
     long_options = {"subject_column": args.subject_column,
                     "timestamp_column": args.timestamp_column,
                     "channels": args.channels.split(",") if args.channels else None,
@@ -161,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta, stats = convert(
         args.format, args.input, args.out, max_missing=args.max_missing, seed=args.seed,
         split_fractions=args.split_fractions, shards=args.shards, out_format=args.out_format,
-        overwrite=args.overwrite, nonwear=_nonwear_from_args(args), long_options=long_options)
+        overwrite=args.overwrite, nonwear=_nonwear_from_args(args), long_options=long_options,
+        device_options=device_options)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

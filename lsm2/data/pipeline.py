@@ -151,6 +151,20 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
   return iter(ds)
 
 
+def make_eval_iterator(data_dir: str | os.PathLike, split: str, *, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None
+                       ) -> grain.DatasetIterator:
+  """One pass over a split in storage order (validation): the same batches at every call.
+
+  Batches are make_train_iterator's (normalized, this process's share of each
+  global batch, incomplete last batch dropped), without shuffling or repeats.
+  """
+  # Without shuffling the seed is never read.
+  return make_train_iterator(data_dir, split, global_batch_size=global_batch_size, seed=0,
+                             shuffle=False, num_epochs=1, process_index=process_index,
+                             process_count=process_count)
+
+
 def to_global_batch(local_batch: dict[str, np.ndarray],
                     sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
   """Assembles each process's local batch into global jax.Arrays laid out by `sharding`.

@@ -7,9 +7,9 @@ TFRecord framing per record: uint64 length, uint32 masked CRC-32C of the length,
 the data, uint32 masked CRC-32C of the data. Readers always check the framing
 and the length checksum (so a truncated or misaligned shard is reported with
 its file and record index); the data checksum costs ~0.5 ms per day record in
-numpy and is checked when `verify_checksums=True` (inspect --verify,
-read_split, tests), not by default on the training hot path. ArrayRecord
-(Riegeli) verifies its own chunk hashes.
+numpy and is checked when `verify_checksums=True` (`python -m lsm2.data.inspect`,
+which reads every record, dataset.read_split, tests), not by default on the
+training hot path. ArrayRecord (Riegeli) verifies its own chunk hashes.
 """
 from __future__ import annotations
 
@@ -140,24 +140,6 @@ def iter_tfrecord(path: str | os.PathLike, *, verify_checksums: bool = False,
                             f"{expected_records}")
 
 
-def count_tfrecord(path: str | os.PathLike) -> int:
-  """Counts records by walking the framing (length checksums checked, data skipped)."""
-  path = str(path)
-  size = os.path.getsize(path)
-  n = 0
-  with open(path, "rb") as f:
-    while True:
-      header = f.read(12)
-      if not header:
-        return n
-      length = _record_length(header, path, n)
-      end = f.tell() + length + 4
-      if end > size:
-        raise CorruptShardError(path, n, f"truncated record: needs {end} bytes, file has {size}")
-      f.seek(end)
-      n += 1
-
-
 # ----------------------------------------------------------------------------- ArrayRecord
 
 
@@ -206,13 +188,6 @@ def read_array_record(reader, path: str, index: int) -> bytes:
     raise CorruptShardError(path, index, f"cannot read record: {e}") from None
 
 
-def count_array_record(path: str | os.PathLike) -> int:
-  reader = open_array_record(path)
-  n = reader.num_records()
-  close_array_record(reader, path)
-  return n
-
-
 def make_writer(path: str | os.PathLike, fmt: str):
   return TFRecordWriter(path) if check_format(fmt) == "tfrecord" else ArrayRecordWriter(path)
 
@@ -232,7 +207,3 @@ def iter_shard(path: str | os.PathLike, fmt: str, *, verify_checksums: bool = Fa
   for i in range(n):
     yield read_array_record(reader, str(path), i)
   close_array_record(reader, path)
-
-
-def count_records(path: str | os.PathLike, fmt: str) -> int:
-  return count_tfrecord(path) if check_format(fmt) == "tfrecord" else count_array_record(path)

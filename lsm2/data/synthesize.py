@@ -2,19 +2,27 @@
 
   python -m lsm2.data.synthesize --out DIR --subjects N --days D --seed S \
       [--format tfrecord|array_record] [--shards K]
+
+Runs with config.data.synthesize_subjects > 0 (the demo, runlocal) write one
+into config.data.dir when it holds no dataset (`ensure_synthetic_dataset`).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import pathlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import jax
+from jax.experimental import multihost_utils
+
 from lsm2.data import splits as splits_lib
 from lsm2.data import synthetic
 from lsm2.data.channels import DEFAULT_CHANNELS
-from lsm2.data.metadata import DatasetMetadata
+from lsm2.data.metadata import METADATA_FILE, DatasetMetadata
 from lsm2.data.record import DayRecord
 from lsm2.data.writer import DatasetWriter
 
@@ -52,6 +60,25 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, *, subjects: int, days: 
       noise_std=synthetic.NOISE_STD_VECTOR.tolist(),
       source={"generator": "lsm2.data.synthetic", "seed": seed, "subjects": subjects,
               "days": days, "split_fractions": list(split_fractions)})
+
+
+def ensure_synthetic_dataset(config) -> None:
+  """Writes config.data.synthesize_subjects x synthesize_days synthetic subject-days into
+  config.data.dir if it holds no dataset (nothing when synthesize_subjects <= 0).
+
+  Process 0 alone decides and writes; every process waits at the same barrier,
+  so they agree even when the directory appears while they check.
+  """
+  if config.data.synthesize_subjects <= 0:
+    return
+  data_dir = pathlib.Path(config.data.dir)
+  if jax.process_index() == 0 and not (data_dir / METADATA_FILE).exists():
+    logging.info("No dataset at %s: synthesizing %d subjects x %d days.", data_dir,
+                 config.data.synthesize_subjects, config.data.synthesize_days)
+    write_synthetic_dataset(data_dir, subjects=config.data.synthesize_subjects,
+                            days=config.data.synthesize_days, seed=config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("lsm2_synthesize")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,16 +224,17 @@ def run(results: report.Results, pool: Pool, embeddings: np.ndarray, tasks: Sequ
 
 def probe_examples(results: report.Results, ex: Examples, task: Task,
                    config: ml_collections.ConfigDict, *, what: str, baselines: bool = True,
-                   masking: str = report.NATURAL, **extra) -> None:
+                   masking: str = report.NATURAL, method: str = "linear_probe", **extra) -> None:
   """Linear probe (and, with `baselines`, majority/mean and few-shot) on built examples.
 
+  `method` names the probe's records (e.g. "features_probe" for hand-crafted features);
   `extra` keys (e.g. the window length) are stored in every record.
   """
   keys = dict(task=task.name, split=ex.split_name, masking=masking, level=task.level,
               family="discriminative", **extra)
   fit = _probe_fit(ex, task, config.probe, config.seed)
   probe = lambda train, test: fit(train, test).predict(ex.x[test])
-  add_fold_metrics(results, fold_metrics(ex, task, probe), metric_names(task), method="linear_probe", **keys)
+  add_fold_metrics(results, fold_metrics(ex, task, probe), metric_names(task), method=method, **keys)
   if not baselines:
     return
   majority = lambda train, test: probe_lib.fit_majority_baseline(

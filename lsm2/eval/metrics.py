@@ -226,68 +226,6 @@ def regression_metrics(
   }
 
 
-def task_metrics(
-    kind: str, y_true: np.ndarray, predictions: np.ndarray, num_classes: int | None = None
-) -> dict[str, Any]:
-  """Dispatches on the probe kind: "binary", "categorical" or "regression"."""
-  if kind == "binary":
-    return classification_metrics(y_true, predictions, 2)
-  if kind == "categorical":
-    if num_classes is None:
-      raise ValueError("kind='categorical' needs num_classes")
-    return classification_metrics(y_true, predictions, num_classes)
-  if kind == "regression":
-    return regression_metrics(y_true, predictions)
-  raise ValueError(f"unknown task kind {kind!r}; expected binary, categorical or regression")
-
-
-# ---------------------------------------------------------------------------
-# Masked reconstruction.
-
-
-def reconstruction_errors(
-    predictions: Float[np.ndarray, "*s"],
-    targets: Float[np.ndarray, "*s"],
-    mask: Bool[np.ndarray, "*s"],
-    axis: int | tuple[int, ...] | None = None,
-) -> dict[str, Any]:
-  """MSE / MAE over the minutes where `mask` is True (masked AND observed).
-
-  Values outside the mask (even NaN) are ignored. With `axis`, sums are taken
-  over those axes only (e.g. axis=(1, 2) for one error per day) and the result
-  holds arrays with NaN where the count is 0; with axis=None it holds floats and
-  None for a count of 0.
-  """
-  predictions = np.asarray(predictions)
-  targets = np.asarray(targets)
-  mask = np.asarray(mask)
-  if not (predictions.shape == targets.shape == mask.shape):
-    raise ValueError(
-        f"predictions {predictions.shape}, targets {targets.shape} and mask {mask.shape} "
-        "must match")
-  if mask.dtype != bool:
-    raise ValueError(f"mask must be boolean (masked and observed minutes), got {mask.dtype}")
-  err = np.where(mask, predictions, 0.0).astype(np.float64) - np.where(mask, targets, 0.0)
-  if not np.all(np.isfinite(err)):
-    raise ValueError("predictions or targets are NaN/inf at masked observed minutes")
-  count = mask.sum(axis=axis)
-  sq = np.sum(err * err, axis=axis)
-  ab = np.sum(np.abs(err), axis=axis)
-  if axis is None:
-    count = int(count)
-    return {
-        "mse": float(sq / count) if count else None,
-        "mae": float(ab / count) if count else None,
-        "count": count,
-    }
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return {
-        "mse": np.where(count > 0, sq / np.maximum(count, 1), np.nan),
-        "mae": np.where(count > 0, ab / np.maximum(count, 1), np.nan),
-        "count": count,
-    }
-
-
 # ---------------------------------------------------------------------------
 # CLU metrics.
 

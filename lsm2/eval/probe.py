@@ -227,40 +227,6 @@ def fit_majority_baseline(
 # Splits and subject-level aggregation.
 
 
-def subject_disjoint_split(
-    subject_ids: Sequence, test_fraction: float, seed: int, stratify: np.ndarray | None = None
-) -> tuple[Int[np.ndarray, "n_train"], Int[np.ndarray, "n_test"]]:
-  """Example indices (train, test) such that no subject is on both sides.
-
-  `round(test_fraction * subjects)` subjects (at least one, and at least one
-  left for training) go to test. With `stratify` (one label per example,
-  constant within a subject) the fraction is applied within each label.
-  """
-  subject_ids = np.asarray(subject_ids)
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-  subjects, inverse = np.unique(subject_ids, return_inverse=True)
-  if len(subjects) < 2:
-    raise ValueError(f"need at least 2 subjects for a subject-disjoint split, got {len(subjects)}")
-  if stratify is None:
-    strata = np.zeros(len(subjects), np.int64)
-  else:
-    _, strata = subject_labels(stratify, subject_ids)
-  rng = np.random.default_rng(seed)
-  test_subject = np.zeros(len(subjects), bool)
-  for stratum in np.unique(strata):
-    members = np.flatnonzero(strata == stratum)
-    n_test = int(round(test_fraction * len(members)))
-    if stratify is None:
-      n_test = min(max(n_test, 1), len(members) - 1)
-    test_subject[rng.permutation(members)[:n_test]] = True
-  if test_subject.all() or not test_subject.any():
-    raise ValueError(
-        f"split left one side empty ({test_subject.sum()} of {len(subjects)} subjects in test)")
-  is_test = test_subject[inverse]
-  return np.flatnonzero(~is_test), np.flatnonzero(is_test)
-
-
 def few_shot_indices(
     labels: Int[np.ndarray, "n"],
     subject_ids: Sequence,

@@ -186,7 +186,7 @@ def robustness_tables(records: Sequence[dict[str, Any]], kinds: dict[str, str]) 
               "Metric: " + ", ".join(f"{k} {v}" for k, v in PRIMARY_METRIC.items()) + ".", ""]
     lines += condition_table(disc, ("task", "level", "metric"), [NATURAL, *conditions]) + [""]
   gen = [r for r in records if r["family"] == "generative" and r["metric"] == "mse"]
-  removal = _ordered(r["masking"] for r in gen if r["masking"].startswith("remove_"))
+  removal = _ordered(r["masking"] for r in gen if r["masking"].startswith(("remove_", "device:")))
   if removal:
     task = next(r["task"] for r in gen if r["masking"] in removal)
     rows = [r for r in gen if r["task"] == task and (r["masking"] in removal or r["masking"] == NATURAL)]

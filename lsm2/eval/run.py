@@ -3,7 +3,7 @@
   python -m lsm2.main --config=configs/eval.py:synthetic --workdir=OUT \
       --config.init_from=PRETRAIN_WORKDIR_OR_EXPORT
 
-Steps: restore (`lsm2.api.load`, i.e. `lsm2.train.train.load_pretrained`),
+Steps: restore (`lsm2.api.load`, i.e. `lsm2.pretrained.load_pretrained`),
 check the dataset's channels against the checkpoint's, read the splits and
 normalise them with the checkpoint's statistics, then run the discriminative
 probes (+ few-shot, fine-tuning; days, subjects and, for minute labels,
@@ -23,10 +23,13 @@ import ml_collections
 import numpy as np
 
 from lsm2 import api
+from lsm2 import pretrained
+from lsm2.data import channels as channels_lib
 from lsm2.data import dataset as dataset_lib
 from lsm2.data import metadata as metadata_lib
 from lsm2.eval import baselines as baselines_lib
 from lsm2.eval import discriminative
+from lsm2.eval import features as features_lib
 from lsm2.eval import fine_tune as fine_tune_lib
 from lsm2.eval import generative
 from lsm2.eval import plots
@@ -34,7 +37,6 @@ from lsm2.eval import report
 from lsm2.eval import robustness
 from lsm2.eval import tasks as tasks_lib
 from lsm2.eval import windows as windows_lib
-from lsm2.train import checkpoint as checkpoint_lib
 
 LEVELS = ("day", "subject")
 
@@ -70,6 +72,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.windows.minutes={config.windows.minutes} must be positive")
   if not 0.0 < config.windows.min_fraction <= 1.0:
     raise ValueError(f"config.windows.min_fraction={config.windows.min_fraction} must be in (0, 1]")
+  for profile in config.robustness.device_profiles:
+    try:
+      channels_lib.profile_channels(profile)
+    except ValueError as e:
+      raise ValueError(f"config.robustness.device_profiles: {e}") from None
 
 
 class SplitReader:
@@ -109,11 +116,9 @@ def checkpoint_step(path: str, step: int | None, description: dict[str, Any]) ->
   """The training step of the restored weights (for TensorBoard)."""
   if step is not None:
     return step
-  path = pathlib.Path(path)
-  export = checkpoint_lib.EXPORT_PARAMS
-  if (path / export).exists() or (path / checkpoint_lib.EXPORT_DIR / export).exists():
+  if pretrained.has_export(path):
     return int(description["run_config"].get("total_steps", 0))
-  steps = [int(p.name) for p in checkpoint_lib.checkpoint_dir(path).glob("*") if p.name.isdigit()]
+  steps = [int(p.name) for p in pretrained.checkpoint_dir(path).glob("*") if p.name.isdigit()]
   return max(steps, default=0)
 
 
@@ -198,6 +203,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   logging.info("Embedding %d days for %d probe tasks.", pool.z.shape[0], len(tasks))
   embeddings = model.embed_normalized(pool.z, pool.observed)
   built = discriminative.run(results, pool, embeddings, tasks, config)
+  # The clinician's baseline: the same probe on hand-crafted per-day features.
+  features_lib.run(results, pool, tasks, config, model.channel_names, model.norm_mean,
+                   model.norm_std)
   if config.fine_tune.enabled:
     ft_tasks = discriminative.tasks_for(meta.labels, ft_labels, ("day",))
     logging.info("Fine-tuning on %d tasks.", len(ft_tasks))
@@ -244,7 +252,9 @@ def _robustness(results, model, meta, config, pool, gen, outputs, rob_tasks, gen
   """Removal conditions (probe refitted, generative task rerun), buckets and their plots."""
   rcfg = config.robustness
   conditions, notes = robustness.conditions(model.channel_groups, groups=rcfg.sensor_groups,
-                                            segments=rcfg.time_segments)
+                                            segments=rcfg.time_segments,
+                                            channel_names=model.channel_names,
+                                            device_profiles=tuple(rcfg.device_profiles))
   for note in notes:
     results.skip("robustness", note)
   if gen_task and rcfg.generative_task not in outputs:
@@ -335,17 +345,3 @@ def _header(config, model, meta, data_dir, step, reader, seconds, window_labels)
         f"the token grid, labelled with the class of >= {config.windows.min_fraction:.0%} of "
         "their minutes; feature = mean encoder output over the window's visible tokens"]
        if window_labels else [])
-
-
-def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
-         eval_config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """Pretrains per `pretrain_config` into `workdir`, then evaluates it into WORKDIR/eval."""
-  from lsm2.train import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(pretrain_config, workdir)
-  config = ml_collections.ConfigDict(eval_config.to_dict())
-  config.init_from = str(workdir)
-  out = pathlib.Path(workdir) / "eval"
-  records = evaluate(config, out)
-  print(f"\nDemo finished. Results: {out / 'results.md'} and {out / 'results.json'}; "
-        f"plots: {out}/*.png; TensorBoard: tensorboard --logdir {workdir}")
-  return records

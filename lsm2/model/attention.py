@@ -3,19 +3,22 @@
 AIM lays the encoder's tokens out visible first, so its attention mask is one
 valid key length per example. Every implementation here takes such lengths:
 "xla" (`jax.nn.dot_product_attention`, any backend), "cudnn" (its fused GPU
-kernel) and "blocked" (lsm2.model.blocked_attention, which skips the blocks
-past the lengths). "xla" also takes a general boolean mask, the reference the
-length path is tested against.
+kernel), "splash" (Pallas splash attention, the fused TPU kernel: logits never
+reach HBM; on CPU it runs in Pallas interpret mode, for tests) and "blocked"
+(lsm2.model.blocked_attention, which skips the blocks past the lengths). "xla"
+also takes a general boolean mask, the reference the length path is tested
+against.
 
 Conventions, identical for every implementation: query rows at or past
 `q_lengths`, and rows with no valid key, return zeros (finite, no NaN).
 
 Under a mesh (`jax.set_mesh`) with logical axis rules in context
-(`nnx.logical_axis_rules`), "blocked" runs inside `jax.shard_map`: each device
-loops over its own examples and heads, split as the rules map the logical
-names "batch" and "heads". Without it GSPMD would replicate the kernel's
-per-example loop on every device.
+(`nnx.logical_axis_rules`), "blocked" and "splash" run inside `jax.shard_map`:
+each device computes its own examples and heads, split as the rules map the
+logical names "batch" and "heads". Without it GSPMD would replicate the
+kernel's per-example loop (or the opaque Pallas call) on every device.
 """
+import functools
 import math
 
 import jax
@@ -24,7 +27,11 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-IMPLEMENTATIONS = ("xla", "blocked", "cudnn")
+IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash")
+# Splash pads both lengths to a multiple of this (its smallest TPU tile) and
+# uses the largest of _SPLASH_BLOCKS that divides the padded length.
+_SPLASH_TILE = 128
+_SPLASH_BLOCKS = (512, 256, 128)
 
 
 def dot_product_attention(
@@ -45,9 +52,10 @@ def dot_product_attention(
     kv_lengths: valid keys per example (keys [0, kv_length) take part).
     q_lengths: valid queries per example; later rows are zero.
     mask: general mask (True = query may attend to key); "xla" only.
-    implementation: "xla", "blocked" or "cudnn" (GPU only).
+    implementation: "xla", "blocked", "cudnn" (GPU only) or "splash" (TPU; CPU
+      in interpret mode).
     matmul_dtype: operand dtype of the "blocked" kernel's products (accumulated in
-      float32); "xla" and "cudnn" compute in the inputs' dtype.
+      float32); "xla", "cudnn" and "splash" compute in the inputs' dtype.
 
   Returns:
     [batch, lq, heads, head_dim] in q's dtype.
@@ -66,17 +74,25 @@ def dot_product_attention(
   q_lengths = None if q_lengths is None else q_lengths.astype(jnp.int32)
   kv_lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
 
-  if implementation == "blocked":
-    # Imported here: the kernel is optional for every other implementation.
-    from lsm2.model.blocked_attention import blocked_attention  # pylint: disable=g-import-not-at-top
+  if implementation in ("blocked", "splash"):
     full_q = jnp.full((b,), lq, jnp.int32)
     full_k = jnp.full((b,), lk, jnp.int32)
-    kernel = lambda q, k, v, ql, kl: blocked_attention(
-        q, k, v, q_lengths=ql, kv_lengths=kl, matmul_dtype=matmul_dtype)
+    if implementation == "blocked":
+      # Imported here: the kernel is optional for every other implementation.
+      from lsm2.model.blocked_attention import blocked_attention  # pylint: disable=g-import-not-at-top
+      kernel = lambda q, k, v, ql, kl: blocked_attention(
+          q, k, v, q_lengths=ql, kv_lengths=kl, matmul_dtype=matmul_dtype)
+    else:
+      kernel = functools.partial(_splash, interpret=_splash_interpret())
     specs = _mesh_specs(b, q.shape[2])
+    mesh = jax.sharding.get_abstract_mesh()
+    if specs is None and implementation == "splash" and not mesh.empty:
+      specs = P(), P(), set()  # Unsplit: every device computes all of it.
     if specs is not None:
       qkv, lengths, manual = specs
-      # Manual over the split axes only; the kernel's loops carry per-device values.
+      # Manual over the split axes only (the kernel's loops carry per-device values);
+      # a Pallas call cannot be partitioned automatically, so splash is manual over all.
+      manual = set(mesh.axis_names) if implementation == "splash" else manual
       kernel = jax.shard_map(kernel, in_specs=(qkv, qkv, qkv, lengths, lengths), out_specs=qkv,
                              axis_names=manual, check_vma=False)
     return kernel(q, k, v, full_q if q_lengths is None else q_lengths,
@@ -98,6 +114,58 @@ def dot_product_attention(
   if kv_lengths is not None:
     out = jnp.where((kv_lengths > 0)[:, None, None, None], out, 0)
   return out
+
+
+def _splash_interpret() -> bool:
+  """Pallas interpret mode when the program is for CPUs (tests); the TPU kernel on TPUs.
+
+  The platform is the context mesh's (an ahead-of-time compile for a TPU topology runs
+  on a CPU host), else the default backend's.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  if platform == "gpu":
+    raise ValueError("attention implementation 'splash' is a TPU kernel (CPU runs it in interpret "
+                     "mode, for tests); on a GPU use 'cudnn' or 'xla'")
+  return platform == "cpu"
+
+
+def _splash(q: Float[Array, "b lq h d"], k: Float[Array, "b lk h d"], v: Float[Array, "b lk h d"],
+            q_lengths: Int[Array, "b"], kv_lengths: Int[Array, "b"], *, interpret: bool
+            ) -> Float[Array, "b lq h d"]:
+  """Pallas splash attention with one valid key length per example.
+
+  Keys at or past `kv_lengths` get segment id 1, every query segment id 0, so no query
+  sees them; both lengths are padded to whole tiles the same way. Rows the kernel cannot
+  make meaningful (past `q_lengths`, or with no valid key: it would average the masked
+  values) are zeroed, which also zeroes their gradients.
+  """
+  # Imported here: Pallas is only needed when this kernel is chosen.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, -n % _SPLASH_TILE), (0, 0), (0, 0)))
+  # Splash takes [heads, length, head_dim] per example and does not scale the logits.
+  to_kernel = lambda x, n: pad(x, n).transpose(0, 2, 1, 3)
+  q_p = to_kernel(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), lq)
+  k_p, v_p = to_kernel(k, lk), to_kernel(v, lk)
+  lq_p, lk_p = q_p.shape[2], k_p.shape[2]
+  block_q = next(s for s in _SPLASH_BLOCKS if lq_p % s == 0)
+  block_k = next(s for s in _SPLASH_BLOCKS if lk_p % s == 0)
+  blocks = splash.BlockSizes(
+      block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
+      block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
+      block_q_dq=block_q, block_kv_dq=block_k)
+  mask = splash.MultiHeadMask([splash.FullMask((lq_p, lk_p))] * h)
+  kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  segments = splash.SegmentIds(
+      q=jnp.zeros((b, lq_p), jnp.int32),
+      kv=(jnp.arange(lk_p)[None, :] >= kv_lengths[:, None]).astype(jnp.int32))
+  out = jax.vmap(kernel)(q_p, k_p, v_p, segment_ids=segments)
+  out = out.transpose(0, 2, 1, 3)[:, :lq]
+  valid = (jnp.arange(lq)[None, :] < q_lengths[:, None]) & (kv_lengths > 0)[:, None]
+  return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
 def _mesh_specs(batch: int, heads: int) -> tuple[P, P, set[str]] | None:

@@ -3,15 +3,16 @@
 `ModelConfig` fixes the architecture (patching, widths, depths, numerics);
 `MaskConfig` fixes how the inherited and artificial masks are drawn and how
 many masked tokens are dropped before the encoder. Defaults are the paper's
-(see `LSM2_METHOD.md` sections 2 and 3). Both are frozen so that they can be
-static arguments of jitted functions.
+(see docs/method.md) and are the only place they are written: configs/pretrain.py
+reads them with `field_defaults`. Both are frozen so that they can be static
+arguments of jitted functions.
 """
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 _DTYPES = ("float32", "bfloat16")
-_ATTENTION = ("xla", "blocked", "cudnn")
+_ATTENTION = ("xla", "blocked", "cudnn", "splash")
 _REMAT = ("none", "attention", "full")
 SCHEMES = ("aim", "lsm1", "dropout_only", "attention_only")
 STRATEGIES = (
@@ -21,6 +22,15 @@ STRATEGIES = (
     "temporal_extrapolation",
     "signal_imputation",
 )
+
+
+def field_defaults(cls) -> dict[str, Any]:
+  """{field name: default} of a config dataclass (ModelConfig, MaskConfig).
+
+  The run configs (configs/pretrain.py) take their defaults from here, so that
+  each default is written once.
+  """
+  return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
 def _check_positive(cfg, names):
@@ -52,9 +62,11 @@ class ModelConfig:
     matmul_dtype: operand dtype of the dense-layer and blocked-attention
       products, accumulated in float32 ("bfloat16" = TPU-style mixed
       precision, about 2x faster on CPUs with AVX512-BF16; see
-      lsm2/model/matmul.py). The xla/cudnn attention kernels compute in `dtype`.
-    attention: encoder attention kernel ("xla", "blocked" or "cudnn"; the
-      decoder always runs full attention with the same kernel family).
+      lsm2/model/matmul.py). The xla/cudnn/splash attention kernels compute in
+      `dtype`.
+    attention: encoder attention kernel ("xla", "blocked", "cudnn": GPU and
+      bfloat16 only, or "splash": TPU; the decoder always runs full attention
+      with the same kernel family).
     remat: activation rematerialization ("none", "attention": recompute the
       attention core in the backward pass, "full": recompute whole blocks).
     observed_in_embedding: also feed the minute-level observed mask to the
@@ -76,7 +88,7 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   matmul_dtype: Literal["float32", "bfloat16"] = "float32"
-  attention: Literal["xla", "blocked", "cudnn"] = "xla"
+  attention: Literal["xla", "blocked", "cudnn", "splash"] = "xla"
   remat: Literal["none", "attention", "full"] = "none"
   observed_in_embedding: bool = False
 
@@ -120,6 +132,11 @@ class ModelConfig:
     _check_choice(self, "param_dtype", _DTYPES)
     _check_choice(self, "matmul_dtype", _DTYPES)
     _check_choice(self, "attention", _ATTENTION)
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError(
+          f"ModelConfig.attention='cudnn' needs dtype='bfloat16' (cuDNN's fused attention "
+          f"rejects {self.dtype} inputs), got dtype={self.dtype!r}: set config.model.dtype to "
+          "'bfloat16' (or 'auto'), or config.model.attention to 'xla'")
     _check_choice(self, "remat", _REMAT)
     if not isinstance(self.observed_in_embedding, bool):
       raise ValueError(
@@ -131,6 +148,10 @@ _SIZES = {
     # Compiles in seconds; for tests.
     "tiny": dict(enc_width=32, enc_depth=2, enc_heads=2, enc_mlp=64,
                  dec_width=32, dec_depth=1, dec_heads=2, dec_mlp=64),
+    # CPU scale (~0.3M parameters): the 30-minute recipe on a 2-core machine
+    # (configs/pretrain.py:XS,aim,cpu; docs/results.md).
+    "XS": dict(enc_width=96, enc_depth=4, enc_heads=4, enc_mlp=256,
+               dec_width=64, dec_depth=2, dec_heads=4, dec_mlp=192),
     # Paper default (~25M parameters with 26 channels).
     "S": dict(enc_width=384, enc_depth=12, enc_heads=6, enc_mlp=1536,
               dec_width=256, dec_depth=4, dec_heads=8, dec_mlp=1024),
@@ -141,12 +162,13 @@ _SIZES = {
     "L": dict(enc_width=1024, enc_depth=24, enc_heads=16, enc_mlp=4096,
               dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048),
 }
+SIZES = tuple(_SIZES)
 
 
 def get_model_config(size: str, **overrides) -> ModelConfig:
   """Named model variant ("tiny", "S", "B", "L") with field overrides, validated."""
   if size not in _SIZES:
-    raise ValueError(f"unknown model size {size!r}; expected one of {tuple(_SIZES)}")
+    raise ValueError(f"unknown model size {size!r}; expected one of {SIZES}")
   unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
   if unknown:
     raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")

@@ -46,6 +46,9 @@ def _axes(*names: str | None) -> dict:
   return {"out_sharding": names, "eager_sharding": not jax.sharding.get_abstract_mesh().empty}
 
 
+HEAD_INIT_STD = 0.02  # Decoder head kernel init (see LSM2MAE.__init__).
+
+
 def _dense_init():
   # LinearGeneral initializes a flattened (in, out) kernel, so this also fits qkv / out.
   return nnx.initializers.xavier_uniform()
@@ -221,9 +224,14 @@ class LSM2MAE(nnx.Module):
         jnp.zeros((cfg.dec_width,), jnp.dtype(cfg.param_dtype)), **_axes("embed"))
     self.decoder = Transformer(
         cfg, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp, rngs=rngs)
+    # Small head: the first predictions are ~0, the normalised channel mean. Xavier here
+    # predicts noise of variance ~dec_width * 2 / (dec_width + patch_size) (0.7 tiny, 1.9 S)
+    # and AdamW, moving each weight ~lr per step, needs ~|w| / lr steps (hundreds at small
+    # LR) just to undo it: the plateau above the channel mean of short runs.
     self.head = nnx.Linear(
         cfg.dec_width, cfg.patch_size, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=_dense_init(), kernel_metadata=_axes("embed", "head_out"),
+        kernel_init=nnx.initializers.normal(HEAD_INIT_STD),
+        kernel_metadata=_axes("embed", "head_out"),
         bias_metadata=_axes("head_out"), rngs=rngs)
 
   def _check(self, signals, observed, masks: AimMasks):

@@ -1,17 +1,18 @@
 """Sharded LSM-2 pretraining: one readable loop in named sections.
 
 Data flows one way: shards -> Grain iterator -> global jax.Array batch ->
-AIM masks -> model -> masked reconstruction loss -> optax update, with CLU
-metrics, TensorBoard events and Orbax checkpoints on the side.
+AIM masks (laid out for the encoder by encoder_layout.py) -> model -> masked
+reconstruction loss -> optax update, with CLU metrics, TensorBoard events and
+Orbax checkpoints on the side; at the end the params are exported in the
+pretrained-model format (lsm2/pretrained.py).
+
+Sections, top to bottom: configs, optimizer, state, steps, validation, the loop.
 """
 from collections.abc import Mapping
 import dataclasses
-import json
 import logging
-import math
 import pathlib
 import signal
-import time
 from typing import Any
 
 from clu import periodic_actions
@@ -23,15 +24,18 @@ import ml_collections
 import numpy as np
 import optax
 
+from lsm2 import pretrained
+from lsm2 import sharding as sharding_lib
 from lsm2.data import metadata as metadata_lib
 from lsm2.data import pipeline
+from lsm2.data import synthesize
 from lsm2.model import aim
 from lsm2.model import config as model_config_lib
 from lsm2.model import loss as loss_lib
 from lsm2.model import mae
 from lsm2.train import checkpoint as checkpoint_lib
+from lsm2.train import encoder_layout
 from lsm2.train import metrics as metrics_lib
-from lsm2.train import sharding as sharding_lib
 
 TrainState = dict[str, Any]  # {"step", "params", "opt_state", "rng"}
 
@@ -39,36 +43,71 @@ TrainState = dict[str, Any]  # {"step", "params", "opt_state", "rng"}
 # ----------------------------------------------------------------------------
 # Configs: ml_collections -> frozen model/masking dataclasses, validated early.
 # ----------------------------------------------------------------------------
-def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int
+def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int,
+                           platform: str | None = None
                            ) -> tuple[model_config_lib.ModelConfig, model_config_lib.MaskConfig]:
-  """Frozen hyper-parameter dataclasses from the run config and the dataset's channels."""
+  """Frozen hyper-parameter dataclasses from the run config and the dataset's channels.
+
+  `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend) resolves the "auto"
+  dtype and attention; lsm2.aot passes the platform it compiles for.
+  """
   m = config.model
+  dtype = resolve_dtype(m.dtype, platform)
   model_cfg = model_config_lib.get_model_config(
       m.size, num_channels=num_channels, patch_time=m.patch_time,
-      patch_channels=m.patch_channels, dtype=m.dtype, matmul_dtype=m.matmul_dtype,
-      attention=resolve_attention(m.attention),
+      patch_channels=m.patch_channels, dtype=dtype, matmul_dtype=m.matmul_dtype,
+      attention=resolve_attention(m.attention, dtype, platform),
       remat=m.remat, observed_in_embedding=m.observed_in_embedding)
   mk = config.masking
+  strategies = model_config_lib.STRATEGIES
+  unknown = sorted(set(mk.weights.keys()) - set(strategies))
+  if unknown:
+    raise ValueError(f"config.masking.weights: unknown strategies {unknown}; expected names from "
+                     f"{strategies}")
+  # Weight 0 leaves a strategy out of the mix, so that strategy ids and the
+  # per-strategy metrics are those of the strategies actually drawn.
+  weights = tuple((name, float(mk.weights[name])) for name in strategies
+                  if mk.weights.get(name, 0.0) != 0)
+  if not weights:
+    raise ValueError(f"config.masking.weights are all 0 ({mk.weights.to_dict()}): give at least "
+                     "one strategy a positive weight")
   n_time = model_cfg.grid[0]
-  n_drop = mk.n_drop if mk.n_drop >= 0 else round(model_cfg.num_tokens * mk.time_bars / n_time)
+  # -1: the paper's ratio on any grid (time_bars / n_time of all tokens).
+  n_drop = round(model_cfg.num_tokens * mk.time_bars / n_time) if mk.n_drop == -1 else mk.n_drop
   mask_cfg = model_config_lib.MaskConfig(
-      scheme=mk.scheme, inherited_threshold=mk.inherited_threshold,
-      random_ratio=mk.random_ratio, time_bars=mk.time_bars, n_drop=n_drop,
-      strategy_weights=tuple((k, float(v)) for k, v in mk.weights.items()))
+      scheme=mk.scheme, inherited_threshold=mk.inherited_threshold, strategy_weights=weights,
+      random_ratio=mk.random_ratio, time_bars=mk.time_bars,
+      interp_gap_minutes=mk.interp_gap_minutes, extrap_gap_minutes=mk.extrap_gap_minutes,
+      signal_imputation_k=mk.signal_imputation_k, n_drop=n_drop)
   return model_cfg, model_config_lib.effective_mask_config(mask_cfg, model_cfg)
 
 
-def resolve_attention(name: str) -> str:
-  """"auto" picks the fastest attention kernel for this backend.
+def resolve_dtype(name: str, platform: str | None = None) -> str:
+  """"auto" is the precision policy: bfloat16 compute on TPU and GPU, float32 on CPU.
 
-  "blocked" on CPU (under a mesh it runs per device through shard_map, see
-  lsm2/model/attention.py), cuDNN's fused kernel on GPU, XLA's elsewhere.
+  Parameters, optimizer state and the loss stay float32 whatever the compute dtype
+  (ModelConfig.param_dtype; the model returns float32 and the loss computes in it).
   """
   if name != "auto":
     return name
-  if jax.default_backend() == "cpu":
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def resolve_attention(name: str, dtype: str, platform: str | None = None) -> str:
+  """"auto" picks the fastest attention kernel for this platform and compute dtype.
+
+  "blocked" on CPU (under a mesh it runs per device through shard_map, see
+  lsm2/model/attention.py), Pallas splash on TPU, cuDNN's fused kernel on GPU
+  when computing in bfloat16 (it rejects float32), XLA's otherwise.
+  """
+  if name != "auto":
+    return name
+  platform = platform or jax.default_backend()
+  if platform == "cpu":
     return "blocked"
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  if platform == "tpu":
+    return "splash"
+  return "cudnn" if platform == "gpu" and dtype == "bfloat16" else "xla"
 
 
 def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
@@ -95,15 +134,6 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
   if config.masking.pack_encoder and config.masking.encoder_buckets == 0:
     raise ValueError("config.masking.pack_encoder needs config.masking.encoder_buckets > 0 "
                      "(how many packed encoder lengths to compile)")
-
-
-def encoder_buckets(num_buckets: int, n_keep: int) -> tuple[int, ...]:
-  """Encoder lengths to compile: evenly spaced up to n_keep (multiples of 16)."""
-  if num_buckets <= 1:
-    return (n_keep,)
-  sizes = {min(n_keep, 16 * math.ceil(n_keep * (i + 1) / num_buckets / 16))
-           for i in range(num_buckets)}
-  return tuple(sorted(sizes))
 
 
 # ----------------------------------------------------------------------------
@@ -174,7 +204,8 @@ def create_state(setup: Setup) -> TrainState:
 
 # ----------------------------------------------------------------------------
 # Steps: masks, forward/backward, update. Masks are drawn in their own jit so
-# the host can pick an encoder-length bucket from the visible-token counts.
+# the host can lay out the encoder from the visible-token counts
+# (encoder_layout.MaskLayout) before the step runs.
 # ----------------------------------------------------------------------------
 def make_mask_fn(setup: Setup):
   @jax.jit
@@ -235,68 +266,30 @@ def make_eval_step(setup: Setup, strategy_names: tuple[str, ...]):
   return jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], setup.batch_sharding, None))
 
 
-class StepRunner:
-  """Draws masks, picks the encoder bucket and runs the matching compiled step.
-
-  With buckets the encoder only computes as many kept tokens as the batch's
-  largest visible count needs (visible tokens come first, so the cut tail is
-  only attention-masked tokens whose outputs are discarded: exact). With
-  `pack_groups` the buckets are packed lengths instead: the visible tokens of
-  each group of examples (one group per data-parallel shard) are laid end to
-  end, so per-token layers follow the batch's total, not its largest, visible
-  count (`aim.pack_visible`; exact too). One compilation per bucket;
-  `compiled_lengths` records which were used.
-  """
-
-  def __init__(self, setup: Setup, step_fn, buckets: tuple[int, ...] | None, pack_groups: int = 0):
-    self.mask_fn = make_mask_fn(setup)
-    self.step_fn = step_fn
-    self.buckets = buckets
-    self.pack_groups = pack_groups
-    self.compiled_lengths: set[int] = set()
-
-  def masks(self, rng, step, observed):
-    masks = self.mask_fn(rng, step, observed)
-    if self.buckets is None:
-      return masks
-    masks, length = fit_encoder(masks, self.buckets, self.pack_groups)
-    self.compiled_lengths.add(length)
-    return masks
-
-
-def layout_buckets(num_buckets: int, n_keep: int, batch_size: int, pack_groups: int
-                   ) -> tuple[int, ...] | None:
-  """Encoder lengths to compile (None: the fixed split). Packed lengths range up to every
-  kept token of a group's examples."""
-  if num_buckets <= 0:
-    return None
-  return encoder_buckets(num_buckets, n_keep * batch_size // pack_groups if pack_groups else n_keep)
-
-
-def fit_encoder(masks: aim.AimMasks, buckets: tuple[int, ...], pack_groups: int = 0
-                ) -> tuple[aim.AimMasks, int]:
-  """Masks cut (or, with `pack_groups`, packed) to the smallest bucket that holds the
-  batch's visible tokens (largest count per example, or total per group), and that length."""
-  visible = masks.visible_len
-  if pack_groups:
-    visible = visible.reshape(pack_groups, -1).sum(axis=1)
-  longest = int(jax.device_get(jnp.max(visible)))
-  length = next(b for b in buckets if b >= longest)
-  if pack_groups:
-    return aim.pack_visible(masks, length, pack_groups), length
-  return aim.truncate_kept(masks, length), length
-
-
-def make_runner(config: ml_collections.ConfigDict, setup: Setup, step_fn) -> StepRunner:
-  """The encoder layout the config asks for: fixed split, buckets, or packed buckets."""
-  n_keep = setup.model_cfg.num_tokens - setup.mask_cfg.n_drop
-  pack_groups = sharding_lib.data_parallel_size(setup.mesh) if config.masking.pack_encoder else 0
-  buckets = layout_buckets(config.masking.encoder_buckets, n_keep, config.batch_size, pack_groups)
-  layout = ("fixed split" if buckets is None else
-            f"packed encoder, {pack_groups} group(s), lengths {buckets}" if pack_groups else
-            f"encoder buckets {buckets}")
-  logging.info("Encoder layout: %s (n_keep %d).", layout, n_keep)
-  return StepRunner(setup, step_fn, buckets, pack_groups)
+# ----------------------------------------------------------------------------
+# Validation: reconstruction error on held-out subjects, the same masks each time.
+# ----------------------------------------------------------------------------
+def validation_losses(setup: Setup, eval_step, layout: encoder_layout.MaskLayout, params,
+                      config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
+  """Validation reconstruction MSE per strategy, on observed minutes only ({} if no batch)."""
+  it = pipeline.make_eval_iterator(config.data.dir, config.data.val_split,
+                                   global_batch_size=config.batch_size)
+  collection = metrics_lib.eval_metrics_collection(setup.mask_cfg.strategy_names)
+  acc = collection.empty()
+  eval_rng = jax.random.PRNGKey(config.seed + 2)  # Same masks at every evaluation.
+  n = 0
+  for local in it:
+    if n >= config.eval_batches:
+      break
+    batch = pipeline.to_global_batch(local, setup.batch_sharding)
+    masks = layout.draw(eval_rng, n, batch["observed"])
+    acc = acc.merge(collection.single_from_model_output(**eval_step(params, batch, masks)))
+    n += 1
+  if n == 0:
+    logging.warning("Validation split %r has fewer than batch_size=%d records: skipped at step %d.",
+                    config.data.val_split, config.batch_size, step)
+    return {}
+  return metrics_lib.finite_scalars(acc.compute(), prefix="val/")
 
 
 # ----------------------------------------------------------------------------
@@ -333,49 +326,6 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return config.lock()
 
 
-def _maybe_synthesize(config) -> None:
-  """The demo/runlocal path: write a small synthetic dataset if data.dir has none.
-
-  Process 0 alone decides and writes; every process waits at the same barrier,
-  so they agree even when the directory appears while they check.
-  """
-  if config.data.synthesize_subjects <= 0:
-    return
-  data_dir = pathlib.Path(config.data.dir)
-  if jax.process_index() == 0 and not (data_dir / "metadata.json").exists():
-    from lsm2.data import synthesize  # pylint: disable=g-import-not-at-top
-    logging.info("No dataset at %s: synthesizing %d subjects x %d days.", data_dir,
-                 config.data.synthesize_subjects, config.data.synthesize_days)
-    synthesize.write_synthetic_dataset(
-        data_dir, subjects=config.data.synthesize_subjects, days=config.data.synthesize_days,
-        seed=config.seed)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("lsm2_synthesize")
-
-
-def evaluate(setup, eval_step, runner, params, config, strategy_names, step) -> dict[str, float]:
-  """Validation reconstruction MSE per strategy, on observed minutes only."""
-  it = pipeline.make_train_iterator(
-      config.data.dir, config.data.val_split, global_batch_size=config.batch_size,
-      seed=config.seed, shuffle=False, num_epochs=1)
-  collection = metrics_lib.eval_metrics_collection(strategy_names)
-  acc = collection.empty()
-  eval_rng = jax.random.PRNGKey(config.seed + 2)  # Same masks at every evaluation.
-  n = 0
-  for local in it:
-    if n >= config.eval_batches:
-      break
-    batch = pipeline.to_global_batch(local, setup.batch_sharding)
-    masks = runner.masks(eval_rng, n, batch["observed"])
-    acc = acc.merge(collection.single_from_model_output(**eval_step(params, batch, masks)))
-    n += 1
-  if n == 0:
-    logging.warning("Validation split %r has fewer than batch_size=%d records: skipped at step %d.",
-                    config.data.val_split, config.batch_size, step)
-    return {}
-  return metrics_lib.finite_scalars(acc.compute(), prefix="val/")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains per `config`, resuming from `workdir` if it holds checkpoints.
 
@@ -384,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config = resolve_data_dir(config, workdir)
-  _maybe_synthesize(config)
+  synthesize.ensure_synthetic_dataset(config)  # The demo/runlocal data, if data.dir has none.
 
   # --- Data and configs -----------------------------------------------------
   meta = metadata_lib.load_metadata(config.data.dir)
@@ -400,8 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- State: restore or initialise ------------------------------------------
   setup = make_setup(config, model_cfg, mask_cfg, mesh)
-  description = export_description(config, model_cfg, mask_cfg, meta)
-  checkpoint_lib.write_description(workdir, description)  # Lets eval restore mid-run steps.
+  description = pretrained.export_description(config, model_cfg, mask_cfg, meta)
+  pretrained.write_description(workdir, description)  # Lets eval restore mid-run steps.
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
                                      keep=config.keep_checkpoints)
   restored = ckpt.restore_latest(abstract_state(setup), train_iter)
@@ -417,8 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state["step"]))
 
   # --- Compiled functions ------------------------------------------------------
-  runner = make_runner(config, setup, make_train_step(setup, strategy_names))
+  train_step = make_train_step(setup, strategy_names)
   eval_step = make_eval_step(setup, strategy_names)
+  layout = encoder_layout.make_mask_layout(config, make_mask_fn(setup), model_cfg, mask_cfg, mesh)
   train_collection = metrics_lib.train_metrics_collection(strategy_names)
 
   # --- Metrics, progress, preemption -----------------------------------------
@@ -426,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
+  # Steps/s (a scalar) and the ETA (in the log) every log_every steps.
   hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_every)]
   if config.profile_steps > 0 and jax.process_index() == 0:
@@ -433,15 +385,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = _Preemption()
   acc = train_collection.empty()
   last = {}
-  t0, logged_step = time.time(), start_step
 
   with sharding_lib.mesh_context(mesh, config.logical_axis_rules):
     for step in range(start_step + 1, config.total_steps + 1):
       # Train.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = pipeline.to_global_batch(next(train_iter), setup.batch_sharding)
-        masks = runner.masks(state["rng"], state["step"], batch["observed"])
-        state, outputs = runner.step_fn(state, batch, masks)
+        masks = layout.draw(state["rng"], state["step"], batch["observed"])
+        state, outputs = train_step(state, batch, masks)
       acc = acc.merge(train_collection.single_from_model_output(**outputs))
       for hook in hooks:
         hook(step)
@@ -450,15 +401,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every == 0 or step == config.total_steps:
         last = metrics_lib.finite_scalars(acc.compute(), prefix="train/")
         writer.write_scalars(step, last)
-        rate = (step - logged_step) / max(time.time() - t0, 1e-9)
-        eta = (config.total_steps - step) / max(rate, 1e-9)
-        logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step, config.total_steps,
-                     last.get("train/loss", float("nan")), rate, _hms(eta))
-        acc, t0, logged_step = train_collection.empty(), time.time(), step
+        logging.info("step %d/%d  loss %.4f", step, config.total_steps,
+                     last.get("train/loss", float("nan")))
+        acc = train_collection.empty()
 
       # Validate.
       if step % config.eval_every == 0 or step == config.total_steps:
-        val = evaluate(setup, eval_step, runner, state["params"], config, strategy_names, step)
+        val = validation_losses(setup, eval_step, layout, state["params"], config, step)
         if val:
           writer.write_scalars(step, val)
           logging.info("step %d  validation %s", step,
@@ -476,48 +425,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt.close()
   writer.flush()
   if not preemption.requested:
-    checkpoint_lib.export_params(workdir, state["params"], description)
+    pretrained.export_params(workdir, state["params"], description)
   return last
 
-
-def export_description(config, model_cfg, mask_cfg, meta) -> dict[str, Any]:
-  """What downstream code needs besides weights: configs, channels, normalisation."""
-  return {
-      "model": dataclasses.asdict(model_cfg),
-      "masking": dataclasses.asdict(mask_cfg),
-      "model_size": config.model.size,
-      "channels": [dataclasses.asdict(c) for c in meta.channels],
-      "norm_mean": np.asarray(meta.norm_mean).tolist(),
-      "norm_std": np.asarray(meta.norm_std).tolist(),
-      "data_dir": str(config.data.dir),
-      "run_config": json.loads(config.to_json_best_effort()),
-  }
-
-
-def load_pretrained(path: str | pathlib.Path, step: int | None = None
-                    ) -> tuple[mae.LSM2MAE, dict[str, Any]]:
-  """A model with pretrained parameters, and its description (configs, channels, stats).
-
-  `path` is a training workdir (its export/ when `step` is None and training
-  finished, else the checkpoint at `step` or the latest) or an export/
-  directory. Parameters are replicated over all devices of this job, whatever
-  the process and device count of the job that wrote them.
-  """
-  path = pathlib.Path(path)
-  description = checkpoint_lib.read_description(path)
-  model_cfg = model_config_lib.ModelConfig(**description["model"])
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: _init_model(model_cfg, 0)))
-  replicated = sharding_lib.replicated(sharding_lib.make_mesh({"data": -1}))
-  abstract_params = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_params)
-  export = path if (path / checkpoint_lib.EXPORT_PARAMS).exists() else path / checkpoint_lib.EXPORT_DIR
-  if step is None and (export / checkpoint_lib.EXPORT_PARAMS).exists():
-    params = checkpoint_lib.restore_params(export / checkpoint_lib.EXPORT_PARAMS, abstract_params)
-  else:
-    step, params = checkpoint_lib.restore_checkpoint_params(path, abstract_params, step)
-  return nnx.merge(graphdef, params), description
-
-
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

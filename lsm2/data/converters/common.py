@@ -23,6 +23,8 @@ class SubjectTimeline:
   subject_labels: dict[str, float | int] = dataclasses.field(default_factory=dict)
   # Day-level labels: name -> {ISO day -> value}; absent days get the missing value.
   day_labels: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
+  # Minute-level labels: name -> int64[days * 1440] class indices (-1 = no label).
+  minute_labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def num_days(self) -> int:
@@ -95,6 +97,10 @@ def day_records(timeline: SubjectTimeline, labels: Mapping[str, LabelSpec], max_
     for name, spec in labels.items():
       if spec.level == "subject":
         values[name] = timeline.subject_labels.get(name, missing_value(spec))
+      elif spec.level == "minute":
+        minutes = timeline.minute_labels.get(name)
+        values[name] = (np.full(MINUTES_PER_DAY, -1, np.int64) if minutes is None
+                        else minutes[d * MINUTES_PER_DAY:(d + 1) * MINUTES_PER_DAY].copy())
       else:
         values[name] = timeline.day_labels.get(name, {}).get(day, missing_value(spec))
     signals = np.where(observed, days[d], 0.0).astype(np.float32)

@@ -1,4 +1,4 @@
-"""lsm2.launch.collect: every sweep point's results.json into one markdown table and one CSV."""
+"""lsm2.sweeps.collect: every sweep point's results.json into one markdown table and one CSV."""
 import csv
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lsm2.launch import collect
+from lsm2.sweeps import collect
 
 
 def result(task, metric, value, split="test", masking="none", n=100):
@@ -51,7 +51,7 @@ def test_markdown_has_one_row_per_run_and_one_column_per_metric(sweep_root):
 
 def test_cli_writes_markdown_and_csv(sweep_root, tmp_path):
   out = tmp_path / "tables" / "masking"
-  proc = subprocess.run([sys.executable, "-m", "lsm2.launch.collect", str(sweep_root), "--out", str(out)],
+  proc = subprocess.run([sys.executable, "-m", "lsm2.sweeps.collect", str(sweep_root), "--out", str(out)],
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   assert (tmp_path / "tables" / "masking.md").read_text() == proc.stdout

@@ -1,4 +1,4 @@
-"""Sweep expansion (lsm2.launch.sweep), the paper's sweep files, and the sweep CLI."""
+"""Sweep expansion (lsm2.sweeps.sweep), the paper's sweep files, and the sweep CLI."""
 import os
 import pathlib
 import re
@@ -10,7 +10,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lsm2.launch import sweep as sw
+from lsm2 import config_files
+from lsm2.sweeps import sweep as sw
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEPS = REPO_ROOT / "configs" / "sweeps"
@@ -170,11 +171,28 @@ def test_slurm_and_gke_jobs_get_distinct_names(masking):
 
 
 def test_eval_jobs_restore_each_point(masking):
-  jobs = sw.jobs(masking, "tpu_vm", "gs://b/sweeps", ["--name", "t"], eval_taskset="probe")
-  assert jobs[0].workdir == "gs://b/sweeps/masking_scheme/scheme=aim/eval/probe"
-  assert jobs[0].argv[2:] == ("--name", "t", "--config", "configs/eval.py:probe", "--workdir",
-                              "gs://b/sweeps/masking_scheme/scheme=aim/eval/probe",
+  jobs = sw.jobs(masking, "tpu_vm", "gs://b/sweeps", ["--name", "t"], eval_taskset="depresjon")
+  assert jobs[0].workdir == "gs://b/sweeps/masking_scheme/scheme=aim/eval/depresjon"
+  assert jobs[0].argv[2:] == ("--name", "t", "--config", "configs/eval.py:depresjon", "--workdir",
+                              "gs://b/sweeps/masking_scheme/scheme=aim/eval/depresjon",
                               "--config.init_from=gs://b/sweeps/masking_scheme/scheme=aim")
+  # The eval config the jobs name accepts the task set.
+  assert _parse_config("configs/eval.py:depresjon", []).taskset == "depresjon"
+
+
+def test_eval_task_sets_are_those_of_the_eval_config():
+  eval_config = config_files.load_module(REPO_ROOT / "configs" / "eval.py")
+  assert sw.eval_tasksets() == tuple(eval_config.TASKSETS)
+  for taskset in sw.eval_tasksets():
+    assert eval_config.get_config(taskset).taskset == taskset
+
+
+@pytest.mark.parametrize("taskset", ["probe", "configs/eval.py:probe"])
+def test_eval_jobs_refuse_an_unknown_task_set(masking, taskset):
+  with pytest.raises(ValueError) as error:
+    sw.jobs(masking, "local", "/r", eval_taskset=taskset)
+  assert str(error.value) == (f"--eval {taskset!r} is not a task set of configs/eval.py: it takes "
+                              "one of synthetic, depresjon, fitabase")
 
 
 @pytest.mark.parametrize("arg", ["--workdir=/x", "--config", "--job-name", "--dry-run"])
@@ -187,7 +205,7 @@ def test_jobs_refuse_launcher_arguments_the_sweep_sets(masking, arg):
 
 
 def run_sweep(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "lsm2.launch.sweep", *map(str, args)], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "lsm2.sweeps.sweep", *map(str, args)], capture_output=True,
                         text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHON": "python3", **(env or {})},
                         timeout=120)
 
@@ -262,6 +280,15 @@ def test_cli_only_selects_points_by_exact_name(tmp_path):
   ]
   assert "sbatch --job-name=" not in result.stdout  # Job names live in the batch script.
   assert '#SBATCH --job-name="data_size/scheme=aim,max_train_subjects=0"' in result.stdout
+
+
+def test_cli_refuses_an_unknown_eval_task_set():
+  result = run_sweep("configs/sweeps/masking_scheme.py", "--launcher", "local", "--eval",
+                     "configs/eval.py:probe", "--dry-run", "--", "1")
+  assert result.returncode == 2
+  assert result.stdout == ""
+  assert ("sweep: error: --eval 'configs/eval.py:probe' is not a task set of configs/eval.py: "
+          "it takes one of synthetic, depresjon, fitabase") in result.stderr
 
 
 def test_cli_refuses_an_unknown_point(tmp_path):

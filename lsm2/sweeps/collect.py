@@ -1,6 +1,6 @@
 r"""Collects the results.json of every run under a sweep root into one table.
 
-  python -m lsm2.launch.collect ROOT --out PREFIX
+  python -m lsm2.sweeps.collect ROOT --out PREFIX
 
 finds ROOT/**/results.json (each a list of {task, metric, value, split,
 masking, n}) and writes
@@ -148,7 +148,7 @@ def markdown(results: Sequence[Result]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m lsm2.launch.collect", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m lsm2.sweeps.collect", description=__doc__.split("\n")[0])
   parser.add_argument("root", help="the sweep root (e.g. runs/masking_scheme)")
   parser.add_argument("--out", required=True, help="writes OUT.md and OUT.csv")
   args = parser.parse_args(argv)

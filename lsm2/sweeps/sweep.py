@@ -13,7 +13,7 @@ Each point becomes one job of a launcher in launch/, with workdir
 ROOT/NAME/POINT (POINT like `scheme=aim,size=S`) and its overrides passed as
 `--config.KEY=VALUE`:
 
-  python -m lsm2.launch.sweep configs/sweeps/model_size.py --launcher local \
+  python -m lsm2.sweeps.sweep configs/sweeps/model_size.py --launcher local \
       --workdir-root runs [--dry-run] -- 2 --config.data.dir=/data
 
 Everything after `--` goes to every launcher call (its own settings and
@@ -23,7 +23,6 @@ point's checkpoint instead (configs/eval.py:TASKSET, workdir POINT/eval/TASKSET)
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import pathlib
 import posixpath
@@ -34,9 +33,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lsm2 import config_files
+
 Overrides = dict[str, Any]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+EVAL_CONFIG = "configs/eval.py"  # Relative to REPO_ROOT, where the launchers run.
 LAUNCHERS = {
     "local": "local.sh",
     "tpu_vm": "tpu_vm.sh",
@@ -165,9 +167,7 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"sweep file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"lsm2_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_files.load_module(path)
   for attr in ("BASE_CONFIG", "get_sweep"):
     if not hasattr(module, attr):
       raise ValueError(f"sweep file {path} does not define {attr}")
@@ -175,6 +175,11 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
   if not points:
     raise ValueError(f"sweep file {path}: get_sweep() returned no points")
   return Sweep(name=path.stem, base_config=module.BASE_CONFIG, points=name_points(points))
+
+
+def eval_tasksets() -> tuple[str, ...]:
+  """The task sets of configs/eval.py (its TASKSETS), the values --eval accepts."""
+  return tuple(config_files.load_module(REPO_ROOT / EVAL_CONFIG).TASKSETS)
 
 
 def k8s_name(*parts: str) -> str:
@@ -212,6 +217,11 @@ def jobs(sweep: Sweep, launcher: str, workdir_root: str, launcher_args: Sequence
   """
   if launcher not in LAUNCHERS:
     raise ValueError(f"unknown launcher {launcher!r}; expected one of {sorted(LAUNCHERS)}")
+  if eval_taskset is not None:
+    tasksets = eval_tasksets()
+    if eval_taskset not in tasksets:
+      raise ValueError(f"--eval {eval_taskset!r} is not a task set of {EVAL_CONFIG}: it takes "
+                       f"one of {', '.join(tasksets)}")
   launcher_args = list(launcher_args)
   split = launcher_args.index("--") if "--" in launcher_args else len(launcher_args)
   settings, main_flags = launcher_args[:split], launcher_args[split:]
@@ -229,7 +239,7 @@ def jobs(sweep: Sweep, launcher: str, workdir_root: str, launcher_args: Sequence
       suffix = []
     else:
       workdir = posixpath.join(train_workdir, "eval", eval_taskset)
-      cfg, overrides = f"configs/eval.py:{eval_taskset}", [f"--config.init_from={train_workdir}"]
+      cfg, overrides = f"{EVAL_CONFIG}:{eval_taskset}", [f"--config.init_from={train_workdir}"]
       suffix = ["eval", eval_taskset]
     argv = ["bash", str(script), *settings, "--config", cfg, "--workdir", workdir, *overrides]
     if launcher in _JOB_NAME_FLAG:
@@ -247,7 +257,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   argv = list(argv)
   split = argv.index("--") if "--" in argv else len(argv)
   parser = argparse.ArgumentParser(
-      prog="python -m lsm2.launch.sweep", allow_abbrev=False,
+      prog="python -m lsm2.sweeps.sweep", allow_abbrev=False,
       description="Launches one job per point of a sweep file; arguments after `--` go to every launcher call.")
   parser.add_argument("sweep_file", help="configs/sweeps/NAME.py")
   parser.add_argument("--launcher", required=True, choices=sorted(LAUNCHERS))
