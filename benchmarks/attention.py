@@ -32,7 +32,8 @@ import numpy as np
 from lsm2.model.blocked_attention import blocked_attention
 from timing import run_times
 
-TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "torch_sdpa_reference.py"
+# A PyTorch SDPA timing script (not shipped: pass its path) for same-run ratios.
+TORCH_REFERENCE_ENV = "LSM2_TORCH_REFERENCE"
 
 
 def covered(n: int, block: int, tail: int) -> int:
@@ -51,15 +52,17 @@ def run_torch(args) -> dict | None:
   try:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    print("torch SDPA: skipped, torch is not installed (pip install "
-          "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl)")
+    print("torch SDPA: skipped, torch is not installed (pip install torch, CPU build)")
     return None
-  if not TORCH_REFERENCE.is_file():
-    print(f"torch SDPA: skipped, reference script not found at {TORCH_REFERENCE}")
+  if not args.torch_reference:
+    print(f"torch SDPA: skipped, no reference script (--torch_reference or ${TORCH_REFERENCE_ENV})")
+    return None
+  if not os.path.isfile(args.torch_reference):
+    print(f"torch SDPA: skipped, reference script not found at {args.torch_reference}")
     return None
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "torch.json")
-    cmd = [sys.executable, str(TORCH_REFERENCE), "--batch", str(args.batch), "--heads",
+    cmd = [sys.executable, args.torch_reference, "--batch", str(args.batch), "--heads",
            str(args.heads), "--length", str(args.length), "--head-dim", str(args.head_dim),
            "--repeats", str(args.repeats), "--json", path]
     subprocess.run(cmd, check=True)
@@ -79,6 +82,9 @@ def main():
     ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name])
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--torch_reference", default=os.environ.get(TORCH_REFERENCE_ENV, ""),
+                  help="path of a PyTorch SDPA timing script taking --batch/--heads/--length/"
+                       "--head-dim/--repeats/--json (not shipped)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
 

@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="working directory for data, runs and evaluations")
   p.add_argument("--datasets", default=",".join(DATASETS))
-  p.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"),
-                 help="directory holding depresjon/ and fitabase/")
+  p.add_argument("--shared", default=os.environ.get("LSM2_DATASETS", ""),
+                 help="directory holding depresjon/ and fitabase/ (default: $LSM2_DATASETS)")
   p.add_argument("--size", default="tiny", help="model size of configs/pretrain.py")
   p.add_argument("--steps", type=int, default=2000, help="pretraining steps (each scheme)")
   p.add_argument("--real_steps", type=int, default=0, help="steps on real data (0: --steps)")
@@ -100,8 +100,9 @@ def prepare_data(dataset: str, args) -> pathlib.Path:
     from lsm2.data import convert  # pylint: disable=g-import-not-at-top
     source = pathlib.Path(args.shared) / dataset
     if not source.is_dir():
-      raise FileNotFoundError(f"{source} not found: the real datasets live in ../shared/datasets "
-                              "(pass --shared or leave them out with --datasets=synthetic)")
+      raise FileNotFoundError(f"{source} not found: pass --shared DIR (or set $LSM2_DATASETS) to "
+                              "the folder holding the real datasets, or leave them out with "
+                              "--datasets=synthetic")
     fmt = "actiwatch" if dataset == "depresjon" else "fitabase"
     convert.convert(fmt, source, out, seed=args.seed)
   return out

@@ -90,6 +90,11 @@ def test_results_json_records(evaluated, pretrained):
        masking="natural")
   assert not [r for r in records if r["task"] == "activity" and r["level"] == "subject"]
   _one(records, task="age", level="subject", method="mean", metric="mae")
+  # The hand-crafted feature baseline, on the same examples and folds as the probe.
+  features = _one(records, task="hypertension", level="subject", method="features_probe",
+                  metric="auroc", masking="natural")
+  assert features["n"] == 12 and features["split"] == split
+  _one(records, task="age", level="day", method="features_probe", metric="mae")
   for masking in ("remove_group:ppg", "remove_group:temp", "remove_segment:night"):
     _one(records, task="hypertension", level="day", method="linear_probe", metric="auroc",
          masking=masking)

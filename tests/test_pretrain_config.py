@@ -177,3 +177,18 @@ def test_command_line_trains_temporal_interpolation_alone(data_dir, tmp_path):
   assert {"train/loss_temporal_interpolation", "val/mse_temporal_interpolation"} <= tags
   assert not {t for t in tags if t.startswith(("train/loss_", "val/mse_"))
               and not t.endswith("_temporal_interpolation")}
+
+
+def test_cpu_recipe_switch_and_xs_size():
+  """configs/pretrain.py:XS,aim,cpu: the CPU-scale size between tiny and S, the runlocal grid,
+  every masking strategy in the mix, and configs the trainer accepts."""
+  config = parse_config("XS,aim,cpu")
+  assert config.model.size == "XS" and config.lr == 3e-3 and config.batch_size == 8
+  assert (config.model.patch_time, config.model.patch_channels) == (30, 2)
+  assert all(config.masking.weights[name] > 0 for name in STRATEGIES)
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26, platform="cpu")
+  assert set(mask_cfg.strategy_names) == set(STRATEGIES)
+  width = lambda size: model_config_lib.get_model_config(size).enc_width
+  assert width("tiny") < model_cfg.enc_width < width("S")
+  with pytest.raises(ValueError, match="unknown switch 'fast'.*'runlocal' or 'cpu'"):
+    config_files.load_config(PRETRAIN, "XS,fast")

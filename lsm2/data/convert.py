@@ -37,7 +37,7 @@ from lsm2.data.converters import labels as labels_lib
 from lsm2.data.converters.common import DayStats, NonWearRule, day_records
 from lsm2.data.converters.device import HeartRateWearRule
 from lsm2.data.metadata import DatasetMetadata, LabelSpec
-from lsm2.data.writer import DatasetWriter
+from lsm2.data.writer import DatasetWriter, check_out_dir
 
 FORMATS = ("actiwatch", "fitabase", "long_csv", "parquet", "apple_health", "fitbit_takeout")
 # Formats whose zeros (or missing samples) can mean "not worn", with their default non-wear rules.
@@ -63,6 +63,7 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
   """
   if not 0.0 <= max_missing <= 1.0:
     raise ValueError(f"--max-missing must be in [0, 1], got {max_missing}")
+  check_out_dir(out_dir, overwrite)  # Before the input is read: a bad --out fails at once.
   if isinstance(nonwear, (NonWearRule, HeartRateWearRule)) and not isinstance(
       nonwear, type(NONWEAR_DEFAULTS.get(fmt))):
     raise ValueError(f"a {type(nonwear).__name__} applies to --format " + " or ".join(
@@ -177,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m lsm2.data.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--format", required=True, choices=FORMATS)
-  p.add_argument("--input", required=True, help="input directory (actiwatch, fitabase) or file")
+  p.add_argument("--input", required=True, help="input directory (actiwatch, fitabase), file, or "
+                 "export (apple_health, fitbit_takeout: a file, zip or folder, or a directory "
+                 "of exports)")
   p.add_argument("--out", required=True, help="output dataset directory")
   p.add_argument("--max-missing", type=float, default=0.8,
                  help="drop days whose missing fraction is above this (default 0.8)")
@@ -245,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split_fractions=args.split_fractions, shards=args.shards, out_format=args.out_format,
         overwrite=args.overwrite, nonwear=_nonwear_from_args(args), long_options=long_options,
         device_options=device_options)
-  except (ValueError, FileExistsError) as e:
+  except (ValueError, OSError) as e:  # OSError: a file that cannot be read or written.
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(stats.summary(args.max_missing, sum(len(v) for v in meta.subjects.values())))

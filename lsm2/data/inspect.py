@@ -133,6 +133,11 @@ def render(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _plain(text: str) -> str:
+  """Text that matplotlib draws as written: a `$` would start mathtext (ids may hold one)."""
+  return text.replace("$", r"\$")
+
+
 def plot_days(meta: DatasetMetadata, records: Sequence[DayRecord], path: str | pathlib.Path) -> None:
   """Heat map per day: normalized values (channels x minutes), unobserved minutes in grey."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -143,16 +148,15 @@ def plot_days(meta: DatasetMetadata, records: Sequence[DayRecord], path: str | p
   height = len(records) * (0.8 + 0.13 * meta.num_channels)
   fig, axes = plt.subplots(len(records), 1, figsize=(12, height), squeeze=False,
                            layout="constrained")
-  cmap = plt.get_cmap("coolwarm").copy()
-  cmap.set_bad("0.8")
+  cmap = plt.get_cmap("coolwarm").with_extremes(bad="0.8")
   for ax, rec in zip(axes[:, 0], records):
     z = normalize(rec.signals, rec.observed, meta.norm_mean, meta.norm_std)
     im = ax.imshow(np.ma.masked_array(z.T, ~rec.observed.T), aspect="auto", cmap=cmap,
                    vmin=-3, vmax=3, interpolation="nearest")
-    ax.set_title(f"{rec.subject_id} {rec.day}: {rec.missing_fraction:.0%} missing (grey)",
-                 fontsize=9)
+    title = f"{rec.subject_id} {rec.day}: {rec.missing_fraction:.0%} missing (grey)"
+    ax.set_title(_plain(title), fontsize=9)
     ax.set_yticks(range(meta.num_channels))
-    ax.set_yticklabels(meta.channel_names, fontsize=5)
+    ax.set_yticklabels([_plain(n) for n in meta.channel_names], fontsize=5)
     ax.set_xticks(range(0, 1441, 180))
     ax.set_xticklabels([f"{h:02d}:00" for h in range(0, 25, 3)], fontsize=7)
   fig.colorbar(im, ax=axes[:, 0].tolist(), label="z-score", shrink=0.6)

@@ -148,15 +148,15 @@ def _place_frame(df, model_channels: Sequence[str]) -> NamedInput:
                      f"{type(df.index).__name__}")
   if df.columns.duplicated().any():
     raise ValueError(f"DataFrame columns {list(df.columns[df.columns.duplicated()])} repeat")
-  slots, ignored = match_channels([str(c) if not isinstance(c, str) else c for c in df.columns],
-                                  model_channels)
+  labels = {str(c): c for c in df.columns}  # Matched by name as text.
+  slots, ignored = match_channels(list(labels), model_channels)
   if not slots:
     raise ValueError(f"no column names a channel of this model ({list(model_channels)}): "
                      f"ignored {ignored}")
   index = df.index.tz_localize(None) if df.index.tz is not None else df.index
   cols = {}
   for name in slots:
-    column = df[name]
+    column = df[labels[name]]
     if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
       converted = pd.to_numeric(column, errors="coerce")
       bad = column[converted.isna() & column.notna()]

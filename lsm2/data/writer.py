@@ -48,6 +48,38 @@ class _ChannelStats:
     self.n = total
 
 
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[pathlib.Path]:
+  """Checks, changing nothing, that a dataset can go to `out_dir`; returns the files it replaces.
+
+  Raises (naming the path and the reason) when it is not a directory, cannot
+  be created or written, or holds a dataset or shards and `overwrite` is off.
+  Converters call it before reading their input, so a bad --out fails at once.
+  """
+  out = pathlib.Path(out_dir)
+  if out.exists():
+    if not out.is_dir():
+      raise ValueError(f"--out {out}: exists and is not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+      raise ValueError(f"--out {out}: directory is not writable (permission denied)")
+  else:
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+      parent = parent.parent
+    if not parent.is_dir():
+      raise ValueError(f"--out {out}: cannot create it: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise ValueError(f"--out {out}: cannot create it: {parent} is not writable "
+                       "(permission denied)")
+    return []
+  existing = [p for p in out.iterdir() if p.name == METADATA_FILE or p.suffix in FORMATS.values()]
+  if existing and not overwrite:
+    what = ("a dataset" if (out / METADATA_FILE).exists()
+            else "shards of an unfinished write (no metadata.json)")
+    raise FileExistsError(f"{out} already holds {what}, e.g. {existing[0].name}; "
+                          "pass overwrite=True (--overwrite) or choose an empty directory")
+  return existing
+
+
 class DatasetWriter:
   """Writes splits of day records to `out_dir`; `finish()` writes metadata.json.
 
@@ -65,14 +97,8 @@ class DatasetWriter:
     self.channels = check_channel_set(channels)
     self.labels = {s.name: s for s in labels}
     self.fmt = check_format(fmt)
+    existing = check_out_dir(self.out_dir, overwrite)
     self.out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in self.out_dir.iterdir()
-                if p.name == METADATA_FILE or p.suffix in FORMATS.values()]
-    if existing and not overwrite:
-      what = ("a dataset" if (self.out_dir / METADATA_FILE).exists()
-              else "shards of an unfinished write (no metadata.json)")
-      raise FileExistsError(f"{self.out_dir} already holds {what}, e.g. {existing[0].name}; "
-                            "pass overwrite=True (--overwrite) or choose an empty directory")
     for p in existing:
       p.unlink()
     c = len(self.channels)

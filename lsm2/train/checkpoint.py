@@ -8,21 +8,27 @@ the params of these steps and the export):
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a save killed half-way never shows up as a step. A step that exists but
-fails to restore (truncated files) is skipped with a warning in favour of the
-previous one.
+cannot be read (truncated files) is skipped with a loud warning in favour of
+the previous one and moved aside to checkpoints_corrupt/<step>.<time>/, so that
+it neither counts toward `keep` nor blocks later saves of its step; a readable
+step that does not fit the model stops the run (pretrained.restore_newest).
 """
 import logging
 import pathlib
+import time
 from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lsm2 import pretrained
 
 DATA_ITER = "data_iter"
 LAYOUT = "layout"  # {"process_count": P}: data iterator states are per process.
+CORRUPT_DIR = "checkpoints_corrupt"  # Unreadable steps, moved out of Orbax's sight.
 
 
 class Checkpointer:
@@ -55,17 +61,25 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any, data_iter: Any | None
                      ) -> tuple[int, Any, bool] | None:
-    """Restores the newest complete checkpoint onto `abstract_state`'s shardings.
+    """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings, so a
     checkpoint written on one mesh restores onto another (Orbax reshards).
     `data_iter` (if given) is restored in place when the checkpoint was written
     by as many processes as this job has (iterator states are per process).
+    Newer unreadable steps are moved aside; a step that does not fit
+    `abstract_state` raises pretrained.CheckpointMismatchError and changes nothing.
     Returns (step, state, whether data_iter was restored) or None.
     """
     self._warn_about_partial_saves()
-    for step in sorted(self.manager.all_steps(), reverse=True):
+
+    def restore(step: int):
       try:
+        saved = self.manager.item_metadata(step)[pretrained.STATE]
+        pretrained.check_fits(
+            getattr(saved, "tree", saved), abstract_state, f"checkpoint step {step} in {self.directory}",
+            hint=f"Start a fresh run with a new --workdir, or fine-tune this one's parameters in a "
+                 f"new workdir with --config.init_from={self.directory.parent}.")
         layout = self.manager.restore(step, args=ocp.args.Composite(
             **{LAYOUT: ocp.args.JsonRestore()}))[LAYOUT]
         items = {pretrained.STATE: ocp.args.StandardRestore(abstract_state)}
@@ -73,16 +87,38 @@ class Checkpointer:
         if data_iter is not None and same_layout:
           items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # A truncated or corrupt step: fall back to the previous one.
-        logging.warning("Checkpoint step %d in %s could not be restored (%s: %s); "
-                        "trying the previous one.", step, self.directory, type(e).__name__, e)
-        continue
-      if data_iter is not None and not same_layout:
-        logging.warning("Checkpoint step %d was written by %d processes, this job has %d: the "
-                        "data iterator starts afresh.", step, layout["process_count"],
-                        jax.process_count())
-      return step, restored[pretrained.STATE], DATA_ITER in items
-    return None
+        error = None
+      except pretrained.CheckpointMismatchError:
+        raise  # The same metadata on every process: all of them raise.
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if not _everywhere(error is None):  # One process's unreadable shard fails them all.
+        raise error or RuntimeError("another process could not read its part of this step")
+      return restored, layout, DATA_ITER in items
+
+    found = pretrained.restore_newest(self.manager.all_steps(), restore, str(self.directory),
+                                      on_unreadable=self._move_aside)
+    if found is None:
+      return None
+    step, (restored, layout, data_restored) = found
+    if data_iter is not None and not data_restored:
+      logging.warning("Checkpoint step %d was written by %d processes, this job has %d: the "
+                      "data iterator starts afresh.", step, layout["process_count"],
+                      jax.process_count())
+    return step, restored[pretrained.STATE], data_restored
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    """Renames unreadable step `step` to checkpoints_corrupt/<step>.<UTC time> (never deletes it)."""
+    when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = self.directory.parent / CORRUPT_DIR / f"{step}.{when}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+      pretrained.write_text_atomic(target / "REASON.txt", reason + "\n")
+      logging.warning("CHECKPOINT UNREADABLE: moved step %d aside to %s (%s).", step, target, reason)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"lsm2_moved_aside_{step}")
+    self.manager.reload()  # Orbax forgets the step: it no longer counts toward `keep`.
 
   def _warn_about_partial_saves(self) -> None:
     if not self.directory.exists():
@@ -92,8 +128,20 @@ class Checkpointer:
       logging.warning("Ignoring incomplete checkpoint directories in %s: %s",
                       self.directory, ", ".join(sorted(partial)))
 
+  def reached_preemption(self, step: int) -> bool:
+    """Orbax's preemption sync point: True at the same step on every process after a
+    SIGTERM to any (needs a JAX distributed runtime; always False without one)."""
+    return self.manager.reached_preemption(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective in multi-process jobs)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))

@@ -19,9 +19,7 @@ from clu import periodic_actions
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 import optax
 
 from lsm2 import pretrained
@@ -36,6 +34,7 @@ from lsm2.model import mae
 from lsm2.train import checkpoint as checkpoint_lib
 from lsm2.train import encoder_layout
 from lsm2.train import metrics as metrics_lib
+from lsm2.train import run_dir
 
 TrainState = dict[str, Any]  # {"step", "params", "opt_state", "rng"}
 
@@ -127,6 +126,11 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
   for field in ("checkpoint_every", "eval_every", "log_every"):
     if config[field] <= 0:
       raise ValueError(f"config.{field}={config[field]} must be positive")
+  if not 2 <= config.preemption_exit_code <= 255:
+    raise ValueError(f"config.preemption_exit_code={config.preemption_exit_code} must be in "
+                     "[2, 255]: 0 means finished and 1 failed")
+  if config.lease_timeout_s <= 0:
+    raise ValueError(f"config.lease_timeout_s={config.lease_timeout_s} must be positive")
   if not 0.0 <= config.warmup_fraction < 1.0:
     raise ValueError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
   if config.masking.encoder_buckets < 0:
@@ -295,25 +299,46 @@ def validation_losses(setup: Setup, eval_step, layout: encoder_layout.MaskLayout
 # ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
-class _Preemption:
-  """SIGTERM sets a flag; the loop checkpoints and exits cleanly at the next step."""
+class Preempted(SystemExit):
+  """Raised once the preemption checkpoint is saved; the interpreter exits with
+  config.preemption_exit_code (default 75, EX_TEMPFAIL), which launchers and
+  requeue loops read as "resume me", unlike 0 (finished) and 1 (failed)."""
 
-  def __init__(self):
+  def __init__(self, step: int, exit_code: int):
+    super().__init__(exit_code)
+    self.step = step
+
+
+class _Preemption:
+  """Whether to save and stop before the end: Orbax's preemption sync point, or SIGTERM.
+
+  With a JAX distributed runtime (every multi-process job, and one process
+  started with --distributed=on), JAX's preemption sync manager receives the
+  SIGTERM of any process and the checkpoint manager's reached_preemption(step)
+  turns True at the same step on all of them (it must be asked every step).
+  A plain single process has no sync manager, so reached_preemption is always
+  False there: it catches SIGTERM itself, and alone it needs no agreement.
+  """
+
+  def __init__(self, ckpt: checkpoint_lib.Checkpointer):
+    self._ckpt = ckpt
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._own_handler = not jax.distributed.is_initialized()
+    if self._own_handler:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
 
-  def should_stop(self, step: int, sync_every: int) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    # Every process must agree, or the collective save would hang; agreeing
-    # costs a collective, so it only happens every `sync_every` steps.
-    if step % sync_every:
-      return False
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+  def should_stop(self, step: int) -> bool:
+    if not self._own_handler:
+      self.requested = self.requested or self._ckpt.reached_preemption(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._own_handler:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path
@@ -341,6 +366,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_cfg, mask_cfg = model_and_mask_configs(config, num_channels=len(meta.channels))
   mesh = sharding_lib.make_mesh(config.mesh)
   validate_config(config, model_cfg, mask_cfg, mesh)
+
+  # --- The workdir: owned by one run, written by one process -----------------
+  record = run_dir.run_record(config, meta)
+  run_dir.check_record(workdir, record)  # Another run's workdir: refused before any write.
+  lease = run_dir.Lease(workdir, timeout_s=config.lease_timeout_s)
+  lease.acquire()
+  try:
+    return _train(config, workdir, meta, model_cfg, mask_cfg, mesh, record, lease)
+  finally:
+    lease.release()
+
+
+def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, meta
+               ) -> tuple[TrainState, int | str]:
+  """`state` with the parameters of run config.init_from (fine-tuning), and their step."""
+  source = config.init_from
+  description = pretrained.read_description(source)
+  if [c["name"] for c in description["channels"]] != list(meta.channel_names):
+    raise ValueError(f"config.init_from={source} was pretrained on channels "
+                     f"{[c['name'] for c in description['channels']]}, but dataset "
+                     f"{config.data.dir} has {list(meta.channel_names)}; fine-tune on data with "
+                     "the same channels in the same order")
+  abstract = abstract_state(setup)["params"]
+  try:
+    export = pretrained.find_export(source)
+    if export is not None:
+      step = "export"
+      params = pretrained.restore_params(export / pretrained.EXPORT_PARAMS, abstract)
+    else:
+      step, params = pretrained.restore_checkpoint_params(source, abstract)
+  except pretrained.CheckpointMismatchError as e:
+    raise pretrained.CheckpointMismatchError(
+        f"config.init_from={source}: {e} Fine-tuning needs the same model size, patch and "
+        "channel count.") from None
+  return {**state, "params": params}, step
+
+
+def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg, mesh,
+           record: dict[str, Any], lease: run_dir.Lease) -> dict[str, float]:
+  """Restores or initialises the state, trains, checkpoints and exports, holding `lease`."""
   strategy_names = mask_cfg.strategy_names
   make_iterator = lambda seed: pipeline.make_train_iterator(
       config.data.dir, config.data.train_split, global_batch_size=config.batch_size,
@@ -350,13 +415,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- State: restore or initialise ------------------------------------------
   setup = make_setup(config, model_cfg, mask_cfg, mesh)
-  description = pretrained.export_description(config, model_cfg, mask_cfg, meta)
-  pretrained.write_description(workdir, description)  # Lets eval restore mid-run steps.
+  if jax.process_index() == 0:
+    pretrained.recover_export(workdir)  # A kill during the last export: finish or undo it.
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
                                      keep=config.keep_checkpoints)
+  # Unreadable steps fall back (moved aside); another model's checkpoint raises.
   restored = ckpt.restore_latest(abstract_state(setup), train_iter)
   if restored is None:
     state = create_state(setup)
+    if config.init_from:
+      state, from_step = _init_from(config, setup, state, meta)
+      record = {**record, "init_from_step": from_step}
+      logging.info("Initialised the parameters from %s (%s).", config.init_from, from_step)
     logging.info("Initialised a new %s model (%s parameters).", config.model.size,
                  f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
   else:
@@ -365,6 +435,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not data_restored:  # Another process count wrote it: a fresh, step-dependent order.
       train_iter = make_iterator(config.seed + step)
   start_step = int(jax.device_get(state["step"]))
+  # Only now, with this run's state in hand, does it claim the workdir (run.json
+  # on a fresh start or a workdir from before run.json) and describe it (lsm2.json
+  # lets evaluation restore mid-run steps).
+  if restored is None or not (workdir / run_dir.RUN_FILE).exists():
+    run_dir.write_record(workdir, record)
+  description = pretrained.export_description(config, model_cfg, mask_cfg, meta)
+  pretrained.write_description(workdir, description)
 
   # --- Compiled functions ------------------------------------------------------
   train_step = make_train_step(setup, strategy_names)
@@ -382,7 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            every_steps=config.log_every)]
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
-  preemption = _Preemption()
+  preemption = _Preemption(ckpt)
+  preempted_at = None
   acc = train_collection.empty()
   last = {}
 
@@ -415,16 +493,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           last.update(val)
 
       # Checkpoint (async), or save and stop on preemption.
-      stop = preemption.should_stop(step, config.log_every)
+      lease.check()  # Another process took the workdir over: stop before writing.
+      stop = preemption.should_stop(step)
       ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps)
       if stop:
-        logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
+        preempted_at = step
         break
 
   ckpt.wait()
   ckpt.close()
   writer.flush()
-  if not preemption.requested:
-    pretrained.export_params(workdir, state["params"], description)
+  preemption.close()
+  if preempted_at is not None:
+    logging.warning("Preempted at step %d: checkpoint saved, exiting with status %d (resume by "
+                    "running the same command again).", preempted_at, config.preemption_exit_code)
+    raise Preempted(preempted_at, config.preemption_exit_code)
+  lease.check()
+  pretrained.export_params(workdir, state["params"], description)
   return last
 

@@ -83,6 +83,9 @@ def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | Non
   for path in files:
     df = read_table(path)
     require_columns(df, ["timestamp", "activity"], path)
+    if df.empty:
+      raise ValueError(f"{path}: no data rows (only a header); remove the file or add its "
+                       "recording")
     ts = pd.to_datetime(df["timestamp"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
     if ts.isna().any():
       bad = df["timestamp"][ts.isna()].iloc[0]

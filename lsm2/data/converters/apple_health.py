@@ -288,7 +288,9 @@ class _Export:
     worn = np.zeros(n, bool)
     if rule is not None:
       worn = rule.mask(self.acc.covered(hr))
-    values = np.stack([self.acc.values(q) for q in range(len(QUANTITIES))], axis=1)
+    values = np.empty((n, len(QUANTITIES)), np.float32)
+    for q in range(len(QUANTITIES)):
+      values[:, q] = self.acc.values(q)
     for q, quantity in enumerate(QUANTITIES.values()):
       if quantity.semantics == device.COUNT:
         zero = worn & ~self.acc.covered(q)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -157,13 +158,144 @@ class NonWearRule:
     return out
 
 
-def read_table(path, **kwargs):
-  """pandas.read_csv with the file named in any parse error."""
+# pandas.read_csv's default missing-value markers (its `na_values` documentation).
+MISSING_MARKERS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def read_table(path, *, text_columns: Sequence[str] = (), **kwargs):
+  """pandas.read_csv with the file named in any parse error.
+
+  `text_columns` (subject ids) are read as text exactly as written: no number
+  parsing (`01` stays `01`) and no missing-value markers (`NA` stays `NA`); the
+  other columns as pandas reads them by default.
+  """
   import pandas as pd  # pylint: disable=g-import-not-at-top
   try:
+    if text_columns:
+      header = pd.read_csv(path, nrows=0, **kwargs).columns
+      kwargs |= {"dtype": {c: str for c in text_columns}, "keep_default_na": False,
+                 "na_values": {c: sorted(MISSING_MARKERS) for c in header
+                               if c not in text_columns}}
     return pd.read_csv(path, **kwargs)
   except (ValueError, pd.errors.ParserError) as e:
     raise ValueError(f"{path}: cannot parse as CSV: {e}") from None
+
+
+def subject_ids(column, path, name: str):
+  """A table's subject-id column as a Series of text; raises on a missing id.
+
+  Text is taken exactly as written (read CSVs with `read_table(text_columns=...)`):
+  `1`, `01` and ` 1` are three subjects. Integer columns (Parquet) become their
+  decimal digits. Other types are an error: a float cannot keep `01` apart
+  from `1`. A missing id, a blank one or one of pandas' missing-value markers
+  (`NA`, `null`, `None`, ...; MISSING_MARKERS) is an error naming the data row
+  (counted from 1, the header excluded), never a row silently dropped.
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  if isinstance(column.dtype, pd.CategoricalDtype):
+    column = column.astype(object)
+  absent = column.isna()
+  if pd.api.types.is_integer_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
+    text = column.astype(str)
+  elif pd.api.types.is_object_dtype(column.dtype):
+    wrong = ~(absent | column.map(lambda v: isinstance(v, str))).to_numpy(bool)
+    if wrong.any():
+      i = int(np.flatnonzero(wrong)[0])
+      raise ValueError(f"{path}: data row {i + 1}: column {name!r}: subject id "
+                       f"{column.iloc[i]!r} is a {type(column.iloc[i]).__name__}, not text")
+    text = column
+  elif pd.api.types.is_string_dtype(column.dtype):
+    text = column
+  else:
+    example = f" (e.g. {column[~absent].iloc[0]})" if not absent.all() else ""
+    raise ValueError(f"{path}: column {name!r} holds {column.dtype} values{example}; subject "
+                     "ids must be text or integers (a float cannot keep '01' and '1' apart)")
+  bad = (absent | text.isin(MISSING_MARKERS) | text.str.strip().eq("")).to_numpy(bool)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    value = text.iloc[i]
+    what = ("no subject id" if absent.iloc[i] else f"subject id {value!r} is blank"
+            if not value.strip() else f"subject id {value!r} is a missing-value marker "
+            "(rename the subject if it is a real id)")
+    n = int(bad.sum())
+    raise ValueError(f"{path}: data row {i + 1}: column {name!r}: {what} "
+                     f"({n} row{'s' if n > 1 else ''} like this)")
+  return text.astype(str)
+
+
+# A trailing UTC offset ("Z", "+05", "-04:00", "-0500"): only partitions the
+# stamps so that each part holds one offset; pandas parses every part whole.
+_OFFSET_SUFFIX = re.compile(r"(Z|[+-]\d{2}(?::?\d{2})?)$")
+
+
+def local_times(column, path, name: str, what: str = "timestamp"):
+  """(wall clock, UTC): time stamps on their local wall clock, and their instants if known.
+
+  Both are datetime64 Series (UTC is None when the stamps carry no offset or
+  zone). A stamp with a UTC offset or zone keeps its own local wall clock (the
+  offset is dropped after parsing), so the offset may change between rows: a
+  daylight-saving change, or travel. Naive stamps are wall clock already. A
+  column mixing stamps with and without an offset, a missing stamp or one
+  pandas cannot parse is an error naming the file, column and value.
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  parsed = column
+  if not pd.api.types.is_datetime64_any_dtype(column.dtype):
+    try:
+      parsed = pd.to_datetime(column, errors="coerce")
+    except ValueError:  # "Mixed timezones detected": offsets differ between rows.
+      return _parse_by_offset(column, path, name, what)
+    if parsed.isna().any():
+      return _parse_by_offset(column, path, name, what)
+  _check_parsed(column, parsed.isna().to_numpy(), path, name, what)
+  if isinstance(parsed.dtype, pd.DatetimeTZDtype):
+    return parsed.dt.tz_localize(None), parsed.dt.tz_convert(None)
+  return parsed, None
+
+
+def _check_parsed(column, failed: np.ndarray, path, name: str, what: str) -> None:
+  """Raises on the first stamp pandas could not parse (`failed`), naming it and its row."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  if failed.any():
+    i = int(np.flatnonzero(failed)[0])
+    value = column.iloc[i]
+    problem = f"no {what}" if pd.isna(value) else f"cannot parse {what} {value!r}"
+    raise ValueError(f"{path}: column {name!r}: {problem} (data row {i + 1})")
+
+
+def _parse_by_offset(column, path, name: str, what: str):
+  """local_times for stamps whose offsets differ: pandas parses one offset per call."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  # The offset text of each stamp, from the distinct 6-character tails (few).
+  codes, tails = pd.factorize(column.astype(str).str.rstrip().str.slice(-6),
+                              use_na_sentinel=False)
+  offsets = [m.group(1) if isinstance(t, str) and (m := _OFFSET_SUFFIX.search(t)) else ""
+             for t in tails]
+  keys = np.unique(offsets, return_inverse=True)[1].reshape(-1)[codes]
+  order = np.argsort(keys, kind="stable")
+  wall = np.empty(len(column), "datetime64[us]")
+  utc = np.empty(len(column), "datetime64[us]")
+  failed = np.zeros(len(column), bool)
+  aware, naive = [], []
+  for idx in np.split(order, np.cumsum(np.bincount(keys))[:-1]):
+    part = pd.to_datetime(column.iloc[idx], errors="coerce")
+    failed[idx] = part.isna().to_numpy()
+    if isinstance(part.dtype, pd.DatetimeTZDtype):
+      aware.append(int(idx[0]))
+      wall[idx] = part.dt.tz_localize(None).to_numpy("datetime64[us]")
+      utc[idx] = part.dt.tz_convert(None).to_numpy("datetime64[us]")
+    else:
+      naive.append(int(idx[0]))
+      wall[idx] = part.to_numpy("datetime64[us]")
+  _check_parsed(column, failed, path, name, what)
+  if aware and naive:
+    raise ValueError(f"{path}: column {name!r} mixes time stamps with a UTC offset (e.g. "
+                     f"{column.iloc[min(aware)]!r}) and without (e.g. "
+                     f"{column.iloc[min(naive)]!r}); write every stamp with its offset, or none")
+  return (pd.Series(wall, index=column.index),
+          pd.Series(utc, index=column.index) if aware else None)
 
 
 def require_columns(df, columns: Sequence[str], path) -> None:

@@ -11,8 +11,10 @@ subjects without a row and days without a row get the missing value (-1, or
 NaN for regression). Rows of subjects that are not in the data are ignored
 and counted in the summary (label tables often list a whole cohort); a file
 none of whose subjects is in the data is an error (likely mismatched ids).
-Duplicate rows and label names that collide with a channel or with another
-file's labels are errors naming the file and column.
+Subject ids are text exactly as written, as in the data (common.subject_ids):
+a missing or empty id is an error naming the row. Duplicate rows and label
+names that collide with a channel or with another file's labels are errors
+naming the file and column.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from lsm2.data.converters.common import DayStats, SubjectTimeline, read_table, require_columns
+from lsm2.data.converters.common import (DayStats, SubjectTimeline, local_times, read_table,
+                                         require_columns, subject_ids)
 from lsm2.data.metadata import LABEL_KINDS, LabelSpec
 
 
@@ -47,7 +50,7 @@ def parse_kind_overrides(items: Sequence[str]) -> dict[str, str]:
   return kinds
 
 
-def _read(path: pathlib.Path):
+def _read(path: pathlib.Path, subject_column: str):
   import pandas as pd  # pylint: disable=g-import-not-at-top
   if not path.is_file():
     raise ValueError(f"--labels {path} is not a file")
@@ -56,7 +59,7 @@ def _read(path: pathlib.Path):
       return pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several types.  pylint: disable=broad-except
       raise ValueError(f"{path}: cannot read as Parquet: {e}") from None
-  return read_table(path)
+  return read_table(path, text_columns=[subject_column])
 
 
 def _class_name(value) -> str:
@@ -101,9 +104,8 @@ def _column_spec(df, column: str, level: str, kind: str | None, path) -> tuple[L
 def load(path: str | pathlib.Path, *, subject_column: str, date_column: str,
          kinds: Mapping[str, str], reserved: Collection[str]) -> LabelTable:
   """Parses one label file; `reserved` are names a label may not take (the channels)."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
-  df = _read(path)
+  df = _read(path, subject_column)
   require_columns(df, [subject_column], path)
   day_level = date_column in df.columns
   keys = [subject_column] + ([date_column] if day_level else [])
@@ -115,16 +117,9 @@ def load(path: str | pathlib.Path, *, subject_column: str, date_column: str,
       raise ValueError(f"{path}: label column name {name!r} is not a non-empty string")
     if name in reserved:
       raise ValueError(f"{path}: label column {name!r} has the name of a channel")
-  if df[subject_column].isna().any():
-    raise ValueError(f"{path}: column {subject_column!r} has an empty subject id")
-  df = df.assign(**{subject_column: df[subject_column].astype(str)})
+  df = df.assign(**{subject_column: subject_ids(df[subject_column], path, subject_column)})
   if day_level:
-    dates = pd.to_datetime(df[date_column], errors="coerce")
-    bad = df[date_column][dates.isna()]
-    if len(bad):
-      raise ValueError(f"{path}: column {date_column!r}: cannot parse date {bad.iloc[0]!r}")
-    if getattr(dates.dt, "tz", None) is not None:
-      dates = dates.dt.tz_localize(None)
+    dates, _ = local_times(df[date_column], path, date_column, "date")
     timed = df[date_column][dates != dates.dt.normalize()]
     if len(timed):
       raise ValueError(f"{path}: column {date_column!r}: {timed.iloc[0]!r} is not a date "

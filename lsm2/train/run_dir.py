@@ -1,0 +1,271 @@
+"""A run directory is owned by one run: its record (run.json) and its writer's lease (lock.json).
+
+  WORKDIR/run.json    the config fields that decide what is trained and the
+                      dataset's fingerprint, written when the run starts afresh;
+                      a restart with other values is refused before anything is written
+  WORKDIR/lock.json   host, pid and heartbeat of the process that writes the
+                      workdir (process 0 of a job): a second writer is refused
+                      while the heartbeat is fresh, a stale lease is taken over
+
+Both are small JSON files written through etils.epath, to a temporary name and
+then renamed, so they work the same on a local disk and on a gs:// bucket.
+"""
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+import uuid
+
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from lsm2 import pretrained
+
+RUN_FILE = "run.json"
+LOCK_FILE = "lock.json"
+
+# Every field of these config sections decides what is trained (a new field too) ...
+RECORDED_SECTIONS = ("model", "masking", "data")
+# ... and these top-level ones (the data stream's order, the starting parameters).
+RECORDED_FIELDS = ("seed", "batch_size", "init_from")
+# Fields of the recorded sections that may change on resume: how the same model
+# is computed (exactly, or at another precision on another platform) and where
+# the same data is read from (the dataset fingerprint checks it is the same).
+# Everything else (total_steps, cadences, keep_checkpoints, profile_steps, the
+# optimizer, the mesh) may change too.
+MAY_CHANGE = ("model.dtype", "model.matmul_dtype", "model.attention", "model.remat",
+              "masking.encoder_buckets", "masking.pack_encoder", "data.dir", "data.val_split",
+              "data.worker_count", "data.synthesize_subjects", "data.synthesize_days")
+
+
+class WorkdirMismatchError(ValueError):
+  """The workdir belongs to a run with another model, masking or data config."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live process writes this workdir."""
+
+
+# ----------------------------------------------------------------------------
+# run.json: what the run that owns the workdir trains.
+# ----------------------------------------------------------------------------
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run_record(config: ml_collections.ConfigDict, meta) -> dict[str, Any]:
+  """The config fields that decide what is trained, and the fingerprint of dataset `meta`."""
+  flat = _flatten(config.to_dict())
+  fields = {k: v for k, v in flat.items()
+            if (k.split(".")[0] in RECORDED_SECTIONS or k in RECORDED_FIELDS)
+            and k not in MAY_CHANGE}
+  return json.loads(json.dumps({
+      "config": fields,
+      "dataset": {
+          "channels": [c.to_json() for c in meta.channels],
+          "norm_mean": np.asarray(meta.norm_mean).tolist(),
+          "norm_std": np.asarray(meta.norm_std).tolist(),
+          "record_counts": dict(meta.record_counts),
+      },
+  }))
+
+
+def _describe(a: Any, b: Any) -> str:
+  """`a` (the workdir's) vs `b` (this run's), short enough for one line."""
+  if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and len(a) > 4:
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return f"differs first at [{i}]: {a[i]!r} in the workdir, {b[i]!r} now"
+  return f"{a!r} in the workdir, {b!r} now"
+
+
+def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """One line per field of two run records that differs ("(absent)" when one lacks it)."""
+  lines = []
+  for section, label in (("config", "config."), ("dataset", "dataset ")):
+    have, want = recorded.get(section, {}), current.get(section, {})
+    for k in sorted(set(have) | set(want)):
+      a, b = have.get(k, "(absent)"), want.get(k, "(absent)")
+      if a != b:
+        lines.append(f"{label}{k}: {_describe(a, b)}")
+  return lines
+
+
+def check_record(workdir: epath.Path, record: dict[str, Any]) -> bool:
+  """Raises WorkdirMismatchError if WORKDIR/run.json records another run; reads only.
+
+  Returns whether the workdir has a record (False: a new workdir, or one from
+  before run.json existed, which the run adopts once its checkpoint restored).
+  """
+  path = workdir / RUN_FILE
+  if not path.exists():
+    return False
+  recorded = json.loads(path.read_text())
+  diff = differences(recorded, record)
+  if diff:
+    raise WorkdirMismatchError(
+        f"{workdir} belongs to another run: {path} records a different model, masking or data "
+        "config than this one:\n  " + "\n  ".join(diff) + "\nNothing was written. To start a "
+        "fresh run, pass a new --workdir. To fine-tune that run's parameters with these "
+        f"settings, pass a new --workdir and --config.init_from={workdir}.")
+  return True
+
+
+def write_record(workdir: epath.Path, record: dict[str, Any]) -> None:
+  """Writes WORKDIR/run.json (process 0 only)."""
+  if jax.process_index() == 0:
+    pretrained.write_text_atomic(workdir / RUN_FILE, json.dumps(record, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------
+# lock.json: the lease of the one process that writes the workdir.
+# ----------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+class Lease:
+  """The right to write a workdir, held by process 0 as WORKDIR/lock.json.
+
+  The file holds host, pid, a token and a heartbeat (time.time() of the last
+  renewal), renewed every `timeout_s / 4` by a background thread. acquire()
+  takes a missing or stale lease (no renewal for `timeout_s`, or a dead pid on
+  this host) - the latter with a warning - and refuses a live one with
+  WorkdirLockedError: at once when its pid runs on this host, else once a
+  renewal shows its holder is alive (so a job restarted on a new host after a
+  crash waits up to `timeout_s` instead of failing). A holder that finds the
+  file taken over sets `lost`; check() then stops the run before it writes.
+  Other processes of a multi-process job hold nothing and wait for process 0's
+  verdict.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, timeout_s: float, poll_s: float = 1.0):
+    self.path = epath.Path(workdir) / LOCK_FILE
+    self.timeout_s = timeout_s
+    self.heartbeat_s = timeout_s / 4
+    self.poll_s = min(poll_s, self.heartbeat_s)
+    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+    self.lost: str | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  # --- Reading and writing the file ------------------------------------------------
+  def _read(self) -> dict[str, Any] | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except ValueError:  # Written atomically, so only a foreign file can be unreadable.
+      logging.warning("Unreadable lease file %s: taking it over.", self.path)
+      return None
+
+  def _write(self) -> None:
+    pretrained.write_text_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
+
+  def _holder(self, lock: dict[str, Any]) -> str:
+    age = time.time() - lock.get("heartbeat", 0)
+    return (f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {age:.0f} s ago "
+            f"(lease file {self.path})")
+
+  def _stale(self, lock: dict[str, Any]) -> str | None:
+    """Why `lock` is stale, or None while its holder may be alive."""
+    if time.time() - lock.get("heartbeat", 0) > self.timeout_s:
+      return f"no heartbeat for more than {self.timeout_s:.0f} s"
+    if lock.get("host") == self.me["host"] and not _pid_alive(int(lock.get("pid", -1))):
+      return "its process is gone"
+    if lock.get("host") == self.me["host"] and lock.get("pid") == self.me["pid"]:
+      return "left by an earlier run in this process"
+    return None
+
+  # --- Acquiring, renewing, releasing -------------------------------------------------
+  def acquire(self) -> None:
+    """Takes the lease (process 0) or raises WorkdirLockedError; every process agrees."""
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._acquire()
+      except WorkdirLockedError as e:
+        error = e
+    if jax.process_count() > 1:
+      ok = multihost_utils.process_allgather(np.array(error is None))
+      if not np.all(ok) and error is None:
+        raise WorkdirLockedError(f"process 0 could not take the lease of {self.path.parent} "
+                                 "(its log says why)")
+    if error is not None:
+      raise error
+
+  def _acquire(self) -> None:
+    lock = self._read()
+    if lock is not None:
+      first = lock
+      while (reason := self._stale(lock)) is None:
+        if lock.get("host") == self.me["host"] or lock.get("heartbeat") != first.get("heartbeat"):
+          raise self._refusal(lock)  # A live pid here, or a renewal seen: alive.
+        time.sleep(self.poll_s)
+        lock = self._read()
+        if lock is None:
+          break
+      if lock is not None:
+        logging.warning("Taking over the lease of %s from %s: %s.", self.path.parent,
+                        self._holder(lock), reason)
+    self._write()
+    time.sleep(min(0.5, self.poll_s))  # Two starts that wrote at once: the last rename wins.
+    lock = self._read()
+    if lock is None or lock.get("token") != self.me["token"]:
+      raise self._refusal(lock or {})
+    self._thread = threading.Thread(target=self._renew, name="lsm2-lease", daemon=True)
+    self._thread.start()
+
+  def _refusal(self, lock: dict[str, Any]) -> WorkdirLockedError:
+    return WorkdirLockedError(
+        f"{self.path.parent} is being written by another process: {self._holder(lock)}. Two "
+        "runs must not write one workdir. Wait for it to finish or stop it, or use another "
+        f"--workdir. If it is gone, its lease is taken over after {self.timeout_s:.0f} s "
+        f"without a heartbeat (config.lease_timeout_s), or delete {self.path}.")
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        lock = self._read()
+        if lock is None or lock.get("token") != self.me["token"]:
+          self.lost = (f"the lease of {self.path.parent} was taken over by "
+                       f"{self._holder(lock) if lock else 'nobody (the file is gone)'}")
+          logging.error("%s: stopping before the next write.", self.lost)
+          return
+        self._write()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Could not renew the lease %s (%s: %s); retrying.", self.path,
+                        type(e).__name__, e)
+
+  def check(self) -> None:
+    """Raises WorkdirLockedError if another process has taken the lease over."""
+    if self.lost:
+      raise WorkdirLockedError(f"{self.lost}; this run stops without writing anything more.")
+
+  def release(self) -> None:
+    """Stops renewing and deletes the lease file if it is still this process's."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+    lock = self._read()
+    if lock is not None and lock.get("token") == self.me["token"]:
+      self.path.unlink()
