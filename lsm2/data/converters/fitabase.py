@@ -29,7 +29,7 @@ import numpy as np
 from lsm2.data.channels import FITBIT_CHANNELS
 from lsm2.data.converters.common import (DayStats, NonWearRule, SubjectTimeline,
                                          empty_timeline, minute_index, read_table,
-                                         require_columns)
+                                         require_columns, subject_ids)
 from lsm2.data.metadata import LabelSpec
 
 CHANNELS = FITBIT_CHANNELS
@@ -65,9 +65,10 @@ def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | Non
     path = root / name
     if not path.is_file():
       raise ValueError(f"{path} not found (--format fitabase expects the Fitabase export)")
-    df = read_table(path)
+    df = read_table(path, text_columns=["Id"])
     cols = [f"{prefix}{m:02d}" for m in range(60)]
     require_columns(df, ["Id", "ActivityHour", *cols], path)
+    df["Id"] = subject_ids(df["Id"], path, "Id")
     df["time"] = _parse_times(df["ActivityHour"], path)
     dup = df.duplicated(["Id", "time"])
     if dup.any():
@@ -77,7 +78,7 @@ def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | Non
     bad = int(np.isnan(values).sum() - df[cols].isna().to_numpy().sum())
     if bad:
       stats.notes.append(f"{name}: {bad} non-numeric cells treated as unobserved")
-    tables.append((c, df["Id"].astype(str).to_numpy(), df["time"].to_numpy(), values))
+    tables.append((c, df["Id"].to_numpy(str), df["time"].to_numpy(), values))
 
   users = sorted(set(np.concatenate([t[1] for t in tables])))
   timelines = {}
@@ -105,19 +106,21 @@ def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | Non
 
   sleep_path = root / "sleepDay_merged.csv"
   if sleep_path.is_file():
-    sleep = read_table(sleep_path)
+    sleep = read_table(sleep_path, text_columns=["Id"])
     require_columns(sleep, ["Id", "SleepDay", "TotalMinutesAsleep"], sleep_path)
+    sleep["Id"] = subject_ids(sleep["Id"], sleep_path, "Id")
     sleep["day"] = _parse_times(sleep["SleepDay"], sleep_path).dt.date.astype(str)
     sleep = sleep.drop_duplicates(["Id", "day"])
-    for user, g in sleep.groupby(sleep["Id"].astype(str)):
+    for user, g in sleep.groupby("Id"):
       if user in timelines:
         timelines[user].day_labels["minutes_asleep"] = dict(
             zip(g["day"], g["TotalMinutesAsleep"].astype(float)))
   weight_path = root / "weightLogInfo_merged.csv"
   if weight_path.is_file():
-    weight = read_table(weight_path)
+    weight = read_table(weight_path, text_columns=["Id"])
     require_columns(weight, ["Id", "BMI"], weight_path)
-    for user, bmi in weight.groupby(weight["Id"].astype(str))["BMI"].mean().items():
+    weight["Id"] = subject_ids(weight["Id"], weight_path, "Id")
+    for user, bmi in weight.groupby("Id")["BMI"].mean().items():
       if user in timelines:
         timelines[user].subject_labels["bmi"] = float(bmi)
   stats.subjects_in = len(timelines)
