@@ -1,4 +1,5 @@
 """Converters on bad or tricky input: ids as text, UTC offsets, errors that write nothing."""
+import os
 import pathlib
 
 import numpy as np
@@ -82,13 +83,17 @@ def test_parquet_integer_ids_convert_exactly_and_floats_are_rejected(tmp_path):
   assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("bad", ["", "NA", "null", "None", "  ", "NaN"])
-def test_missing_subject_id_is_an_error_naming_file_and_row(tmp_path, bad):
+@pytest.mark.parametrize("bad, problem", [
+    ("", r"no subject id \(an empty cell\)"), ("  ", "subject id '  ' is blank"),
+    *[(v, f"subject id '{v}' is a missing-value marker \\(rename the subject if it is a real "
+          r"id\)") for v in ("NA", "null", "None", "NaN")]])
+def test_missing_subject_id_is_an_error_naming_file_and_row(tmp_path, bad, problem):
   df = pd.concat([_day("u1", "2024-01-01", 1), _day("u2", "2024-01-01", 2, periods=3)],
                  ignore_index=True)
   df.loc[1441, "subject"] = bad  # Data row 1442 (the header is not a row).
   df.to_csv(tmp_path / "t.csv", index=False)
-  with pytest.raises(ValueError, match=rf"t.csv: data row 1442: column 'subject': .*{bad!r}"):
+  with pytest.raises(ValueError, match=rf"t.csv: data row 1442: column 'subject': {problem} "
+                     r"\(1 row like this\)"):
     convert("long_csv", tmp_path / "t.csv", tmp_path / "out")
   assert not (tmp_path / "out").exists()
 
@@ -228,7 +233,6 @@ def test_unwritable_out_fails_before_reading_the_input(tmp_path, capsys):
 
 def test_unwritable_out_permission(tmp_path, monkeypatch):
   """A directory without write permission (simulated: root may write anywhere)."""
-  import os  # pylint: disable=g-import-not-at-top
   locked = tmp_path / "locked"
   locked.mkdir()
   real_access = os.access
@@ -251,3 +255,22 @@ def test_inspect_png_with_dollar_in_subject_id(tmp_path, capsys):
   assert inspect_main([str(tmp_path / "data"), "--png", str(png), "--days", "1"]) == 0, (
       capsys.readouterr().err)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fitabase_user_ids_are_text(tmp_path):
+  root = tmp_path / "fitabase"
+  root.mkdir()
+  for name, prefix in (("minuteStepsWide_merged.csv", "Steps"),
+                       ("minuteIntensitiesWide_merged.csv", "Intensity")):
+    header = "Id,ActivityHour," + ",".join(f"{prefix}{m:02d}" for m in range(60))
+    rows = [f"{user},4/12/2016 {hour}:00," + ",".join(["1"] * 60)
+            for user in ("042", "42") for hour in range(24)]
+    (root / name).write_text("\n".join([header, *rows]) + "\n")
+  meta, _ = convert("fitabase", root, tmp_path / "a", split_fractions=(1.0, 0.0, 0.0))
+  assert sorted(meta.subjects["train"]) == ["042", "42"]
+  steps = root / "minuteStepsWide_merged.csv"
+  steps.write_text(steps.read_text().replace("\n42,4/12/2016 3:00,", "\n,4/12/2016 3:00,"))
+  with pytest.raises(ValueError, match=r"minuteStepsWide_merged.csv: data row 28: column 'Id': "
+                     "no subject id \\(an empty cell\\)"):
+    convert("fitabase", root, tmp_path / "b")
+  assert not (tmp_path / "b").exists()

@@ -216,9 +216,10 @@ def subject_ids(column, path, name: str):
   if bad.any():
     i = int(np.flatnonzero(bad)[0])
     value = text.iloc[i]
-    what = ("no subject id" if absent.iloc[i] else f"subject id {value!r} is blank"
-            if not value.strip() else f"subject id {value!r} is a missing-value marker "
-            "(rename the subject if it is a real id)")
+    what = ("no subject id" if absent.iloc[i] else "no subject id (an empty cell)"
+            if not value else f"subject id {value!r} is blank" if not value.strip()
+            else f"subject id {value!r} is a missing-value marker (rename the subject if it "
+            "is a real id)")
     n = int(bad.sum())
     raise ValueError(f"{path}: data row {i + 1}: column {name!r}: {what} "
                      f"({n} row{'s' if n > 1 else ''} like this)")

@@ -2,7 +2,8 @@
 
 `minuteStepsWide_merged.csv` / `minuteIntensitiesWide_merged.csv` hold one row
 per user-hour (`Id,ActivityHour,Steps00..Steps59` resp. `Intensity00..59`).
-An hour without a row is 60 unobserved minutes of that channel.
+An hour without a row is 60 unobserved minutes of that channel. User ids are
+text exactly as written (common.subject_ids; a missing one is an error).
 
 Non-wear: Fitbit writes 0 steps and intensity 0 (sedentary) for every minute
 the tracker is not worn, and the export has no wear flag (no heart rate).
