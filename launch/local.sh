@@ -12,7 +12,9 @@ Usage: launch/local.sh N --config PATH[:ARG] --workdir DIR [options]
 
 Starts N CPU processes of \`python -m lsm2.main\` joined through a coordinator
 on 127.0.0.1, each with its own log WORKDIR/logs/process_I.log. Waits for all;
-if one fails, stops the others and exits non-zero.
+if one fails, stops the others and exits 1. When the processes were preempted
+(SIGTERM: they save a checkpoint and exit with config.preemption_exit_code,
+default 75), exits with that status: run the same command again to resume.
 
 Required:
   N                        number of processes (a positive integer)
@@ -77,6 +79,12 @@ XLA_FLAGS_VALUE+="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
 
 main_args
 LOG_DIR="$WORKDIR/logs"
+# The status lsm2.main exits with after a preemption checkpoint.
+PREEMPTED_STATUS=75
+for override in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
+  if [[ "$override" == --config.preemption_exit_code=* ]]; then PREEMPTED_STATUS="${override#*=}"; fi
+done
+require_positive_int "$PREEMPTED_STATUS" --config.preemption_exit_code
 
 # process_cmd I: sets CMD to process I's command line.
 process_cmd() {
@@ -125,6 +133,7 @@ echo "$SCRIPT_NAME: started $NUM_PROCESSES processes (coordinator 127.0.0.1:$POR
 # Poll: bash records each child's exit status, so `wait PID` after it is gone
 # returns that status without blocking.
 remaining=$NUM_PROCESSES
+preempted=0
 while ((remaining)); do
   for ((i = 0; i < NUM_PROCESSES; i++)); do
     [[ -z "${finished[$i]-}" ]] || continue
@@ -133,7 +142,11 @@ while ((remaining)); do
     wait "${pids[$i]}" || status=$?
     finished[$i]=1
     remaining=$((remaining - 1))
-    if ((status != 0)); then
+    if ((status == PREEMPTED_STATUS)); then
+      # The others stop at the same step (Orbax's preemption sync point): wait for them.
+      echo "$SCRIPT_NAME: process $i saved a preemption checkpoint and exited with status $status" >&2
+      preempted=1
+    elif ((status != 0)); then
       log="$LOG_DIR/process_$i.log"
       {
         echo "$SCRIPT_NAME: process $i exited with status $status; stopping the others. Last lines of $log:"
@@ -145,4 +158,8 @@ while ((remaining)); do
   done
   if ((remaining)); then sleep 0.2; fi
 done
+if ((preempted)); then
+  echo "$SCRIPT_NAME: preempted; run the same command again to resume. Logs in $LOG_DIR" >&2
+  exit "$PREEMPTED_STATUS"
+fi
 echo "$SCRIPT_NAME: all $NUM_PROCESSES processes finished; logs in $LOG_DIR" >&2

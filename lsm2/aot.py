@@ -24,6 +24,7 @@ FLOPs are added analytically (`splash_flops`).
 from collections.abc import Sequence
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -32,14 +33,12 @@ import sys
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
 from lsm2 import sharding as sharding_lib
-from lsm2.model import aim
 from lsm2.model import flops as flops_lib
-from lsm2.train import encoder_layout
+from lsm2.train import preflight
 from lsm2.train import train
 
 GiB = 2**30
@@ -71,8 +70,10 @@ CHIPS = {
     "TPU v6 lite": ChipSpec("v6e", 918e12, 32 * GiB, 1640e9),
 }
 
-# The XLA TPU compiler's own out-of-memory report, e.g. "Used 21.38G of 15.75G hbm.".
-_OOM = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
+# The XLA TPU compiler's out-of-memory reports, e.g. "Ran out of memory on HBM, the total
+# memory required for HLO temporaries (41.85G) exceeds available HBM (15.75G)" or
+# "Used 21.38G of 15.75G hbm".
+_OOM = re.compile(r"(?:required for HLO temporaries \(|Used )([0-9.]+)([KMGT]?)")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -113,66 +114,43 @@ def splash_flops(model_cfg, n_keep: int, batch: int) -> float:
   return float(batch * products * per_example)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
+def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+                     num_channels: int):
+  """Compiles state creation and the mask draw for `devices`, and lowers the train step.
 
-
-def _abstract_masks(config, setup, mesh, mask_shardings, masks):
-  """The masks the largest compiled encoder layout gives the step (encoder_layout.py).
-
-  Unpacked buckets end at n_keep, the fixed split's shapes; packed ones at every kept
-  token of a group, laid out by `aim.pack_visible`.
-  """
-  masks = _abstract(masks, mask_shardings)
-  if not config.masking.pack_encoder:
-    return masks
-  groups = sharding_lib.data_parallel_size(mesh)
-  n_keep = setup.model_cfg.num_tokens - setup.mask_cfg.n_drop
-  length = max(encoder_layout.layout_buckets(config.masking.encoder_buckets, n_keep,
-                                             config.batch_size, groups))
-  packed = jax.eval_shape(lambda m: aim.pack_visible(m, length, groups), masks)
-  shard = sharding_lib.batch_sharding(mesh)
-  return masks.replace(pack_idx=jax.ShapeDtypeStruct(packed.pack_idx.shape, packed.pack_idx.dtype,
-                                                     sharding=shard),
-                       unpack_idx=jax.ShapeDtypeStruct(packed.unpack_idx.shape,
-                                                       packed.unpack_idx.dtype, sharding=shard))
-
-
-def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
-                       num_channels: int):
-  """Compiles state creation, the mask draw and the train step for `devices`.
-
-  Returns (compiled train step, Setup); raises what the compiler raises (an
-  out-of-memory error among them).
+  The arguments are the pre-flight check's (lsm2/train/preflight.py): the shardings
+  training gives them, masks of the largest encoder layout. Returns (lowered train
+  step, Setup, abstract (state, batch, masks)).
   """
   platform = devices[0].platform
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels, platform=platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   train.validate_config(config, model_cfg, mask_cfg, mesh)
   setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
-  state = train.abstract_state(setup)
-  shape = (config.batch_size, model_cfg.time_steps, model_cfg.num_channels)
-  batch = {"signals": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=setup.batch_sharding),
-           "observed": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=setup.batch_sharding)}
   # As in training: the state is created outside the mesh context, the steps run inside.
   jax.jit(setup.init_fn, out_shardings=setup.state_shardings).lower().compile()
+  args = preflight.step_arguments(config, setup, train.abstract_state(setup),
+                                  train.make_mask_fn(setup))
   with sharding_lib.mesh_context(mesh, config.logical_axis_rules):
-    mask_step = train.make_mask_fn(setup).lower(state["rng"], state["step"], batch["observed"])
-    masks = mask_step.out_info
-    mask_shardings = mask_step.compile().output_shardings
-    masks = _abstract_masks(config, setup, mesh, mask_shardings, masks)
     step = train.make_train_step(setup, mask_cfg.strategy_names)
-    return step.lower(state, batch, masks).compile(), setup
+    return step.lower(*args), setup, args
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(tree))
 
 
 def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int = 26) -> dict:
-  """Compiles the train step for `topology` and returns the report (see the module docstring).
+  """Compiles the train step for `topology` and returns the report (module docstring).
 
-  Keys: topology, devices, device_kind, mesh, batch_size, model_size, attention, dtype,
-  hbm_bytes_per_device (arguments + outputs - donated aliases + temporaries + code),
-  hbm_capacity_bytes, fits, argument/output/temp bytes, flops_per_step (all devices),
-  est_step_s, est_mfu (analytic model FLOPs over est_step_s at peak).
+  Keys: topology, devices, device_kind, chip, mesh, batch_size, model_size,
+  attention, dtype, hbm_bytes_per_device (arguments + outputs - donated aliases +
+  temporaries + code; when the compiler runs out of memory, its temporaries figure
+  plus the arguments), hbm_capacity_bytes, fits, the memory parts, flops_per_step
+  (all devices), model_flops_per_step (lsm2.model.flops), est_step_s and est_mfu
+  (model FLOPs over est_step_s at peak), and compiler_error when it does not fit.
   """
   devices = topology_devices(topology)
   spec = device_spec(devices)
@@ -181,33 +159,32 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
             "batch_size": config.batch_size, "model_size": config.model.size,
             "mesh": dict(zip(sharding_lib.MESH_AXES,
                              sharding_lib.mesh_shape(config.mesh, len(devices))))}
+  lowered, setup, args = lower_train_step(config, devices, num_channels)
+  model_cfg, mask_cfg = setup.model_cfg, setup.mask_cfg
+  report.update(attention=model_cfg.attention, dtype=model_cfg.dtype)
+  n_keep = model_cfg.num_tokens - mask_cfg.n_drop
+  model_flops = flops_lib.step_flops(model_cfg, n_keep, config.batch_size)
   try:
-    compiled, setup = compile_train_step(config, devices, num_channels)
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     match = _OOM.search(str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or match is None:
       raise
-    # The compiler itself refused: it does not fit. Its figure is what the program needs.
-    model_cfg, _ = train.model_and_mask_configs(config, num_channels, platform="tpu")
-    used = float(match.group(1)) * _UNITS[match.group(2)]
-    return {**report, "attention": model_cfg.attention, "dtype": model_cfg.dtype,
-            "hbm_bytes_per_device": int(used), "fits": False, "compiler_error": _OOM_line(e),
-            "flops_per_step": None, "est_step_s": None, "est_mfu": None}
+    # The compiler refused: it does not fit. What it needs: its figure plus the arguments.
+    temps = float(match.group(1)) * _UNITS[match.group(2)]
+    return {**report, "hbm_bytes_per_device": int(temps) + _bytes_per_device(args),
+            "fits": False, "compiler_error": _OOM_line(e), "flops_per_step": None,
+            "model_flops_per_step": model_flops, "est_step_s": None, "est_mfu": None}
   memory = compiled.memory_analysis()
-  hbm = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-         - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-         + memory.generated_code_size_in_bytes)
+  hbm = preflight.needed_bytes(memory)
   cost = compiled.cost_analysis()
-  model_cfg, mask_cfg = setup.model_cfg, setup.mask_cfg
-  n_keep = model_cfg.num_tokens - mask_cfg.n_drop
   # Per device: the compiled module is one device's program.
   flops = float(cost.get("flops", 0.0))
   if model_cfg.attention == "splash":
     flops += splash_flops(model_cfg, n_keep, config.batch_size) / len(devices)
-  step_s = max(flops / spec.peak_bf16_flops, float(cost.get("bytes accessed", 0.0)) / spec.hbm_bytes_per_s)
-  model_flops = flops_lib.step_flops(model_cfg, n_keep, config.batch_size)
-  return {**report, "attention": model_cfg.attention, "dtype": model_cfg.dtype,
-          "hbm_bytes_per_device": int(hbm), "fits": hbm <= spec.hbm_bytes,
+  step_s = max(flops / spec.peak_bf16_flops,
+               float(cost.get("bytes accessed", 0.0)) / spec.hbm_bytes_per_s)
+  return {**report, "hbm_bytes_per_device": int(hbm), "fits": hbm <= spec.hbm_bytes,
           "argument_bytes": int(memory.argument_size_in_bytes),
           "output_bytes": int(memory.output_size_in_bytes),
           "alias_bytes": int(memory.alias_size_in_bytes),
@@ -221,21 +198,6 @@ def _OOM_line(error: Exception) -> str:
   return next((line.strip() for line in str(error).splitlines() if _OOM.search(line)), str(error))
 
 
-def knobs(report: dict) -> str:
-  """What to change when a step does not fit."""
-  mesh = report["mesh"]
-  hints = [f"a smaller --config.batch_size (now {report['batch_size']}; per device "
-           f"{report['batch_size'] // max(mesh['data'] * mesh['fsdp'], 1)})",
-           "--config.model.remat=attention or =full (recompute activations in the backward pass)"]
-  if mesh["fsdp"] == 1:
-    hints.append("FSDP: shard parameters and optimizer state, e.g. --config.mesh.data=1 "
-                  "--config.mesh.fsdp=-1")
-  if report.get("attention") not in ("splash", "blocked"):
-    hints.append("--config.model.attention=splash (attention logits never reach HBM)")
-  hints.append("a topology with more HBM per chip or more chips")
-  return "; ".join(hints)
-
-
 def format_report(report: dict) -> str:
   gib = lambda b: "-" if b is None else f"{b / GiB:.2f} GiB"
   rows = [("topology", f"{report['topology']} ({report['devices']} x {report['device_kind']})"),
@@ -244,7 +206,7 @@ def format_report(report: dict) -> str:
           ("attention / dtype", f"{report['attention']} / {report['dtype']}")]
   for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
     if key in report:
-      rows.append((key.replace("_bytes", "s per device"), gib(report[key])))
+      rows.append((key.replace("_bytes", " per device"), gib(report[key])))
   rows += [("HBM per device", f"{gib(report['hbm_bytes_per_device'])} of "
                               f"{gib(report['hbm_capacity_bytes'])}"),
            ("fits", "yes" if report["fits"] else "NO")]
@@ -271,7 +233,7 @@ def main(argv):
     pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=2) + "\n")
   if not report["fits"]:
     print(f"\nThe train step does not fit in {report['hbm_capacity_bytes'] / GiB:.2f} GiB per "
-          f"device. Knobs: {knobs(report)}.", file=sys.stderr)
+          f"device. Knobs: {preflight.knobs(report['batch_size'], report['mesh'], report['attention'])}.", file=sys.stderr)
     sys.exit(1)
 
 
@@ -281,7 +243,6 @@ def run():
   # libtpu takes a lock on the local TPU; compiling for a described slice needs none, so
   # other JAX processes on this machine (or a TPU VM's own job) do not block it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   flags.mark_flags_as_required(["config"])
   app.run(main)
 

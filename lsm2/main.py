@@ -27,6 +27,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Join a multi-process job via jax.distributed.initialize(): 'on' always (Cloud TPU VM "
     "slices, where JAX finds the peers itself), 'auto' when Slurm/Open MPI/GKE variables say so.")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory", True,
+    "Tune glibc malloc in this process and its Grain data workers to keep large freed blocks "
+    "(lsm2.data.grain_sources.keep_freed_memory; up to 2x faster input pipeline). "
+    "Process-wide, so the entry point opts in; library calls never do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Environment variables that mean "this is one process of a cluster job", for
@@ -66,6 +71,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  if _KEEP_FREED_MEMORY.value:
+    from lsm2.data import grain_sources  # pylint: disable=g-import-not-at-top
+    grain_sources.keep_freed_memory()
   _initialize_distributed()
   config = _CONFIG.value
   mode = config.get("mode", "pretrain")

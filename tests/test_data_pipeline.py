@@ -157,9 +157,36 @@ def test_global_batch_from_process_local_data(data_dirs):
   np.testing.assert_array_equal(np.asarray(batch["signals"]), local["signals"])
 
 
+@pytest.fixture
+def parsed_flags():
+  """Parsed absl flags, as under absl.app (Grain workers read them); unparsed afterwards."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  yield
+  if not was_parsed:
+    flags.FLAGS.unparse_flags()
+
+
+def test_pipeline_changes_no_process_wide_setting(data_dirs):
+  """Neither the allocator nor absl's flag state changes behind the caller's back."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  tuned = grain_sources.keeps_freed_memory()
+  parsed = flags.FLAGS.is_parsed()
+  it = pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=4,
+                                    seed=0, process_index=0, process_count=1)
+  next(it)
+  assert grain_sources.keeps_freed_memory() == tuned and flags.FLAGS.is_parsed() == parsed
+  if not parsed:
+    with pytest.raises(RuntimeError, match="worker_count=2 needs parsed absl flags"):
+      pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=4,
+                                   seed=0, worker_count=2, process_index=0, process_count=1)
+    assert not flags.FLAGS.is_parsed()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_malloc_tuning_applies_on_glibc():
-  assert grain_sources.keep_freed_memory()
+def test_malloc_tuning_applies_on_glibc_when_asked():
+  assert grain_sources.keep_freed_memory() and grain_sources.keeps_freed_memory()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -212,6 +239,36 @@ def test_verify_checksums_reports_corrupt_record(data_dirs, tmp_path):
     list(it)
 
 
+def _record_spans(data: bytes) -> list[tuple[int, int]]:
+  """(start, end) of each record's payload in a TFRecord file."""
+  spans, pos = [], 0
+  while pos < len(data):
+    length = int.from_bytes(data[pos:pos + 8], "little")
+    spans.append((pos + 12, pos + 12 + length))
+    pos += 16 + length
+  return spans
+
+
+def test_training_reads_verify_the_payload_checksum(data_dirs, tmp_path):
+  """One flipped payload byte (a signal value) stops training, naming shard and record."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  d = shutil.copytree(data_dirs["tfrecord"], tmp_path / "d")
+  shard = sorted(d.glob("train-*.tfrecord"))[1]
+  data = bytearray(shard.read_bytes())
+  start, end = _record_spans(bytes(data))[2]
+  data[start + (end - start) // 2] ^= 0x01  # Deep inside the packed signals: still parses.
+  shard.write_bytes(bytes(data))
+  with pytest.raises(CorruptShardError,
+                     match=rf"{shard.name}: record 2: data checksum mismatch"):
+    list(pipeline.make_train_iterator(d, "train", global_batch_size=1, seed=0, num_epochs=1,
+                                      process_index=0, process_count=1))
+  # Without verification the corrupt value would have been trained on silently.
+  unverified = pipeline.make_train_iterator(d, "train", global_batch_size=1, seed=0,
+                                            num_epochs=1, process_index=0, process_count=1,
+                                            verify_checksums=False)
+  assert len(list(unverified)) == 15
+
+
 def test_bad_arguments_are_refused(data_dirs):
   d = data_dirs["tfrecord"]
   with pytest.raises(ValueError, match="multiple of process_count=2"):
@@ -253,7 +310,7 @@ def test_orbax_checkpoint_of_the_iterator(data_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_array_record_workers_decode_and_normalize(data_dirs, expected):
+def test_array_record_workers_decode_and_normalize(data_dirs, expected, parsed_flags):
   """Workers (each batching its slice of the record stream) normalize into shared memory."""
   it = pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=4,
                                     seed=6, num_epochs=2, process_index=0, process_count=1,
@@ -268,7 +325,7 @@ def test_array_record_workers_decode_and_normalize(data_dirs, expected):
 
 
 @pytest.mark.slow
-def test_worker_processes_cover_and_resume(data_dirs, expected):
+def test_worker_processes_cover_and_resume(data_dirs, expected, parsed_flags):
   """Worker processes split the TFRecord file stream (InterleaveShards.set_slice)."""
   fmt = "tfrecord"
   kwargs = dict(global_batch_size=1, seed=4, num_epochs=1, process_index=0, process_count=1,

@@ -122,6 +122,9 @@ if os.environ.get("FAKE_MODE") == "fail":
     print("process 1 gives up", flush=True)
     sys.exit(3)
   time.sleep(120)  # Process 0 hangs, as a real one would in a collective.
+if os.environ.get("FAKE_MODE") == "preempted":  # Both save at one step and exit with the code.
+  time.sleep(0.5 * int(pid))
+  sys.exit(int(os.environ["FAKE_STATUS"]))
 '''
 
 
@@ -167,6 +170,20 @@ def test_local_stops_the_others_when_one_process_fails(tmp_path, config_file, fa
   hung_pid = json.loads((workdir / "process_0.json").read_text())["pid"]
   with pytest.raises(ProcessLookupError):
     os.kill(hung_pid, 0)
+
+
+@pytest.mark.parametrize("override,status", [(None, 75), ("--config.preemption_exit_code=42", 42)])
+def test_local_exits_with_the_preemption_status_for_a_requeue(tmp_path, config_file, fake_module,
+                                                              override, status):
+  workdir = tmp_path / "w"
+  result = run_script("local.sh", 2, "--module", "fake_main", "--config", config_file,
+                      "--workdir", workdir, *([override] if override else []), timeout=60,
+                      env={**fake_module, "FAKE_MODE": "preempted", "FAKE_STATUS": str(status)})
+  assert result.returncode == status, result.stderr
+  for i in range(2):
+    assert f"process {i} saved a preemption checkpoint and exited with status {status}" in result.stderr
+  assert "preempted; run the same command again to resume" in result.stderr
+  assert "stopping the others" not in result.stderr
 
 
 JAX_PROBE = '''

@@ -134,3 +134,76 @@ def test_blocked_under_a_mesh_runs_per_device_and_matches_xla(heads):
   # Each device loops over its own examples: nothing is gathered to replicate the loop.
   assert "all-gather" not in hlo
   assert "all-to-all" not in hlo
+
+
+# ---------------------------------------------------------------------------
+# Splash (Pallas TPU kernel), here in Pallas interpret mode on the CPU.
+# ---------------------------------------------------------------------------
+def test_splash_matches_reference_outputs_and_gradients():
+  """Random lengths with 0 and full among them; q and kv lengths differ per example.
+
+  Lengths that are not multiples of the kernel's 128-wide tiles exercise the padding.
+  """
+  rng = np.random.default_rng(3)
+  b, l = 6, 150
+  keys = jax.random.split(jax.random.key(7), 4)
+  q, k, v, w = (jax.random.normal(kk, (b, l, H, D), jnp.float32) for kk in keys)
+  kv_lengths = np.array([0, l, *rng.integers(1, l, b - 2)], np.int32)
+  q_lengths = np.array([l, 0, *rng.integers(1, l + 1, b - 2)], np.int32)
+  pos = np.arange(l)
+  mask = (pos[None, :, None] < q_lengths[:, None, None]) & (pos[None, None, :] < kv_lengths[:, None, None])
+
+  def loss(q, k, v, implementation):
+    out = dot_product_attention(q, k, v, q_lengths=jnp.asarray(q_lengths),
+                                kv_lengths=jnp.asarray(kv_lengths), implementation=implementation)
+    return jnp.sum(w * out), out
+
+  grad = lambda impl: jax.jit(jax.grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2), has_aux=True))
+  (g_splash, out_splash), (g_xla, _) = grad("splash")(q, k, v), grad("xla")(q, k, v)
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+  np.testing.assert_allclose(out_splash, reference(q64, k64, v64, mask), atol=2e-5)
+  assert (np.asarray(out_splash)[0] == 0).all()  # No valid key: zero rows.
+  assert (np.asarray(out_splash)[1] == 0).all()  # No valid query: zero rows.
+  for a, b_ in zip(g_splash, g_xla):
+    assert np.isfinite(np.asarray(a)).all()
+    np.testing.assert_allclose(a, b_, atol=2e-5)
+  g_k = np.asarray(g_splash[1])
+  n = kv_lengths[2]
+  assert (g_k[2, n:] == 0).all() and np.abs(g_k[2, :n]).sum() > 0  # Masked keys: no gradient.
+
+
+def test_splash_under_a_mesh_runs_per_device_and_matches_xla():
+  """Split over batch and heads by the logical rules, like the blocked kernel."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+  keys = jax.random.split(jax.random.key(2), 3)
+  q, k, v = (jax.random.normal(kk, (4, 40, 4, D), jnp.float32) for kk in keys)
+  lengths = jnp.array([0, 7, 40, 33], jnp.int32)
+
+  def loss(q, k, v, lengths, implementation):
+    out = dot_product_attention(q, k, v, q_lengths=lengths, kv_lengths=lengths,
+                                implementation=implementation)
+    return jnp.sum(jnp.sin(out) * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size)
+
+  grad = lambda impl: jax.jit(jax.value_and_grad(
+      lambda q, k, v, n: loss(q, k, v, n, impl), argnums=(0, 1, 2)))
+  expected = grad("xla")(q, k, v, lengths)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    sharded = [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))) for x in (q, k, v, lengths)]
+    step = grad("splash")
+    got = step(*sharded)
+    hlo = step.lower(*sharded).compile().as_text()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_splash_refuses_gpus_and_general_masks(monkeypatch):
+  q = jnp.ones((2, 8, 2, D), jnp.float32)
+  with pytest.raises(ValueError, match="boolean mask"):
+    dot_product_attention(q, q, q, mask=jnp.ones((2, 8, 8), bool), implementation="splash")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+    dot_product_attention(q, q, q, kv_lengths=jnp.array([3, 8]), implementation="splash")

@@ -44,6 +44,14 @@ def test_model_config_errors_name_the_field(change, match):
     dataclasses.replace(ModelConfig(), **change).validate()
 
 
+def test_cudnn_attention_needs_bfloat16_at_validation():
+  """JAX's cuDNN attention rejects float32 inputs: caught when the config is built."""
+  with pytest.raises(ValueError, match=r"attention='cudnn' needs dtype='bfloat16'.*float32"):
+    get_model_config("S", attention="cudnn", dtype="float32")
+  assert get_model_config("S", attention="cudnn", dtype="bfloat16").attention == "cudnn"
+  assert get_model_config("S", attention="splash").attention == "splash"
+
+
 def test_get_model_config_rejects_unknowns():
   with pytest.raises(ValueError, match="unknown model size"):
     get_model_config("XL")

@@ -1,6 +1,7 @@
 """The sharded pretraining system: config validation, mesh equivalence, buckets, resume."""
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -242,13 +243,14 @@ def test_preempt_crash_and_resume_equals_uninterrupted(data_dir, tmp_path):
   assert proc.wait(timeout=600) == 0
 
   resumed = tmp_path / "resumed"
-  # 1. Preemption: SIGTERM saves a checkpoint and exits cleanly.
+  # 1. Preemption: SIGTERM saves a checkpoint and exits with the requeue status (75).
   proc = _launch(resumed, data_dir, total_steps=steps)
   _wait_for_step(resumed, 5, proc)
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 0
+  assert proc.wait(timeout=300) == 75
   log = pathlib.Path(f"{resumed}.log").read_text()
-  assert "Preempted at step" in log
+  assert "Preempted at step" in log and "exiting with status 75" in log
+  assert not (resumed / "export").exists()
   preempted_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
   assert 5 <= preempted_at < steps
 
@@ -310,3 +312,45 @@ def test_two_processes_match_one_and_resume_as_one(data_dir, tmp_path):
   assert "Encoder layout: packed encoder, 2 group(s)" in log
   assert "written by 2 processes, this job has 1" in log
   assert 15 in _scalars(two, "train/loss")
+
+
+def _child_pid(parent: int, marker: str) -> int:
+  """The pid of `parent`'s child process whose command line contains `marker`."""
+  for proc in pathlib.Path("/proc").iterdir():
+    try:
+      ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+      cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+      continue
+    if ppid == parent and marker in cmdline:
+      return int(proc.name)
+  raise AssertionError(f"no child of {parent} with {marker!r}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(data_dir, tmp_path):
+  """Orbax's preemption sync point (JAX's distributed runtime catches the SIGTERM): a SIGTERM
+  to process 1 alone makes both processes save the same step and exit 75, and launch/local.sh
+  exits 75 too, for a requeue."""
+  workdir = tmp_path / "two"
+  overrides = cli_overrides(data_dir, total_steps=100000, checkpoint_every=100000, log_every=1,
+                            eval_every=100000, **{"mesh.data": 2})
+  launcher = subprocess.Popen(
+      ["bash", "launch/local.sh", "2", "--config", "configs/pretrain.py:tiny,aim,runlocal",
+       "--workdir", str(workdir), *overrides], cwd=REPO, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "PYTHON": sys.executable})
+  logs = [workdir / "logs" / f"process_{i}.log" for i in range(2)]
+  deadline = time.time() + 300
+  while not (logs[1].exists() and "step 3/" in logs[1].read_text()):
+    assert launcher.poll() is None and time.time() < deadline, "training did not reach step 3"
+    time.sleep(0.2)
+  os.kill(_child_pid(launcher.pid, "--process_id=1"), signal.SIGTERM)
+  _, err = launcher.communicate(timeout=300)
+  assert launcher.returncode == 75, err
+  assert "preempted; run the same command again to resume" in err
+  texts = [log.read_text() for log in logs]
+  assert "SIGTERM caught" in texts[1] and "SIGTERM caught" not in texts[0]
+  steps = {int(s) for text in texts for s in re.findall(r"Preempted at step (\d+)", text)}
+  assert len(steps) == 1
+  assert (workdir / "checkpoints" / str(steps.pop())).exists()
+  assert not (workdir / "export").exists()

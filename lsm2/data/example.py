@@ -2,18 +2,22 @@
 
 Features (the names other tools see):
   signals     float_list, packed: 1440*C float32, row-major [minute, channel].
-  observed    bytes_list, one value: np.packbits of the row-major bool[1440, C]
-              (big bit order: the first minute/channel is the high bit of byte 0).
+  observed    bytes_list, one value: the row-major bool[1440, C] as 1440*C bytes of
+              0/1 (TFDS's Tensor(dtype=bool, encoding=BYTES), so tfds decodes it).
+              Datasets written before TFDS support store np.packbits of it instead
+              (big bit order, 1440*C/8 bytes); the decoder reads both.
   subject_id  bytes_list, one UTF-8 value.
   day         bytes_list, one value 'YYYY-MM-DD'.
   label/NAME  int64_list [class index, -1 = missing] for binary/categorical labels,
               float_list [value, NaN = missing] for regression labels, int64_list of
               1440 class indices (minute order, -1 = no label) for minute labels.
 
-A packed float list is a length-prefixed run of little-endian float32, so the
-decoder reads `signals` with one np.frombuffer; int64 lists are packed varints,
-encoded and decoded with numpy (a minute label is 1440 of them). Reading with tf.data is shown in
-docs/data.md and tested in tests/test_data_format.py.
+This is the layout of the TFDS features lsm2.data.tfds_info declares, so tfds
+decodes these records too. A packed float list is a length-prefixed run of
+little-endian float32, so the decoder reads `signals` with one np.frombuffer;
+int64 lists are packed varints, encoded and decoded with numpy (a minute label
+is 1440 of them). Reading with tf.data is shown in docs/data.md and tested in
+tests/test_data_format.py.
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ def _entry(key: str, feature: bytes) -> bytes:
 def encode_record(record: DayRecord, labels: Mapping[str, LabelSpec]) -> bytes:
   """Serializes a (sanitized, labels checked) record with the `labels` in that order."""
   signals = np.ascontiguousarray(record.signals, dtype="<f4")
-  observed = np.packbits(np.ascontiguousarray(record.observed).reshape(-1))
+  observed = np.ascontiguousarray(record.observed, dtype=np.bool_)
   entries = [
       _entry("subject_id", _bytes_feature([record.subject_id.encode()])),
       _entry("day", _bytes_feature([record.day.encode()])),
@@ -299,11 +303,17 @@ def decode_arrays(buf: bytes | memoryview, num_channels: int, fields_only: bool 
   if signals.size != expected:
     raise RecordDecodeError(f"feature 'signals' has {signals.size} values, expected "
                             f"{expected} = {MINUTES_PER_DAY} x {num_channels} channels")
-  packed = _single_bytes(features, "observed")
-  if len(packed) != expected // 8:
-    raise RecordDecodeError(f"feature 'observed' has {len(packed)} bytes, expected "
-                            f"{expected // 8} (packed bits of {MINUTES_PER_DAY} x {num_channels})")
-  observed = np.unpackbits(np.frombuffer(packed, np.uint8)).view(np.bool_)
+  stored = _single_bytes(features, "observed")
+  if len(stored) == expected:
+    values = np.frombuffer(stored, np.uint8)
+    if values.max(initial=0) > 1:
+      raise RecordDecodeError("feature 'observed' holds a byte other than 0 or 1")
+    observed = values.view(np.bool_)
+  elif len(stored) == -(-expected // 8):  # Written before TFDS support: packed bits.
+    observed = np.unpackbits(np.frombuffer(stored, np.uint8), count=expected).view(np.bool_)
+  else:
+    raise RecordDecodeError(f"feature 'observed' has {len(stored)} bytes, expected {expected} "
+                            f"(one per value of {MINUTES_PER_DAY} x {num_channels})")
   return (signals.reshape(MINUTES_PER_DAY, num_channels),
           observed.reshape(MINUTES_PER_DAY, num_channels), features)
 

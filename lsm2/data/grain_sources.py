@@ -22,10 +22,19 @@ from lsm2.data.shards import (CorruptShardError, open_array_record, read_array_r
                               read_tfrecord_mapped)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters.
+_KEEPS_FREED_MEMORY = False  # Whether keep_freed_memory() was applied in this process.
+
+
+def keeps_freed_memory() -> bool:
+  """Whether keep_freed_memory() was applied here (Grain workers then apply it too)."""
+  return _KEEPS_FREED_MEMORY
 
 
 def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> bool:
   """Makes glibc malloc serve and keep large blocks in the heap (process-wide).
+
+  An explicit opt-in for a program's entry point (lsm2.main applies it unless
+  --nokeep_freed_memory): no library call changes the allocator by itself.
 
   By default glibc maps every block above ~128 KB-32 MB freshly from the OS and
   returns it on free, so each 155 KB record and each batch pays page faults
@@ -34,13 +43,15 @@ def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> bool:
   heap is kept for reuse. Returns False where mallopt is unavailable (not glibc).
   The arguments let Grain call it as a worker_init_fn.
   """
+  global _KEEPS_FREED_MEMORY
   del worker_index, worker_count
   try:
     libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
-                and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    _KEEPS_FREED_MEMORY = bool(libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+                               and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
   except (OSError, AttributeError):
-    return False
+    _KEEPS_FREED_MEMORY = False
+  return _KEEPS_FREED_MEMORY
 
 
 # (serialized Example, shard file name, record index in that shard)

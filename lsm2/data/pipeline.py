@@ -42,8 +42,7 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
                         worker_count: int = 0, process_index: int | None = None,
                         process_count: int | None = None, max_subjects: int | None = None,
                         window_size: int = DEFAULT_WINDOW, cycle_length: int = DEFAULT_CYCLE,
-                        verify_checksums: bool = False,
-                        tune_malloc: bool = True) -> grain.DatasetIterator:
+                        verify_checksums: bool = True) -> grain.DatasetIterator:
   """Returns a checkpointable iterator of this process's batches of one split.
 
   Each element is {"signals": float32[b, 1440, C], "observed": bool[b, 1440, C]}
@@ -54,9 +53,14 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
   max_subjects keeps the first K subjects of a fixed shuffle of the split's
   subjects, so smaller subsets are nested in larger ones (data-size sweeps;
   the other records are still read, then dropped).
-  verify_checksums checks every TFRecord data CRC (~0.5 ms per record).
-  tune_malloc keeps large freed blocks in glibc's heap, in this process and the
-  workers (grain_sources.keep_freed_memory; up to 2x faster, process-wide).
+  verify_checksums checks every TFRecord data CRC (a corrupt record raises
+  CorruptShardError naming its shard and index; costs are in docs/data.md);
+  ArrayRecord files verify their own chunk hashes.
+  Nothing here changes process-wide settings: glibc malloc tuning is the
+  caller's choice (grain_sources.keep_freed_memory(), which lsm2.main applies;
+  the Grain workers then follow it), and worker_count > 0 needs absl flags
+  parsed (Grain's worker start-up reads them): run under absl.app, or call
+  absl.flags.FLAGS.mark_as_parsed() at your entry point.
   worker_count > 0 decodes in Grain worker processes, each batching its own
   slice of the record (ArrayRecord) or file (TFRecord) stream. Every batch
   then lives in fresh shared memory; where first-touching a page is slow (a
@@ -91,9 +95,12 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
   if max_subjects is not None and max_subjects < 1:
     raise ValueError(f"max_subjects must be None or >= 1, got {max_subjects}")
   local_batch = global_batch_size // pc
+  if worker_count and not flags.FLAGS.is_parsed():
+    raise RuntimeError(
+        f"worker_count={worker_count} needs parsed absl flags (Grain's worker start-up reads "
+        "its --grain_* flags): run under absl.app.run, or call "
+        "absl.flags.FLAGS.mark_as_parsed() at your program's entry point")
   meta = load_metadata(data_dir)
-  if tune_malloc:
-    grain_sources.keep_freed_memory()
   paths = [str(p) for p in meta.shard_paths(split)]
   counts = [meta.shard_records[os.path.basename(p)] for p in paths]
   if sum(counts) == 0:
@@ -141,13 +148,11 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
                 batch_fn=grain_sources.DecodeBatch(meta.num_channels, meta.norm_mean,
                                                    meta.norm_std, read=read))
   if worker_count:
-    if not flags.FLAGS.is_parsed():
-      # Grain's worker start-up reads absl flags; outside an absl app use their defaults.
-      flags.FLAGS.mark_as_parsed()
     # Workers decode and normalize into shared memory; the hand-over copies nothing.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=2),
-                        worker_init_fn=grain_sources.keep_freed_memory if tune_malloc else None)
+                        worker_init_fn=(grain_sources.keep_freed_memory
+                                        if grain_sources.keeps_freed_memory() else None))
   return iter(ds)
 
 

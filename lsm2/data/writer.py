@@ -2,7 +2,8 @@
 
 Normalization statistics (per-channel mean and std over observed minutes) are
 accumulated while the train split is written, never from other splits.
-metadata.json is written last, so a directory without it is an unfinished write.
+TFDS's dataset_info.json and features.json (lsm2.data.tfds_info) come next, and
+metadata.json last, so a directory without it is an unfinished write.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lsm2.data import example
+from lsm2.data import example, tfds_info
 from lsm2.data.channels import Channel, check_channel_set
 from lsm2.data.metadata import METADATA_FILE, DatasetMetadata, LabelSpec
 from lsm2.data.record import DayRecord, SanitizeCounts, sanitize
@@ -71,7 +72,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[pathlib.P
       raise ValueError(f"--out {out}: cannot create it: {parent} is not writable "
                        "(permission denied)")
     return []
-  existing = [p for p in out.iterdir() if p.name == METADATA_FILE or p.suffix in FORMATS.values()]
+  existing = [p for p in out.iterdir() if p.name == METADATA_FILE or p.suffix in FORMATS.values()
+              or p.name in tfds_info.TFDS_FILES or p.match(tfds_info.TFDS_LABEL_FILES)]
   if existing and not overwrite:
     what = ("a dataset" if (out / METADATA_FILE).exists()
             else "shards of an unfinished write (no metadata.json)")
@@ -205,6 +207,7 @@ class DatasetWriter:
         sanitized={"nonfinite": self._sanitized.nonfinite,
                    "out_of_range": self._sanitized.out_of_range},
         source=dict(source or {}), data_dir=self.out_dir)
+    tfds_info.write_tfds_metadata(meta, self.out_dir)
     meta.save(self.out_dir)
     return meta
 

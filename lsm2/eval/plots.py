@@ -113,8 +113,11 @@ def plot_reconstructed_day(
   """Heat maps of one day (model input, masked targets, prediction) and a few channel traces.
 
   Input shows only visible minutes (observed and not masked); "masked" shows
-  the hidden observed minutes the model had to predict; line plots overlay
-  the true observed values, the prediction and shade the masked minutes.
+  the hidden observed minutes the model had to predict; "predicted" shows the
+  model's output where it had to predict (masked or unobserved minutes: what
+  `reconstruct` fills), not at visible minutes, where a masked autoencoder's
+  output is never trained and means nothing; line plots overlay the true
+  observed values, that prediction and shade the masked minutes.
   """
   values, observed = np.asarray(values), np.asarray(observed)
   target_mask, predicted = np.asarray(target_mask), np.asarray(predicted)
@@ -133,7 +136,8 @@ def plot_reconstructed_day(
   panels = [
       ("input (visible minutes)", np.where(visible, values, np.nan)),
       ("masked targets (observed)", np.where(hidden, values, np.nan)),
-      ("predicted", predicted.astype(np.float64)),
+      ("predicted (masked and unobserved minutes)",
+       np.where(visible, np.nan, predicted.astype(np.float64))),
   ]
   finite = np.concatenate([p[np.isfinite(p)] for _, p in panels] + [np.zeros(1)])
   vmax = float(np.percentile(np.abs(finite), 99)) or 1.0
@@ -151,7 +155,8 @@ def plot_reconstructed_day(
   for ax, c in zip(axes[len(panels):], line_channels):
     truth = np.where(observed[:, c], values[:, c], np.nan)
     ax.plot(hours, truth, lw=0.8, color="k", label="observed")
-    ax.plot(hours, predicted[:, c], lw=0.8, color="tab:red", label="predicted")
+    ax.plot(hours, np.where(visible[:, c], np.nan, predicted[:, c]), lw=0.8, color="tab:red",
+            label="predicted")
     ax.fill_between(hours, 0, 1, where=target_mask[:, c], transform=ax.get_xaxis_transform(),
                     color="tab:orange", alpha=0.2, label="masked")
     ax.set_ylabel(names[c], fontsize=8)

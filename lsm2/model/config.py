@@ -148,7 +148,7 @@ _SIZES = {
     # Compiles in seconds; for tests.
     "tiny": dict(enc_width=32, enc_depth=2, enc_heads=2, enc_mlp=64,
                  dec_width=32, dec_depth=1, dec_heads=2, dec_mlp=64),
-    # CPU scale (~0.3M parameters): the 30-minute recipe on a 2-core machine
+    # CPU scale (~0.45M parameters): the 30-minute recipe on a 2-core machine
     # (configs/pretrain.py:XS,aim,cpu; docs/results.md).
     "XS": dict(enc_width=96, enc_depth=4, enc_heads=4, enc_mlp=256,
                dec_width=64, dec_depth=2, dec_heads=4, dec_mlp=192),

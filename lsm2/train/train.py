@@ -34,6 +34,7 @@ from lsm2.model import mae
 from lsm2.train import checkpoint as checkpoint_lib
 from lsm2.train import encoder_layout
 from lsm2.train import metrics as metrics_lib
+from lsm2.train import preflight
 from lsm2.train import run_dir
 
 TrainState = dict[str, Any]  # {"step", "params", "opt_state", "rng"}
@@ -447,6 +448,9 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   train_step = make_train_step(setup, strategy_names)
   eval_step = make_eval_step(setup, strategy_names)
   layout = encoder_layout.make_mask_layout(config, make_mask_fn(setup), model_cfg, mask_cfg, mesh)
+  # Pre-flight: a step that cannot fit stops here, with the figure and the knobs to turn
+  # (the first step reuses this compilation).
+  preflight.check_train_step(config, setup, train_step, layout.mask_fn, abstract_state(setup))
   train_collection = metrics_lib.train_metrics_collection(strategy_names)
 
   # --- Metrics, progress, preemption -----------------------------------------

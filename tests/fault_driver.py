@@ -1,0 +1,91 @@
+"""One pretraining run for tests/test_faults.py, in this process, optionally held at a named
+point so that the test can SIGKILL it exactly there.
+
+  python tests/fault_driver.py WORKDIR OVERRIDES_JSON [POINT]
+
+Prints "STEP n" as each step reaches its checkpoint decision (the test times its random
+kills from these), "PAUSED POINT" when it holds at POINT, "DONE" at the end. POINT:
+  save:N         checkpoint step N is written, Orbax's rename of it is pending
+  export_write   the new export's arrays are written, its description not
+  export_swap    between the two renames that swap the new export in
+"""
+import json
+import logging
+import pathlib
+import sys
+import time
+
+from etils import epath
+from orbax.checkpoint._src.path import atomicity
+
+from lsm2 import config_files
+from lsm2 import pretrained
+from lsm2.train import checkpoint
+from lsm2.train import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _hold(point: str) -> None:
+  print(f"PAUSED {point}", flush=True)
+  time.sleep(3600)
+
+
+def _hold_at(point: str) -> None:
+  """Patches the code under test to hold at `point` (test scaffolding only)."""
+  if point.startswith("save:"):
+    step = point.split(":")[1]
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def held_finalize(self, *args, **kwargs):
+      if epath.Path(self._final_path).name == step:  # pylint: disable=protected-access
+        _hold(point)
+      return await finalize(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+  elif point == "export_write":
+    write_description = pretrained.write_description
+
+    def held_write(directory, description):
+      if epath.Path(directory).name == pretrained.EXPORT_TMP:
+        _hold(point)
+      return write_description(directory, description)
+    pretrained.write_description = held_write
+  elif point == "export_swap":
+    path_type = type(epath.Path("/"))
+    rename = path_type.rename
+
+    def held_rename(self, target):
+      if self.name == pretrained.EXPORT_TMP:
+        _hold(point)
+      return rename(self, target)
+    path_type.rename = held_rename
+  elif point:
+    raise ValueError(f"unknown point {point!r}")
+
+
+def main() -> None:
+  workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+  logging.basicConfig(level=logging.INFO, force=True)  # The run's own log lines ...
+  logging.getLogger("absl").setLevel(logging.WARNING)  # ... without Orbax's per-save chatter.
+  _hold_at(sys.argv[3] if len(sys.argv) > 3 else "")
+  maybe_save = checkpoint.Checkpointer.maybe_save
+
+  def marked_save(self, step, *args, **kwargs):
+    print(f"STEP {step}", flush=True)
+    return maybe_save(self, step, *args, **kwargs)
+  checkpoint.Checkpointer.maybe_save = marked_save
+
+  config = config_files.load_config(REPO / "configs" / "pretrain.py", "tiny,aim,runlocal")
+  with config.unlocked():
+    for key, value in overrides.items():
+      *parents, leaf = key.split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  train.train_and_evaluate(config, workdir)
+  print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+  main()
