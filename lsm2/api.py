@@ -86,11 +86,14 @@ class PretrainedModel:
     channel_groups: each channel's sensor group.
     norm_mean, norm_std: per-channel statistics used to normalise inputs.
     batch_size: days per compiled batch (a multiple of the device count).
+    step: the training step of the parameters (None when not known).
     graphdef, params: the split NNX model (params replicated on every device).
   """
 
-  def __init__(self, model: nnx.Module, description: dict[str, Any], *, batch_size: int = 64):
+  def __init__(self, model: nnx.Module, description: dict[str, Any], *, batch_size: int = 64,
+               step: int | None = None):
     self.config = description
+    self.step = step
     self.model_cfg = model_config_lib.ModelConfig(**description["model"])
     self.mask_cfg = pretrained.mask_config_from_description(description["masking"])
     self.channel_names = tuple(c["name"] for c in description["channels"])
@@ -292,6 +295,10 @@ class PretrainedModel:
 
 def load(path: str | pathlib.Path, step: int | None = None, *, batch_size: int = 64
          ) -> PretrainedModel:
-  """Restores a model from a training workdir (export/ or a checkpoint `step`) or an export/ dir."""
-  model, description = pretrained.load_pretrained(path, step)
-  return PretrainedModel(model, description, batch_size=batch_size)
+  """Restores a model from a training workdir (export/ or a checkpoint `step`) or an export/ dir.
+
+  Without `step` and an export, the newest readable checkpoint: an unreadable
+  newer one is skipped with a warning, as training does (lsm2.pretrained.restore_newest).
+  """
+  model, description, step = pretrained.load_pretrained(path, step)
+  return PretrainedModel(model, description, batch_size=batch_size, step=step)

@@ -8,11 +8,11 @@ when no dataset is present (lsm2.data.synthesize.ensure_synthetic_dataset).
 The evaluation (configs/eval.py:synthetic) restores WORKDIR and writes
 WORKDIR/eval.
 """
-import pathlib
 from typing import Any, Sequence
 
 import ml_collections
 
+from lsm2 import storage
 from lsm2.eval import report
 from lsm2.eval import run as eval_run
 from lsm2.train import train
@@ -24,7 +24,7 @@ def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
   train.train_and_evaluate(pretrain_config, workdir)
   config = ml_collections.ConfigDict(eval_config.to_dict())
   config.init_from = str(workdir)
-  out = pathlib.Path(workdir) / "eval"
+  out = storage.as_path(workdir) / "eval"
   records = eval_run.evaluate(config, out)
   print("\n" + "\n".join(summary(records)))
   print(f"\nDemo finished. Results: {out / 'results.md'} and {out / 'results.json'}; "

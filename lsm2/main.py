@@ -6,6 +6,10 @@ r"""Entry point: parses flags, joins the multi-process runtime, dispatches.
 The config's `mode` field (default "pretrain") picks what runs: "pretrain",
 "evaluate" (configs/eval.py) or "demo" (configs/demo.py: pretrain, then
 evaluate with the sibling configs/eval.py:synthetic into WORKDIR/eval).
+
+Exit status: 0 finished, 1 failed, config.preemption_exit_code (75) after a
+preemption checkpoint (train.Preempted is a SystemExit with that code), so
+that launchers can requeue.
 """
 import logging as std_logging
 import os

@@ -18,8 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
-import socket
 from typing import Any, TypeVar
 
 from etils import epath
@@ -30,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lsm2 import sharding as sharding_lib
+from lsm2 import storage
 from lsm2.model import config as model_config_lib
 from lsm2.model import mae
 
@@ -62,28 +61,17 @@ def export_description(config, model_cfg: model_config_lib.ModelConfig,
   }
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `path` so that a reader sees the old text or the new one, never a part.
-
-  The text goes to a temporary name beside `path`, which one rename then puts in
-  its place (on a bucket a single-object copy: also all or nothing).
-  """
-  path = epath.Path(path)
-  tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
 def write_description(directory: str | os.PathLike, description: dict[str, Any]) -> None:
   """Writes DIRECTORY/lsm2.json atomically (process 0 only)."""
   if jax.process_index() == 0:
     path = epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path / DESCRIPTION_FILE, json.dumps(description, indent=1, sort_keys=True))
+    storage.write_text_atomic(path / DESCRIPTION_FILE,
+                              json.dumps(description, indent=1, sort_keys=True))
 
 
-def read_description(directory: str | pathlib.Path) -> dict[str, Any]:
-  path = pathlib.Path(directory) / DESCRIPTION_FILE
+def read_description(directory: str | os.PathLike) -> dict[str, Any]:
+  path = storage.as_path(directory) / DESCRIPTION_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path}: no lsm2 description here; expected a training workdir "
                             f"or its {EXPORT_DIR}/ directory.")
@@ -313,11 +301,6 @@ def restore_checkpoint_params(workdir: str | os.PathLike, abstract_params: Any,
     reader.close()
 
 
-def has_export(path: str | os.PathLike) -> bool:
-  """Whether `path` is an export directory or a workdir holding one."""
-  return find_export(path) is not None
-
-
 # ----------------------------------------------------------------------------
 # A model with pretrained parameters.
 # ----------------------------------------------------------------------------
@@ -326,16 +309,17 @@ def _abstract_model(model_cfg: model_config_lib.ModelConfig):
     return mae.LSM2MAE(model_cfg, rngs=nnx.Rngs(0))
 
 
-def load_pretrained(path: str | pathlib.Path, step: int | None = None
-                    ) -> tuple[mae.LSM2MAE, dict[str, Any]]:
-  """A model with pretrained parameters, and its description (configs, channels, stats).
+def load_pretrained(path: str | os.PathLike, step: int | None = None
+                    ) -> tuple[mae.LSM2MAE, dict[str, Any], int]:
+  """A model with pretrained parameters, its description (configs, channels, stats) and step.
 
   `path` is a training workdir (its export/ when `step` is None and training
-  finished, else the checkpoint at `step` or the latest) or an export/
-  directory. Parameters are replicated over all devices of this job, whatever
-  the process and device count of the job that wrote them.
+  finished, else the checkpoint at `step` or the newest readable one) or an
+  export/ directory. The step is the training step of the parameters (of an
+  export: its run's total_steps). Parameters are replicated over all devices
+  of this job, whatever the process and device count of the job that wrote them.
   """
-  path = epath.Path(path)
+  path = storage.check_reachable(path, "pretrained model")  # No bucket, no credentials: said here.
   export = find_export(path) if step is None else None
   description = read_description(
       path if export is None or (path / DESCRIPTION_FILE).exists() else export)
@@ -346,6 +330,7 @@ def load_pretrained(path: str | pathlib.Path, step: int | None = None
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_params)
   if export is not None:
     params = restore_params(export / EXPORT_PARAMS, abstract_params)
+    step = int(description.get("run_config", {}).get("total_steps", 0))
   else:
     step, params = restore_checkpoint_params(path, abstract_params, step)
-  return nnx.merge(graphdef, params), description
+  return nnx.merge(graphdef, params), description, step

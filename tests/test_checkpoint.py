@@ -125,7 +125,8 @@ def test_a_checkpoint_of_another_model_raises_and_changes_nothing(tmp_path):
   with pytest.raises(pretrained.CheckpointMismatchError) as e:
     ckpt.restore_latest(other, _data_iter())
   message = str(e.value)
-  assert f"checkpoint step 2 in {pretrained.checkpoint_dir(tmp_path)} does not fit this model" in message
+  where = f"checkpoint step 2 in {pretrained.checkpoint_dir(tmp_path)}"
+  assert f"{where} does not fit this model" in message
   assert "w is float32[8, 8] in the checkpoint, float32[4, 8] in this model" in message
   assert "extra is not in the checkpoint" in message
   assert "nothing was restored, moved or deleted" in message

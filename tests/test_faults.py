@@ -65,9 +65,9 @@ class _Runner:
         if line.startswith("STEP ") and random_kill:
           step = int(line.split()[1])
           kill_at = kill_at or self.rng.randint(step, max(step, STEPS - 2))
-          if step == kill_at:
-            time.sleep(self.rng.uniform(0.0, 0.3))  # Into the save, the next step or the export.
-            break
+          if step == kill_at:  # Then into the save, the next step or the export ...
+            time.sleep(self.rng.uniform(0.0, 0.3) if step <= STEPS - 2 else 0.0)
+            break  # ... but never past the end of the run.
         if point and line == f"PAUSED {point}":
           break
       else:
@@ -85,7 +85,7 @@ class _Runner:
 
 
 def _params(path):
-  model, _ = pretrained.load_pretrained(path)
+  model, _, _ = pretrained.load_pretrained(path)
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 
@@ -100,7 +100,8 @@ def _steps(workdir) -> list[int]:
 
 
 def _truncate_arrays(step_dir: pathlib.Path) -> None:
-  files = [f for f in (step_dir / pretrained.STATE).rglob("*") if f.is_file() and f.parent.name == "d"]
+  files = [f for f in (step_dir / pretrained.STATE).rglob("*")
+           if f.is_file() and f.parent.name == "d"]  # OCDBT data files.
   assert files
   for f in files:
     f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import lsm2
 from lsm2 import config_files
 from lsm2 import pretrained
 from lsm2.data import synthesize
@@ -45,7 +46,7 @@ def _snapshot(root) -> dict[str, bytes]:
 
 
 def _export_params(path):
-  model, _ = pretrained.load_pretrained(path)
+  model, _, _ = pretrained.load_pretrained(path)
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 
@@ -229,3 +230,24 @@ def test_a_holder_whose_lease_was_taken_over_stops(tmp_path):
     lease.check()
   lease.release()
   assert _lock(tmp_path)["token"] == "other"  # Not ours: left alone.
+
+
+def test_lsm2_load_falls_back_from_an_unreadable_newest_step_like_training(finished, tmp_path,
+                                                                           caplog):
+  """lsm2.load (and evaluation's init_from, which restores through it) skip an unreadable
+  newest checkpoint with the same warning as training, but leave every file as it was."""
+  workdir = _copy(finished, tmp_path)
+  shutil.rmtree(workdir / pretrained.EXPORT_DIR)
+  for f in (workdir / "checkpoints" / "4" / pretrained.STATE).rglob("*"):
+    if f.is_file() and f.parent.name == "d":  # OCDBT array data: torn in half.
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  before = _snapshot(workdir)
+  with caplog.at_level(logging.WARNING):
+    model = lsm2.load(workdir)
+  assert model.step == 2
+  assert "CHECKPOINT UNREADABLE: step 4" in caplog.text
+  want = lsm2.load(finished, step=2)
+  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(want.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert _snapshot(workdir) == before
+  assert lsm2.load(finished).step == 4  # The export: its run's total_steps.

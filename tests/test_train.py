@@ -231,7 +231,7 @@ def _scalars(workdir, tag) -> dict[int, float]:
 
 
 def _export_params(workdir):
-  model, _ = pretrained.load_pretrained(workdir)
+  model, _, _ = pretrained.load_pretrained(workdir)
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 

@@ -6,6 +6,7 @@ cloudpickle) and checkpointable (iterator state is plain JSON-able data).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import mmap
 import os
@@ -18,8 +19,9 @@ import numpy as np
 from lsm2.data import example
 from lsm2.data.metadata import CLIP, inverse_std
 from lsm2.data.record import MINUTES_PER_DAY
+from lsm2 import storage
 from lsm2.data.shards import (CorruptShardError, open_array_record, read_array_record,
-                              read_tfrecord_mapped)
+                              read_tfrecord_at, read_tfrecord_mapped)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters.
 _KEEPS_FREED_MEMORY = False  # Whether keep_freed_memory() was applied in this process.
@@ -179,7 +181,10 @@ class WindowShuffle(grain.IterDataset):
 
 
 class _TFRecordShardIterator(grain.DatasetIterator):
-  """Sequential reader of one memory-mapped shard; state = (record index, byte offset)."""
+  """Sequential reader of one shard (memory-mapped, or streamed from a bucket).
+
+  State = (record index, byte offset).
+  """
 
   def __init__(self, path: str, expected_records: int, verify_checksums: bool):
     super().__init__()
@@ -189,20 +194,39 @@ class _TFRecordShardIterator(grain.DatasetIterator):
     self._verify = verify_checksums
     self._index = 0
     self._offset = 0
-    self._map = None
+    self._map = None  # A local shard: memory-mapped.
+    self._file = None  # A shard on a bucket: streamed (etils.epath, buffered reads).
+    self._stack = None
     self._done = False
+
+  def _open(self) -> None:
+    if storage.is_remote(self._path):
+      self._stack = contextlib.ExitStack()  # epath's open is a context manager.
+      self._file = self._stack.enter_context(storage.as_path(self._path).open("rb"))
+      self._file.seek(self._offset)
+      return
+    with open(self._path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      # Records are views into the map; it is freed when the last one is.
+      self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+  def _close(self) -> None:
+    if self._file is not None:
+      self._stack.close()
+    self._map = self._file = self._stack = None
 
   def __next__(self) -> RawRecord:
     if self._done:
       raise StopIteration
-    if self._map is None:
-      with open(self._path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        # Records are views into the map; it is freed when the last one is.
-        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    got = read_tfrecord_mapped(self._map, self._offset, self._path, self._index, self._verify)
+    if self._map is None and self._file is None:
+      self._open()
+    if self._file is not None:
+      data = read_tfrecord_at(self._file, self._path, self._index, self._verify)
+      got = None if data is None else (data, self._offset + 16 + len(data))
+    else:
+      got = read_tfrecord_mapped(self._map, self._offset, self._path, self._index, self._verify)
     if got is None:
-      self._map = None
+      self._close()
       self._done = True
       if self._index != self._expected:
         raise CorruptShardError(self._path, None, f"holds {self._index} records, "
@@ -217,6 +241,7 @@ class _TFRecordShardIterator(grain.DatasetIterator):
     return {"index": self._index, "offset": self._offset}
 
   def set_state(self, state: dict[str, int]) -> None:
+    self._close()  # Reopened at the restored offset by the next __next__.
     self._index, self._offset = int(state["index"]), int(state["offset"])
     self._done = False
 

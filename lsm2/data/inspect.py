@@ -13,15 +13,17 @@ of a few days with their masks.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import pathlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from lsm2 import storage
 from lsm2.data.dataset import iter_records
 from lsm2.data.metadata import DatasetMetadata, MetadataError, load_metadata, normalize
 from lsm2.data.record import DayRecord
@@ -50,7 +52,7 @@ def _label_summary(meta: DatasetMetadata, values: dict[str, list]) -> dict[str, 
   return out
 
 
-def summarize(data_dir: str | pathlib.Path, *, keep_days: int = 0, keep_split: str | None = None
+def summarize(data_dir: str | os.PathLike, *, keep_days: int = 0, keep_split: str | None = None
               ) -> tuple[dict[str, Any], list[DayRecord]]:
   """Reads every record; returns the summary dict and the first `keep_days` of `keep_split`."""
   meta = load_metadata(data_dir)
@@ -138,7 +140,7 @@ def _plain(text: str) -> str:
   return text.replace("$", r"\$")
 
 
-def plot_days(meta: DatasetMetadata, records: Sequence[DayRecord], path: str | pathlib.Path) -> None:
+def plot_days(meta: DatasetMetadata, records: Sequence[DayRecord], path: str | os.PathLike) -> None:
   """Heat map per day: normalized values (channels x minutes), unobserved minutes in grey."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -160,8 +162,10 @@ def plot_days(meta: DatasetMetadata, records: Sequence[DayRecord], path: str | p
     ax.set_xticks(range(0, 1441, 180))
     ax.set_xticklabels([f"{h:02d}:00" for h in range(0, 25, 3)], fontsize=7)
   fig.colorbar(im, ax=axes[:, 0].tolist(), label="z-score", shrink=0.6)
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()  # Then one write: `path` may be on a bucket.
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  storage.as_path(path).write_bytes(png.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,16 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--split", default="train", help="split the heat-map days come from")
   args = p.parse_args(argv)
   try:
+    storage.check_reachable(args.data_dir, "DATA_DIR")
     summary, days = summarize(args.data_dir, keep_days=args.days if args.png else 0,
                               keep_split=args.split)
     if args.png:
       plot_days(load_metadata(args.data_dir), days, args.png)
-  except (MetadataError, CorruptShardError, ValueError, KeyError) as e:
+  except (MetadataError, CorruptShardError, storage.StorageError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(render(summary))
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    storage.as_path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.json}")
   if args.png:
     print(f"wrote {args.png}")

@@ -14,16 +14,17 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import numpy as np
 from jaxtyping import Bool, Float
 
+from lsm2 import storage
 from lsm2.data.channels import Channel, check_channel_set
 from lsm2.data.record import MINUTES_PER_DAY
-from lsm2.data.shards import FORMATS, parse_shard_filename
+from lsm2.data.shards import FORMATS, check_array_record_is_local, parse_shard_filename
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -127,7 +128,7 @@ class DatasetMetadata:
   subjects: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   sanitized: dict[str, int] = dataclasses.field(default_factory=dict)
   source: dict[str, Any] = dataclasses.field(default_factory=dict)
-  data_dir: pathlib.Path | None = None
+  data_dir: epath.Path | None = None
 
   @property
   def num_channels(self) -> int:
@@ -137,7 +138,7 @@ class DatasetMetadata:
   def channel_names(self) -> tuple[str, ...]:
     return tuple(c.name for c in self.channels)
 
-  def shard_paths(self, split: str) -> list[pathlib.Path]:
+  def shard_paths(self, split: str) -> list[epath.Path]:
     if split not in self.splits:
       raise KeyError(f"split {split!r} not in dataset {self.data_dir} "
                      f"(splits: {sorted(self.splits)})")
@@ -165,12 +166,10 @@ class DatasetMetadata:
         "source": self.source,
     }
 
-  def save(self, data_dir: str | os.PathLike) -> pathlib.Path:
+  def save(self, data_dir: str | os.PathLike) -> epath.Path:
     """Writes metadata.json atomically (readers never see a half-written file)."""
-    path = pathlib.Path(data_dir) / METADATA_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    path = storage.as_path(data_dir) / METADATA_FILE
+    storage.write_text_atomic(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
     return path
 
 
@@ -248,8 +247,10 @@ def metadata_from_json(d: Mapping[str, Any], where: str) -> DatasetMetadata:
       sanitized=dict(d.get("sanitized", {})), source=dict(d.get("source", {})))
 
 
-def validate_shards(meta: DatasetMetadata, data_dir: pathlib.Path, where: str) -> None:
+def validate_shards(meta: DatasetMetadata, data_dir: epath.Path, where: str) -> None:
   """Checks the shard files against the metadata (names, presence, sizes, counts, subjects)."""
+  # One listing, then one size query per shard: few requests on a bucket too.
+  present = {p.name for ext in FORMATS.values() for p in data_dir.glob(f"*{ext}")}
   listed: set[str] = set()
   for split, files in meta.splits.items():
     if split not in meta.record_counts:
@@ -264,9 +265,9 @@ def validate_shards(meta: DatasetMetadata, data_dir: pathlib.Path, where: str) -
             f"{where}: splits[{split!r}][{i}] = {f!r} should be "
             f"{split}-{i:05d}-of-{len(files):05d}{FORMATS[meta.format]}")
       path = data_dir / f
-      if not path.is_file():
+      if f not in present:
         raise MetadataError(f"{where}: shard {path} is listed but missing")
-      size = path.stat().st_size
+      size = path.stat().length
       if size != meta.shard_bytes[f]:
         raise MetadataError(f"{where}: shard {path} has {size} bytes, metadata says "
                             f"{meta.shard_bytes[f]} (truncated, replaced or rewritten)")
@@ -277,8 +278,7 @@ def validate_shards(meta: DatasetMetadata, data_dir: pathlib.Path, where: str) -
     if total != meta.record_counts[split]:
       raise MetadataError(f"{where}: split {split!r}: shards hold {total} records, "
                           f"record_counts says {meta.record_counts[split]}")
-  unlisted = sorted(p.name for ext in FORMATS.values() for p in data_dir.glob(f"*{ext}")
-                    if p.name not in listed)
+  unlisted = sorted(present - listed)
   if unlisted:
     raise MetadataError(f"{where}: shard files not listed in metadata: {unlisted}")
   owner: dict[str, str] = {}
@@ -290,8 +290,8 @@ def validate_shards(meta: DatasetMetadata, data_dir: pathlib.Path, where: str) -
 
 
 def load_metadata(data_dir: str | os.PathLike) -> DatasetMetadata:
-  """Reads and validates DIR/metadata.json against the shard files in DIR."""
-  data_dir = pathlib.Path(data_dir)
+  """Reads and validates DIR/metadata.json against the shard files in DIR (local or gs://)."""
+  data_dir = storage.as_path(data_dir)
   path = data_dir / METADATA_FILE
   if not path.is_file():
     raise MetadataError(f"{path} not found: {data_dir} is not an lsm2 dataset directory "
@@ -303,6 +303,8 @@ def load_metadata(data_dir: str | os.PathLike) -> DatasetMetadata:
   if not isinstance(d, dict):
     raise MetadataError(f"{path}: expected a JSON object")
   meta = metadata_from_json(d, str(path))
+  if meta.format == "array_record":
+    check_array_record_is_local(data_dir)
   validate_shards(meta, data_dir, str(path))
   meta.data_dir = data_dir
   return meta

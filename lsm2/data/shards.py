@@ -10,14 +10,21 @@ its file and record index); the data checksum costs ~0.5 ms per day record in
 numpy and is checked when `verify_checksums=True` (`python -m lsm2.data.inspect`,
 which reads every record, dataset.read_split, tests), not by default on the
 training hot path. ArrayRecord (Riegeli) verifies its own chunk hashes.
+
+TFRecord shards are read and written through etils.epath, on a local disk or a
+gs:// bucket alike. ArrayRecord's reader and writer open local files only (its
+C++ file layer has no bucket support), so an ArrayRecord dataset on a bucket is
+refused with the ways out (`check_array_record_is_local`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
 from collections.abc import Iterator
 
+from lsm2 import storage
 from lsm2.data.crc32c import masked_crc32c
 
 FORMATS = {"tfrecord": ".tfrecord", "array_record": ".array_record"}
@@ -67,7 +74,8 @@ class TFRecordWriter:
 
   def __init__(self, path: str | os.PathLike):
     self.path = str(path)
-    self._f = open(self.path, "wb")  # pylint: disable=consider-using-with
+    self._stack = contextlib.ExitStack()  # epath's open is a context manager.
+    self._f = self._stack.enter_context(storage.as_path(path).open("wb"))
 
   def write(self, data: bytes) -> None:
     header = struct.pack("<Q", len(data))
@@ -76,7 +84,7 @@ class TFRecordWriter:
     self._f.write(struct.pack("<I", masked_crc32c(data)))
 
   def close(self) -> None:
-    self._f.close()
+    self._stack.close()
 
 
 def _record_length(header: bytes, path: str, index: int) -> int:
@@ -130,7 +138,7 @@ def iter_tfrecord(path: str | os.PathLike, *, verify_checksums: bool = False,
                   expected_records: int | None = None) -> Iterator[bytes]:
   """Yields the records of one TFRecord file in order."""
   path = str(path)
-  with open(path, "rb") as f:
+  with storage.as_path(path).open("rb") as f:
     index = 0
     while (data := read_tfrecord_at(f, path, index, verify_checksums)) is not None:
       yield data
@@ -143,10 +151,25 @@ def iter_tfrecord(path: str | os.PathLike, *, verify_checksums: bool = False,
 # ----------------------------------------------------------------------------- ArrayRecord
 
 
+class ArrayRecordNotLocalError(storage.StorageError):
+  """An ArrayRecord dataset on a bucket: array_record reads and writes local files only."""
+
+
+def check_array_record_is_local(path: str | os.PathLike) -> None:
+  """Raises ArrayRecordNotLocalError, with the ways out, if ArrayRecord `path` is a URL."""
+  if storage.is_remote(path):
+    raise ArrayRecordNotLocalError(
+        f"{path}: ArrayRecord shards cannot be read or written on a bucket (array_record opens "
+        "local files only). Copy the dataset to a local disk (`gcloud storage cp -r DIR "
+        "/local/dir`) and point config.data.dir there, or write it as TFRecord "
+        "(--format tfrecord), which lsm2 reads from gs:// directly; see docs/launching.md.")
+
+
 class ArrayRecordWriter:
 
   def __init__(self, path: str | os.PathLike):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    check_array_record_is_local(path)
     self.path = str(path)
     self._w = array_record_module.ArrayRecordWriter(self.path, ARRAY_RECORD_WRITER_OPTIONS)
 
@@ -160,6 +183,7 @@ class ArrayRecordWriter:
 def open_array_record(path: str | os.PathLike):
   """Opens an ArrayRecord reader; a damaged file raises CorruptShardError."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  check_array_record_is_local(path)
   try:
     reader = array_record_module.ArrayRecordReader(str(path), ARRAY_RECORD_READER_OPTIONS)
   except Exception as e:  # The C++ layer raises bare RuntimeError/ValueError.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.experimental import multihost_utils
 
+from lsm2 import storage
 from lsm2.data import splits as splits_lib
 from lsm2.data import synthetic
 from lsm2.data.channels import DEFAULT_CHANNELS
@@ -71,7 +71,7 @@ def ensure_synthetic_dataset(config) -> None:
   """
   if config.data.synthesize_subjects <= 0:
     return
-  data_dir = pathlib.Path(config.data.dir)
+  data_dir = storage.as_path(config.data.dir)
   if jax.process_index() == 0 and not (data_dir / METADATA_FILE).exists():
     logging.info("No dataset at %s: synthesizing %d subjects x %d days.", data_dir,
                  config.data.synthesize_subjects, config.data.synthesize_days)

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
+from lsm2 import storage
 from lsm2.data.metadata import DatasetMetadata, LabelSpec
 from lsm2.data.record import MINUTES_PER_DAY
 
@@ -79,7 +79,7 @@ def features(num_channels: int, labels: dict[str, LabelSpec]):
 def write_tfds_metadata(meta: DatasetMetadata, out_dir: str | os.PathLike) -> None:
   """Writes dataset_info.json and features.json for the shards `meta` lists."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.as_path(out_dir)
   template = tfds.core.ShardedFileTemplate(data_dir=out_dir, template=FILENAME_TEMPLATE,
                                            dataset_name="lsm2", filetype_suffix=meta.format)
   split_infos = [
@@ -100,7 +100,7 @@ def write_tfds_metadata(meta: DatasetMetadata, out_dir: str | os.PathLike) -> No
 def builder(data_dir: str | os.PathLike):
   """tfds.builder_from_directory(data_dir), or an error naming the upgrade command."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = pathlib.Path(data_dir)
+  data_dir = storage.as_path(data_dir)
   if not (data_dir / TFDS_FILES[0]).is_file():
     raise FileNotFoundError(
         f"{data_dir} has no {TFDS_FILES[0]}: it was written before TFDS support (lsm2 still "

@@ -8,18 +8,20 @@ metadata.json last, so a directory without it is an unfinished write.
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from etils import epath
 import numpy as np
 
+from lsm2 import storage
 from lsm2.data import example, tfds_info
 from lsm2.data.channels import Channel, check_channel_set
 from lsm2.data.metadata import METADATA_FILE, DatasetMetadata, LabelSpec
 from lsm2.data.record import DayRecord, SanitizeCounts, sanitize
-from lsm2.data.shards import FORMATS, check_format, make_writer, shard_filename
+from lsm2.data.shards import (FORMATS, check_array_record_is_local, check_format, make_writer,
+                              shard_filename)
 
 HISTOGRAM_BINS = 10  # Per-day missing fraction histogram over [0, 1].
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -49,15 +51,21 @@ class _ChannelStats:
     self.n = total
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[pathlib.Path]:
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[epath.Path]:
   """Checks, changing nothing, that a dataset can go to `out_dir`; returns the files it replaces.
 
   Raises (naming the path and the reason) when it is not a directory, cannot
   be created or written, or holds a dataset or shards and `overwrite` is off.
   Converters call it before reading their input, so a bad --out fails at once.
   """
-  out = pathlib.Path(out_dir)
-  if out.exists():
+  out = storage.as_path(out_dir)
+  if storage.is_remote(out):
+    # A bucket has no directories to create nor permission bits to read: a probe
+    # object is written and deleted (bucket missing, no credentials: raised here).
+    storage.check_writable(out, "--out")
+    if not out.exists():
+      return []
+  elif out.exists():
     if not out.is_dir():
       raise ValueError(f"--out {out}: exists and is not a directory")
     if not os.access(out, os.W_OK | os.X_OK):
@@ -95,10 +103,12 @@ class DatasetWriter:
   def __init__(self, out_dir: str | os.PathLike, *, channels: Sequence[Channel],
                labels: Iterable[LabelSpec] = (), fmt: str = "tfrecord",
                overwrite: bool = False):
-    self.out_dir = pathlib.Path(out_dir)
+    self.out_dir = storage.as_path(out_dir)
     self.channels = check_channel_set(channels)
     self.labels = {s.name: s for s in labels}
     self.fmt = check_format(fmt)
+    if self.fmt == "array_record":
+      check_array_record_is_local(self.out_dir)
     existing = check_out_dir(self.out_dir, overwrite)
     self.out_dir.mkdir(parents=True, exist_ok=True)
     for p in existing:
@@ -172,7 +182,7 @@ class DatasetWriter:
     self._counts[split] = count
     for f, n in zip(files, per_shard):
       self._shard_records[f] = n
-      self._shard_bytes[f] = (self.out_dir / f).stat().st_size
+      self._shard_bytes[f] = (self.out_dir / f).stat().length
     self._subjects[split] = sorted(subjects)
     self._day_missing[split] = day_missing
     return count

@@ -132,10 +132,9 @@ def day_features(z: Float[np.ndarray, "n t c"], observed: Bool[np.ndarray, "n t 
     names += [f"{k}/{ACTIVITY_CHANNEL}" for k in
               ("zero_fraction", "night_day_ratio", "intradaily_variability", "interdaily_stability")]
   x = np.concatenate(columns, axis=1)
-  with np.errstate(invalid="ignore"):
-    fill = np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0)
-  fill = np.where(np.isfinite(fill), fill, 0.0)
-  x = np.where(np.isfinite(x), x, fill[None, :])
+  defined = np.isfinite(x)
+  fill = np.where(defined, x, 0.0).sum(axis=0) / np.maximum(defined.sum(axis=0), 1)
+  x = np.where(defined, x, fill[None, :])
   return x.astype(np.float32), names
 
 

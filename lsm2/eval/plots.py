@@ -6,32 +6,39 @@ returns the path. Missing values (None/NaN) are drawn as gaps and labelled
 """
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 from typing import Mapping, Sequence
 
+from etils import epath
 import numpy as np
 from jaxtyping import Bool, Float
 from matplotlib.figure import Figure
+
+from lsm2 import storage
 
 
 def _as_float(value: float | None) -> float:
   return np.nan if value is None else float(value)
 
 
-def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
+def _save(fig: Figure, path: str | os.PathLike) -> epath.Path:
+  """Renders to memory, then writes one file (local or gs://: matplotlib writes local files only)."""
+  path = storage.as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+  path.write_bytes(png.getvalue())
   return path
 
 
 def plot_metric_by_condition(
     results: Mapping[str, Mapping[str, float | None]],
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     *,
     metric_name: str,
     title: str = "",
-) -> pathlib.Path:
+) -> epath.Path:
   """Grouped bar chart: one group per condition (e.g. removed sensor group or time segment).
 
   Args:
@@ -66,12 +73,12 @@ def plot_metric_by_condition(
 def plot_error_by_missingness(
     bucket_names: Sequence[str],
     series: Mapping[str, Sequence[float | None]],
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     *,
     metric_name: str = "MSE",
     title: str = "",
     counts: Sequence[int] | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
   """Line plot of an error per missingness bucket, one line per series (model or baseline).
 
   `counts` (days per bucket), when given, is written under each bucket name.
@@ -104,12 +111,12 @@ def plot_reconstructed_day(
     observed: Bool[np.ndarray, "t c"],
     target_mask: Bool[np.ndarray, "t c"],
     predicted: Float[np.ndarray, "t c"],
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     *,
     channel_names: Sequence[str] | None = None,
     line_channels: Sequence[int] = (0, 1, 2),
     title: str = "",
-) -> pathlib.Path:
+) -> epath.Path:
   """Heat maps of one day (model input, masked targets, prediction) and a few channel traces.
 
   Input shows only visible minutes (observed and not masked); "masked" shows

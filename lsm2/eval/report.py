@@ -8,7 +8,8 @@ A record is a dict with the keys of `RECORD_KEYS`:
   masking  "natural" (the data as recorded), "remove_group:G", "remove_segment:S"
            or "missing:20-30%" (days bucketed by their own missing fraction)
   n        examples (days, subjects or windows) or, for reconstruction, scored minutes
-  method   "linear_probe", "majority", "few_shot_kK", "fine_tune", "model",
+  method   "linear_probe", "majority", "few_shot_kK", "fine_tune", "features_probe" (the
+           same probe on hand-crafted per-day features, lsm2.eval.features), "model",
            an imputation baseline name or "noise_floor"
   level    "day" / "subject" / "window" (discriminative) or "minute" (reconstruction)
   family   "discriminative" or "generative"
@@ -19,8 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 from typing import Any, Iterable, Sequence
+
+from etils import epath
+
+from lsm2 import storage
 
 RECORD_KEYS = ("task", "metric", "value", "split", "masking", "n", "method", "level", "family")
 CLASSIFICATION_METRICS = ("auroc", "macro_f1", "balanced_accuracy", "map")
@@ -62,8 +67,8 @@ class Results:
     return [r for r in self.records if all(r.get(k) == v for k, v in keys.items())]
 
 
-def write_json(records: Sequence[dict[str, Any]], path: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
+def write_json(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> epath.Path:
+  path = storage.as_path(path)
   path.write_text(json.dumps(list(records), indent=1, allow_nan=False) + "\n")
   return path
 
@@ -76,7 +81,7 @@ def scalar_name(r: dict[str, Any]) -> str:
   return "eval/" + "/".join(parts)
 
 
-def write_scalars(records: Sequence[dict[str, Any]], workdir: str | pathlib.Path, step: int) -> None:
+def write_scalars(records: Sequence[dict[str, Any]], workdir: str | os.PathLike, step: int) -> None:
   """Logs every defined metric through a CLU writer (TensorBoard events in `workdir`)."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)

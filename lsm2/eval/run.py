@@ -14,16 +14,17 @@ and CLU scalars (TensorBoard events in OUT).
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import time
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 
 from lsm2 import api
-from lsm2 import pretrained
+from lsm2 import storage
 from lsm2.data import channels as channels_lib
 from lsm2.data import dataset as dataset_lib
 from lsm2.data import metadata as metadata_lib
@@ -112,16 +113,6 @@ class SplitReader:
         labels={n: np.concatenate([p[f"label/{n}"] for p in parts]) for n in labels})
 
 
-def checkpoint_step(path: str, step: int | None, description: dict[str, Any]) -> int:
-  """The training step of the restored weights (for TensorBoard)."""
-  if step is not None:
-    return step
-  if pretrained.has_export(path):
-    return int(description["run_config"].get("total_steps", 0))
-  steps = [int(p.name) for p in pretrained.checkpoint_dir(path).glob("*") if p.name.isdigit()]
-  return max(steps, default=0)
-
-
 def _labels(names, meta: metadata_lib.DatasetMetadata, field: str) -> list[str]:
   """The named day/subject labels (all of the dataset's when empty), checked against the dataset."""
   names = list(names) or [n for n, s in meta.labels.items() if s.level != "minute"]
@@ -167,23 +158,24 @@ def _pool_splits(protocol) -> tuple[str, ...]:
   return tuple(dict.fromkeys((protocol.fit_split, protocol.test_split)))
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """Runs the evaluation of `config` into `workdir`; returns the result records."""
   start = time.time()
   validate_config(config)
   if jax.process_count() > 1:
     raise ValueError("evaluation runs in a single process (it uses every local device); "
                      f"got {jax.process_count()} processes")
-  out = pathlib.Path(workdir)
-  out.mkdir(parents=True, exist_ok=True)
+  # Storage that cannot be used (no bucket, no credentials) stops here, naming the path.
+  out = storage.check_writable(workdir, "--workdir")
   step = None if config.step < 0 else config.step
   model = api.load(config.init_from, step, batch_size=config.batch_size)
   data_dir = config.data.dir or model.config["data_dir"]
+  storage.check_reachable(data_dir, "config.data.dir")
   meta = metadata_lib.load_metadata(data_dir)
   model.check_dataset(meta, config.init_from)
   reader = SplitReader(model, data_dir, config.data.max_days)
   results = report.Results()
-  plot_files: list[pathlib.Path] = []
+  plot_files: list[epath.Path] = []
   noise = (meta.noise_std, model.norm_std) if meta.noise_std is not None else None
   # Task names are checked against the model's patch before anything runs.
   suite = generative.select_tasks(model.model_cfg, tuple(config.generative.tasks))
@@ -233,7 +225,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   if config.plots.enabled:
     plot_files += _day_plots(model, gen, outputs, config.plots, out)
   kinds = {name: spec.kind for name, spec in meta.labels.items()}
-  restored_step = checkpoint_step(config.init_from, step, model.config)
+  restored_step = model.step  # Of the step restored: an unreadable newer one is skipped.
   header = _header(config, model, meta, data_dir, restored_step, reader, time.time() - start,
                    window_labels)
   report.write_json(results.records, out / "results.json")
@@ -248,7 +240,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
 
 
 def _robustness(results, model, meta, config, pool, gen, outputs, rob_tasks, gen_task,
-                gen_kwargs, out) -> list[pathlib.Path]:
+                gen_kwargs, out) -> list[epath.Path]:
   """Removal conditions (probe refitted, generative task rerun), buckets and their plots."""
   rcfg = config.robustness
   conditions, notes = robustness.conditions(model.channel_groups, groups=rcfg.sensor_groups,
@@ -305,7 +297,7 @@ def _robustness(results, model, meta, config, pool, gen, outputs, rob_tasks, gen
   return files
 
 
-def _day_plots(model, gen, outputs, pcfg, out) -> list[pathlib.Path]:
+def _day_plots(model, gen, outputs, pcfg, out) -> list[epath.Path]:
   """A few reconstructed days per task: the days with the most scored minutes."""
   files = []
   for task in pcfg.tasks:

@@ -8,17 +8,20 @@ masking, n}) and writes
               sweep axes read from its `key=value,...` path components, and
               the result's fields;
   PREFIX.md   one row per run, one column per (task, metric, split, masking).
-ROOT may be a gs:// path where etils.epath can read buckets.
+ROOT and PREFIX may be gs:// paths (etils.epath).
 """
 import argparse
 import csv
 import dataclasses
+import io
 import json
-import pathlib
+import os
 import sys
 from collections.abc import Sequence
 
 from etils import epath
+
+from lsm2 import storage
 
 RESULT_FIELDS = ("task", "metric", "value", "split", "masking", "n")
 RESULTS_FILE = "results.json"
@@ -85,9 +88,9 @@ def read_results(path: epath.Path, run: str) -> list[Result]:
   return results
 
 
-def collect(root: str | pathlib.Path) -> list[Result]:
+def collect(root: str | os.PathLike) -> list[Result]:
   """Every result under root, runs in path order; duplicate keys in a run are an error."""
-  root = epath.Path(root)
+  root = storage.check_reachable(root, "sweep root")
   if not root.is_dir():
     raise FileNotFoundError(f"sweep root {root} is not a directory")
   paths = [p for depth in range(MAX_DEPTH + 1)
@@ -111,15 +114,16 @@ def _axis_names(results: Sequence[Result]) -> list[str]:
   return list(dict.fromkeys(k for r in results for k in r.axes))
 
 
-def write_csv(results: Sequence[Result], path: pathlib.Path) -> None:
+def write_csv(results: Sequence[Result], path: str | os.PathLike) -> None:
   """The long table: one row per result."""
   axes = _axis_names(results)
-  with path.open("w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["run", *axes, *RESULT_FIELDS])
-    for r in results:
-      writer.writerow([r.run, *(r.axes.get(a, "") for a in axes),
-                       r.task, r.metric, repr(r.value), r.split, r.masking, r.n])
+  table = io.StringIO(newline="")
+  writer = csv.writer(table)
+  writer.writerow(["run", *axes, *RESULT_FIELDS])
+  for r in results:
+    writer.writerow([r.run, *(r.axes.get(a, "") for a in axes),
+                     r.task, r.metric, repr(r.value), r.split, r.masking, r.n])
+  storage.as_path(path).write_text(table.getvalue())
 
 
 def _format(value: float) -> str:
@@ -154,11 +158,11 @@ def main(argv: Sequence[str]) -> int:
   args = parser.parse_args(argv)
   try:
     results = collect(args.root)
-  except (ValueError, FileNotFoundError) as e:
+    out = storage.as_path(args.out)
+    storage.check_writable(out.parent, "--out")  # Creates a local parent directory.
+  except (ValueError, OSError) as e:  # OSError: a missing root, unusable storage.
     print(f"collect: error: {e}", file=sys.stderr)
     return 2
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   table = markdown(results)
   out.with_name(out.name + ".md").write_text(table)
   write_csv(results, out.with_name(out.name + ".csv"))

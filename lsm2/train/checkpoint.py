@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lsm2 import pretrained
+from lsm2 import storage
 
 DATA_ITER = "data_iter"
 LAYOUT = "layout"  # {"process_count": P}: data iterator states are per process.
@@ -77,9 +78,10 @@ class Checkpointer:
       try:
         saved = self.manager.item_metadata(step)[pretrained.STATE]
         pretrained.check_fits(
-            getattr(saved, "tree", saved), abstract_state, f"checkpoint step {step} in {self.directory}",
-            hint=f"Start a fresh run with a new --workdir, or fine-tune this one's parameters in a "
-                 f"new workdir with --config.init_from={self.directory.parent}.")
+            getattr(saved, "tree", saved), abstract_state,
+            f"checkpoint step {step} in {self.directory}",
+            hint="Start a fresh run with a new --workdir, or fine-tune this one's parameters in "
+                 f"a new workdir with --config.init_from={self.directory.parent}.")
         layout = self.manager.restore(step, args=ocp.args.Composite(
             **{LAYOUT: ocp.args.JsonRestore()}))[LAYOUT]
         items = {pretrained.STATE: ocp.args.StandardRestore(abstract_state)}
@@ -108,14 +110,15 @@ class Checkpointer:
     return step, restored[pretrained.STATE], data_restored
 
   def _move_aside(self, step: int, reason: str) -> None:
-    """Renames unreadable step `step` to checkpoints_corrupt/<step>.<UTC time> (never deletes it)."""
+    """Renames unreadable step `step` to checkpoints_corrupt/<step>.<UTC time>; never deletes."""
     when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = self.directory.parent / CORRUPT_DIR / f"{step}.{when}"
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(target)
-      pretrained.write_text_atomic(target / "REASON.txt", reason + "\n")
-      logging.warning("CHECKPOINT UNREADABLE: moved step %d aside to %s (%s).", step, target, reason)
+      storage.write_text_atomic(target / "REASON.txt", reason + "\n")
+      logging.warning("CHECKPOINT UNREADABLE: moved step %d aside to %s (%s).", step, target,
+                      reason)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"lsm2_moved_aside_{step}")
     self.manager.reload()  # Orbax forgets the step: it no longer counts toward `keep`.

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from lsm2 import pretrained
+from lsm2 import storage
 
 RUN_FILE = "run.json"
 LOCK_FILE = "lock.json"
@@ -125,7 +125,7 @@ def check_record(workdir: epath.Path, record: dict[str, Any]) -> bool:
 def write_record(workdir: epath.Path, record: dict[str, Any]) -> None:
   """Writes WORKDIR/run.json (process 0 only)."""
   if jax.process_index() == 0:
-    pretrained.write_text_atomic(workdir / RUN_FILE, json.dumps(record, indent=1, sort_keys=True))
+    storage.write_text_atomic(workdir / RUN_FILE, json.dumps(record, indent=1, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class Lease:
       return None
 
   def _write(self) -> None:
-    pretrained.write_text_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
+    storage.write_text_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
 
   def _holder(self, lock: dict[str, Any]) -> str:
     age = time.time() - lock.get("heartbeat", 0)

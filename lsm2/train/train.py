@@ -11,11 +11,11 @@ Sections, top to bottom: configs, optimizer, state, steps, validation, the loop.
 from collections.abc import Mapping
 import dataclasses
 import logging
-import pathlib
 import signal
 from typing import Any
 
 from clu import periodic_actions
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import optax
 
 from lsm2 import pretrained
 from lsm2 import sharding as sharding_lib
+from lsm2 import storage
 from lsm2.data import metadata as metadata_lib
 from lsm2.data import pipeline
 from lsm2.data import synthesize
@@ -342,7 +343,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def resolve_data_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path
+def resolve_data_dir(config: ml_collections.ConfigDict, workdir: epath.Path
                      ) -> ml_collections.ConfigDict:
   """An empty config.data.dir means WORKDIR/data (the demo's self-contained layout)."""
   if config.data.dir:
@@ -357,9 +358,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the last logged training metrics (for tests and sweeps).
   """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Storage that cannot be used (no bucket, no credentials, a URL that lost a
+  # slash) stops the run here, naming the path and the reason.
+  workdir = storage.check_writable(workdir, "--workdir")
   config = resolve_data_dir(config, workdir)
+  storage.check_reachable(config.data.dir, "config.data.dir")
   synthesize.ensure_synthetic_dataset(config)  # The demo/runlocal data, if data.dir has none.
 
   # --- Data and configs -----------------------------------------------------

@@ -1,0 +1,129 @@
+"""Where lsm2 reads and writes: local paths and gs:// buckets through one API (etils.epath).
+
+Every path the project reads or writes (dataset directories, workdirs,
+checkpoints, exports, lsm2.json, evaluation outputs, sweep roots) is an
+`epath.Path`, so a `gs://bucket/dir` works wherever a local directory does:
+etils reaches buckets through TensorFlow's GCS filesystem (tf.io.gfile), Orbax
+writes arrays through TensorStore's own `gcs` driver, TensorBoard events go
+through tf.summary. (pathlib would fold `gs://b/x` into a local `gs:/b/x`.)
+
+A path that cannot be used must fail before a run starts, naming the path and
+the reason (`check_writable`, `check_reachable`), not half-way through with a
+library's exception, and never with a local directory made of a URL.
+docs/launching.md shows data and workdirs on a bucket.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import socket
+
+from etils import epath
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_MANGLED_RE = re.compile(r"^(gs|s3|az):/?[^/]")  # "gs:/b/x", "gs:b/x": a URL that lost its //.
+
+
+class StorageError(OSError):
+  """A path that cannot be read or written: the message names the path and the reason."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (gs://...) rather than a local path."""
+  return bool(_URL_RE.match(os.fspath(path)))
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath.Path; refuses a URL that lost a slash (e.g. after pathlib)."""
+  text = os.fspath(path)
+  if _MANGLED_RE.match(text):
+    raise StorageError(f"{text!r} is neither a local path nor a URL: a bucket path is written "
+                       f"gs://BUCKET/PATH (two slashes)")
+  return epath.Path(text)
+
+
+def _credentials_hint() -> str:
+  """Why a bucket request may have been refused, when no Google credentials are configured."""
+  adc = pathlib.Path(os.environ.get("CLOUDSDK_CONFIG", pathlib.Path.home() / ".config/gcloud"))
+  if (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+      or (adc / "application_default_credentials.json").exists()):
+    return ""
+  return (" No Google Cloud credentials are configured here (GOOGLE_APPLICATION_CREDENTIALS is "
+          "unset and `gcloud auth application-default login` was not run); on a Cloud TPU VM or "
+          "GKE the machine's or workload's service account needs access to the bucket.")
+
+
+def _failure(path: epath.Path, what: str, action: str, error: Exception) -> StorageError:
+  reason = " ".join(f"{type(error).__name__}: {error}".split())[:600]
+  hint = _credentials_hint() if is_remote(path) else ""
+  return StorageError(f"{what} {path}: {action} ({reason}).{hint}")
+
+
+def _check_bucket(path: epath.Path, what: str) -> None:
+  """Raises StorageError unless the bucket of the gs:// `path` exists and can be read."""
+  text = os.fspath(path)
+  if not text.startswith("gs://"):
+    return
+  bucket = text[len("gs://"):].split("/", 1)[0]
+  if not bucket:
+    raise StorageError(f"{what} {text}: no bucket name (expected gs://BUCKET/PATH)")
+  try:
+    exists = epath.Path(f"gs://{bucket}").exists()
+  except Exception as e:  # pylint: disable=broad-except  # TF/gcsfs raise their own types.
+    raise _failure(path, what, f"cannot reach bucket gs://{bucket}", e) from None
+  if not exists:
+    raise StorageError(f"{what} {text}: bucket gs://{bucket} does not exist (or these "
+                       f"credentials may not see it); create it with `gcloud storage buckets "
+                       f"create gs://{bucket}`.{_credentials_hint()}")
+
+
+def check_reachable(path: str | os.PathLike, what: str) -> epath.Path:
+  """`path` as an epath.Path once its storage answers; StorageError naming it and why if not.
+
+  Only proves that the storage can be asked (the bucket exists, the credentials
+  may read it); whether `path` itself exists is the caller's question, with
+  its own message. `what` names the path for the user ("config.data.dir").
+  """
+  p = as_path(path)
+  if not is_remote(p):
+    return p
+  _check_bucket(p, what)
+  try:
+    p.exists()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _failure(p, what, "cannot read it", e) from None
+  return p
+
+
+def check_writable(path: str | os.PathLike, what: str) -> epath.Path:
+  """Proves that directory `path` can be written (creating it if local), or raises StorageError.
+
+  Writes and deletes a small probe file, so that missing permissions show up
+  before a run starts, not at its first checkpoint. On a bucket, which has no
+  directories, nothing is left behind.
+  """
+  p = as_path(path)
+  if is_remote(p):
+    _check_bucket(p, what)
+  probe = p / f".lsm2-write-check-{socket.gethostname()}-{os.getpid()}"
+  try:
+    if not is_remote(p):
+      p.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _failure(p, what, "cannot write to it", e) from None
+  return p
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `path` so that a reader sees the old text or the new one, never a part.
+
+  The text goes to a temporary name beside `path`, which one rename then puts in
+  its place (on a bucket a single-object copy: also all or nothing).
+  """
+  path = as_path(path)
+  tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+  tmp.write_text(text)
+  tmp.replace(path)

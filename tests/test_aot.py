@@ -1,0 +1,143 @@
+"""Ahead-of-time compilation for TPU slices (`python -m lsm2.aot`), with the real TPU compiler.
+
+libtpu (from the test extra's jax[tpu]) describes a slice and compiles for it on this CPU
+host. The compiles run in child processes (`python -m lsm2.aot`, two at a time); this
+process stays on JAX_PLATFORMS=cpu and never loads libtpu.
+
+Kept fast on purpose: the runlocal geometry (30-minute x 2-signal tokens, 624 per
+example), batch 8 on a 2x2 v5e slice (2 examples per device) for S and B, and XLA's
+execution-time optimization effort at its minimum (JAX_EXEC_TIME_OPTIMIZATION_EFFORT=-1:
+the same program, scheduled with less search; the memory figures move by a few percent).
+The paper geometry and batch are benchmarks/aot_table.py's (docs/launching.md).
+"""
+import concurrent.futures
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from lsm2 import aot
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOPOLOGY = "v5e:2x2"
+DATA = ("--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.batch_size=8")
+FSDP = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.batch_size=8")
+CASES = {  # name: (configs/pretrain.py argument, flags)
+    "S_data": ("S,runlocal", DATA),
+    "S_fsdp": ("S,runlocal", FSDP),
+    "B_data": ("B,runlocal", DATA),
+    "B_fsdp": ("B,runlocal", FSDP),
+    # XLA attention keeps [heads, 3744, 3744] logits per example: 512 examples per device
+    # cannot fit, even for the tiny model.
+    "tiny_oom": ("tiny", ("--config.batch_size=2048", "--config.model.attention=xla")),
+}
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[test]' installs it through jax[tpu])")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+  """{case: (exit status, report, output)} of `python -m lsm2.aot`, two at a time (each
+  process peaks near 3 GB of RAM and one CPU core)."""
+  out = tmp_path_factory.mktemp("aot")
+  env = {**os.environ, "JAX_EXEC_TIME_OPTIMIZATION_EFFORT": "-1"}
+
+  def run(name):
+    arg, flags = CASES[name]
+    cmd = [sys.executable, "-m", "lsm2.aot", f"--config={REPO / 'configs' / 'pretrain.py'}:{arg}",
+           f"--topology={TOPOLOGY}", *flags, f"--json={out / name}.json"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+                          check=False)
+    path = out / f"{name}.json"
+    assert path.exists(), f"{name}: lsm2.aot wrote no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return name, (proc.returncode, json.loads(path.read_text()), proc.stdout + proc.stderr)
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    return dict(pool.map(run, CASES))
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_s_compiles_and_fits_under_data_parallel_and_fsdp(reports):
+  for name in ("S_data", "S_fsdp"):
+    status, r, output = reports[name]
+    assert status == 0, output[-3000:]
+    assert r["topology"] == TOPOLOGY and r["devices"] == 4 and r["chip"] == "v5e"
+    assert r["hbm_capacity_bytes"] == 16 * 2**30
+    # The TPU precision policy and kernel: bfloat16 compute, splash attention.
+    assert (r["attention"], r["dtype"]) == ("splash", "bfloat16")
+    assert r["fits"] and 0 < r["hbm_bytes_per_device"] < r["hbm_capacity_bytes"]
+    assert r["flops_per_step"] > 0.5 * r["model_flops_per_step"]  # The step's work is all there.
+    assert r["est_step_s"] > 0 and 0 < r["est_mfu"] <= 1
+    assert "HBM per device" in output and "fits" in output
+  assert reports["S_data"][1]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert reports["S_fsdp"][1]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_fsdp_shrinks_the_bigger_model_per_device(reports):
+  """B's parameters and AdamW state (12 bytes a parameter) dominate its step at this batch:
+  FSDP holds a quarter of them per device, so the arguments shrink about 4-fold and the
+  whole figure drops, though FSDP's gathered weights add temporaries."""
+  (_, data, _), (_, fsdp, _) = reports["B_data"], reports["B_fsdp"]
+  params = 110e6
+  assert data["argument_bytes"] > 12 * params * 0.9  # Replicated state.
+  assert fsdp["argument_bytes"] < 0.35 * data["argument_bytes"]
+  assert fsdp["hbm_bytes_per_device"] < data["hbm_bytes_per_device"] - 0.3 * 2**30
+  s_data, s_fsdp = reports["S_data"][1], reports["S_fsdp"][1]
+  assert s_fsdp["argument_bytes"] < 0.4 * s_data["argument_bytes"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_step_that_does_not_fit_exits_1_naming_the_knobs(reports):
+  status, r, output = reports["tiny_oom"]
+  assert status == 1
+  assert not r["fits"] and r["hbm_bytes_per_device"] > r["hbm_capacity_bytes"]
+  assert "RESOURCE_EXHAUSTED" in r["compiler_error"]
+  assert r["est_step_s"] is None and r["flops_per_step"] is None
+  assert "does not fit in 16.00 GiB per device" in output
+  for knob in ("--config.batch_size (now 2048, 512 per device)", "--config.model.remat",
+               "--config.mesh.fsdp=-1", "--config.model.attention=splash"):
+    assert knob in output
+
+
+@needs_libtpu
+def test_the_test_process_never_loads_libtpu():
+  """The CPU suite runs with libtpu installed: JAX stays on the CPU and never maps it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.default_backend() == "cpu"
+  maps = pathlib.Path("/proc/self/maps")
+  if not maps.exists():
+    pytest.skip("no /proc/self/maps on this OS")
+  assert "libtpu" not in maps.read_text()
+
+
+class _Device:
+  def __init__(self, kind, coords):
+    self.device_kind, self.coords = kind, coords
+
+
+def test_device_specs_per_jax_device():
+  """One device per chip on v5e/v5p/v6e; v4 topologies have one per TensorCore (two a chip)."""
+  v5e = [_Device("TPU v5 lite", (x, y, 0)) for x in range(2) for y in range(2)]
+  assert aot.device_spec(v5e) == aot.CHIPS["TPU v5 lite"]
+  v4 = [_Device("TPU v4", (x, y, 0)) for x in range(2) for y in range(2) for _ in range(2)]
+  spec = aot.device_spec(v4)
+  assert spec.hbm_bytes == 16 * 2**30 and spec.peak_bf16_flops == 275e12 / 2
+  with pytest.raises(ValueError, match="no chip spec for device kind 'TPU v9'"):
+    aot.device_spec([_Device("TPU v9", (0, 0, 0))])
+
+
+def test_splash_flops_count_every_padded_tile():
+  from lsm2.model.config import get_model_config  # pylint: disable=g-import-not-at-top
+  cfg = get_model_config("S")  # 3,744 tokens, 2,262 kept: padded to 3,840 and 2,304.
+  per_example = 12 * 2 * 2304**2 * 384 + 4 * 2 * 3840**2 * 256
+  assert aot.splash_flops(cfg, 2262, 8) == 8 * 9 * per_example
