@@ -48,13 +48,15 @@ def markdown(rows: list[dict]) -> str:
     step = "-" if r["est_step_s"] is None else f"{r['est_step_s'] * 1e3:.0f} ms"
     mfu = "-" if r["est_mfu"] is None else f"{r['est_mfu']:.0%}"
     hbm = f"{r['hbm_bytes_per_device'] / 2**30:.1f} of {r['hbm_capacity_bytes'] / 2**30:.0f} GiB"
-    lines.append(f"| {names[r['topology']]} | {r['model_size']} | {r['attention']} | {mesh} | {hbm} "
-                 f"| {'yes' if r['fits'] else '**no**'} | {step} | {mfu} |")
+    fits = "yes" if r["fits"] else "**no**"
+    lines.append(f"| {names[r['topology']]} | {r['model_size']} | {r['attention']} | {mesh} "
+                 f"| {hbm} | {fits} | {step} | {mfu} |")
   return "\n".join(lines)
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--json", default=None, help="write every report here")
   ap.add_argument("--batch", type=int, default=1024)
   ap.add_argument("--sizes", default=",".join(SIZES))

@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from lsm2 import sharding as sharding_lib
 from lsm2.model import flops as flops_lib
+from lsm2.model.config import ModelConfig
 from lsm2.train import preflight
 from lsm2.train import train
 
@@ -99,7 +100,7 @@ def device_spec(devices: Sequence[jax.Device]) -> ChipSpec:
                   chip.hbm_bytes_per_s / per_chip)
 
 
-def splash_flops(model_cfg, n_keep: int, batch: int) -> float:
+def splash_flops(model_cfg: ModelConfig, n_keep: int, batch: int) -> float:
   """FLOPs of the splash kernels in one train step (which XLA's cost analysis cannot see).
 
   Each attention call computes every tile of its lengths padded to 128: 2 products
@@ -173,7 +174,7 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
     # The compiler refused: it does not fit. What it needs: its figure plus the arguments.
     temps = float(match.group(1)) * _UNITS[match.group(2)]
     return {**report, "hbm_bytes_per_device": int(temps) + _bytes_per_device(args),
-            "fits": False, "compiler_error": _OOM_line(e), "flops_per_step": None,
+            "fits": False, "compiler_error": _oom_line(e), "flops_per_step": None,
             "model_flops_per_step": model_flops, "est_step_s": None, "est_mfu": None}
   memory = compiled.memory_analysis()
   hbm = preflight.needed_bytes(memory)
@@ -191,10 +192,11 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
           "temp_bytes": int(memory.temp_size_in_bytes),
           "flops_per_step": flops * len(devices), "model_flops_per_step": model_flops,
           "est_step_s": step_s,
-          "est_mfu": model_flops / (step_s * spec.peak_bf16_flops * len(devices)) if step_s else None}
+          "est_mfu": (model_flops / (step_s * spec.peak_bf16_flops * len(devices))
+                      if step_s else None)}
 
 
-def _OOM_line(error: Exception) -> str:
+def _oom_line(error: Exception) -> str:
   return next((line.strip() for line in str(error).splitlines() if _OOM.search(line)), str(error))
 
 
@@ -211,15 +213,18 @@ def format_report(report: dict) -> str:
                               f"{gib(report['hbm_capacity_bytes'])}"),
            ("fits", "yes" if report["fits"] else "NO")]
   if report.get("flops_per_step") is not None:
-    rows += [("FLOPs per step", f"{report['flops_per_step']:.3e} (model {report['model_flops_per_step']:.3e})"),
+    rows += [("FLOPs per step", f"{report['flops_per_step']:.3e} "
+                                f"(model {report['model_flops_per_step']:.3e})"),
              ("est. step time", f"{report['est_step_s'] * 1e3:.1f} ms (roofline)"),
              ("est. MFU", f"{report['est_mfu']:.1%} (roofline bound)")]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU slice, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16",
+                                "TPU slice, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8.")
 _NUM_CHANNELS = flags.DEFINE_integer("num_channels", 26, "Signals per minute of the dataset.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON here.")
 
@@ -232,8 +237,9 @@ def main(argv):
   if _JSON.value:
     pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=2) + "\n")
   if not report["fits"]:
+    knobs = preflight.knobs(report["batch_size"], report["mesh"], report["attention"])
     print(f"\nThe train step does not fit in {report['hbm_capacity_bytes'] / GiB:.2f} GiB per "
-          f"device. Knobs: {preflight.knobs(report['batch_size'], report['mesh'], report['attention'])}.", file=sys.stderr)
+          f"device. Knobs: {knobs}.", file=sys.stderr)
     sys.exit(1)
 
 

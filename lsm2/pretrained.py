@@ -323,7 +323,9 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None
   export = find_export(path) if step is None else None
   description = read_description(
       path if export is None or (path / DESCRIPTION_FILE).exists() else export)
-  model_cfg = model_config_lib.ModelConfig(**description["model"])
+  # A model trained with a TPU- or GPU-only attention kernel runs here with this platform's.
+  model_cfg = model_config_lib.for_platform(
+      model_config_lib.ModelConfig(**description["model"]), jax.default_backend())
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: _abstract_model(model_cfg)))
   replicated = sharding_lib.replicated(sharding_lib.make_mesh({"data": -1}))
   abstract_params = jax.tree.map(

@@ -40,6 +40,8 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   if _MANGLED_RE.match(text):
     raise StorageError(f"{text!r} is neither a local path nor a URL: a bucket path is written "
                        f"gs://BUCKET/PATH (two slashes)")
+  if text.startswith("gs://") and not text[len("gs://"):].split("/", 1)[0]:
+    raise StorageError(f"{text!r} names no bucket: a bucket path is written gs://BUCKET/PATH")
   return epath.Path(text)
 
 
@@ -54,28 +56,38 @@ def _credentials_hint() -> str:
           "GKE the machine's or workload's service account needs access to the bucket.")
 
 
+def _bucket(path: epath.Path) -> str | None:
+  """The bucket of a gs:// path (None for other paths)."""
+  text = os.fspath(path)
+  return text[len("gs://"):].split("/", 1)[0] if text.startswith("gs://") else None
+
+
+def _missing_bucket(path: epath.Path) -> str | None:
+  """The bucket of gs:// `path` when it certainly does not exist; None otherwise.
+
+  Asked only after a request failed or found nothing: reading a bucket's
+  metadata needs storage.buckets.get, which object-only roles lack.
+  """
+  bucket = _bucket(path)
+  try:
+    return None if bucket is None or epath.Path(f"gs://{bucket}").exists() else bucket
+  except Exception:  # pylint: disable=broad-except  # Forbidden, unreachable: cannot tell.
+    return None
+
+
 def _failure(path: epath.Path, what: str, action: str, error: Exception) -> StorageError:
+  """The StorageError for a failed request: a missing bucket by name, else the storage's answer."""
+  if (bucket := _missing_bucket(path)) is not None:
+    return _no_bucket(path, what, bucket)
   reason = " ".join(f"{type(error).__name__}: {error}".split())[:600]
   hint = _credentials_hint() if is_remote(path) else ""
   return StorageError(f"{what} {path}: {action} ({reason}).{hint}")
 
 
-def _check_bucket(path: epath.Path, what: str) -> None:
-  """Raises StorageError unless the bucket of the gs:// `path` exists and can be read."""
-  text = os.fspath(path)
-  if not text.startswith("gs://"):
-    return
-  bucket = text[len("gs://"):].split("/", 1)[0]
-  if not bucket:
-    raise StorageError(f"{what} {text}: no bucket name (expected gs://BUCKET/PATH)")
-  try:
-    exists = epath.Path(f"gs://{bucket}").exists()
-  except Exception as e:  # pylint: disable=broad-except  # TF/gcsfs raise their own types.
-    raise _failure(path, what, f"cannot reach bucket gs://{bucket}", e) from None
-  if not exists:
-    raise StorageError(f"{what} {text}: bucket gs://{bucket} does not exist (or these "
-                       f"credentials may not see it); create it with `gcloud storage buckets "
-                       f"create gs://{bucket}`.{_credentials_hint()}")
+def _no_bucket(path: epath.Path, what: str, bucket: str) -> StorageError:
+  return StorageError(f"{what} {path}: bucket gs://{bucket} does not exist (or these "
+                      f"credentials may not see it); create it with `gcloud storage buckets "
+                      f"create gs://{bucket}`.{_credentials_hint()}")
 
 
 def check_reachable(path: str | os.PathLike, what: str) -> epath.Path:
@@ -88,11 +100,12 @@ def check_reachable(path: str | os.PathLike, what: str) -> epath.Path:
   p = as_path(path)
   if not is_remote(p):
     return p
-  _check_bucket(p, what)
   try:
-    p.exists()
-  except Exception as e:  # pylint: disable=broad-except
+    exists = p.exists()
+  except Exception as e:  # pylint: disable=broad-except  # TF/gcsfs raise their own types.
     raise _failure(p, what, "cannot read it", e) from None
+  if not exists and (bucket := _missing_bucket(p)) is not None:
+    raise _no_bucket(p, what, bucket)
   return p
 
 
@@ -104,8 +117,6 @@ def check_writable(path: str | os.PathLike, what: str) -> epath.Path:
   directories, nothing is left behind.
   """
   p = as_path(path)
-  if is_remote(p):
-    _check_bucket(p, what)
   probe = p / f".lsm2-write-check-{socket.gethostname()}-{os.getpid()}"
   try:
     if not is_remote(p):

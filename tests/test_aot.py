@@ -55,7 +55,8 @@ def reports(tmp_path_factory):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
                           check=False)
     path = out / f"{name}.json"
-    assert path.exists(), f"{name}: lsm2.aot wrote no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert path.exists(), (f"{name}: lsm2.aot wrote no report (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return name, (proc.returncode, json.loads(path.read_text()), proc.stdout + proc.stderr)
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:

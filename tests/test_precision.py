@@ -13,6 +13,7 @@ import pytest
 
 from lsm2 import config_files
 from lsm2 import sharding
+from lsm2.model.config import for_platform, get_model_config
 from lsm2.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,7 +34,8 @@ def s_config(**model):
 ])
 def test_auto_resolves_per_platform(platform, dtype, attention):
   model_cfg, _ = train.model_and_mask_configs(s_config(), num_channels=26, platform=platform)
-  assert (model_cfg.dtype, model_cfg.attention, model_cfg.param_dtype) == (dtype, attention, "float32")
+  assert (model_cfg.dtype, model_cfg.attention) == (dtype, attention)
+  assert model_cfg.param_dtype == "float32"
 
 
 def test_the_default_config_follows_this_backend():
@@ -71,3 +73,17 @@ def test_bfloat16_compute_keeps_parameters_optimizer_state_and_loss_in_float32()
                                       state, batch, masks)
   assert outputs["loss"].dtype == jnp.float32
   assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(lambda a: a.dtype, state)
+
+
+def test_a_model_trained_with_a_platform_only_kernel_loads_anywhere():
+  """lsm2.load / evaluation re-pick splash (TPU) and cudnn (GPU) for the platform that loads;
+  the portable kernels and everything else stay as trained."""
+  tpu = get_model_config("S", attention="splash", dtype="bfloat16")
+  assert for_platform(tpu, "tpu") == tpu
+  assert for_platform(tpu, "cpu") == dataclasses.replace(tpu, attention="blocked")
+  assert for_platform(tpu, "gpu").attention == "cudnn"
+  gpu = get_model_config("S", attention="cudnn", dtype="bfloat16")
+  assert for_platform(gpu, "tpu").attention == "splash"
+  for portable in ("xla", "blocked"):
+    cfg = get_model_config("S", attention=portable)
+    assert for_platform(cfg, "tpu") == cfg == for_platform(cfg, "gpu")

@@ -15,7 +15,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("data") / "synth"
-  synthesize.write_synthetic_dataset(out, subjects=12, days=2, seed=0, split_fractions=(0.75, 0.25, 0.0))
+  synthesize.write_synthetic_dataset(out, subjects=12, days=2, seed=0,
+                                     split_fractions=(0.75, 0.25, 0.0))
   return out
 
 
@@ -34,7 +35,8 @@ def test_a_step_that_cannot_fit_stops_before_the_first_step(data_dir, tmp_path, 
   message = str(e.value)
   assert "stopped before the first step" in message
   assert "GiB of host RAM available to 8 CPU device(s)" in message
-  assert "--config.batch_size (now 8, 1 per device)" in message and "--config.model.remat" in message
+  assert "--config.batch_size (now 8, 1 per device)" in message
+  assert "--config.model.remat" in message
   need = float(message.split("needs ")[1].split(" GiB")[0])
   assert 0 < need < 1  # The tiny step's temporaries and outputs, in GiB.
   # Nothing ran: no metrics were written, no checkpoint was saved.

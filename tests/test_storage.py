@@ -157,6 +157,18 @@ def test_a_dataset_on_a_bucket_reads_like_its_local_copy(bucket_data):
     np.testing.assert_array_equal(g["observed"], w["observed"])
 
 
+def test_sweep_results_are_collected_from_and_to_a_bucket(gcs):
+  for point, value in (("scheme=aim", 0.6), ("scheme=lsm1", 0.5)):
+    epath.Path(f"gs://{BUCKET}/sweep/{point}/eval/results.json").write_text(json.dumps(
+        [{"task": "bmi", "metric": "mae", "value": value, "split": "test", "masking": "none",
+          "n": 4}]))
+  assert collect.main([f"gs://{BUCKET}/sweep", "--out", f"gs://{BUCKET}/tables/sweep"]) == 0
+  assert epath.Path(f"gs://{BUCKET}/tables/sweep.csv").read_text().splitlines()[1:] == [
+      "scheme=aim/eval,aim,bmi,mae,0.6,test,none,4", "scheme=lsm1/eval,lsm1,bmi,mae,0.5,test,none,4"]
+  assert "| scheme=lsm1/eval | lsm1 | 0.5 |" in (
+      epath.Path(f"gs://{BUCKET}/tables/sweep.md").read_text())
+
+
 def _params(path) -> list[np.ndarray]:
   model, _, _ = pretrained.load_pretrained(path)
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
@@ -230,8 +242,3 @@ def test_train_kill_resume_export_load_and_evaluate_all_on_a_bucket(gcs, bucket_
   written = gcs.objects(BUCKET, "eval/")
   assert any(o.endswith(".png") for o in written)
   assert any(o.startswith("eval/events.out.tfevents.") for o in written)
-
-  # A sweep table over the bucket (its one run: eval/), written to the bucket.
-  assert collect.main([f"gs://{BUCKET}", "--out", f"gs://{BUCKET}/tables/all"]) == 0
-  table = (epath.Path(f"gs://{BUCKET}/tables/all.csv")).read_text().splitlines()
-  assert len(table) == 1 + len(records) and all(r.startswith("eval,") for r in table[1:])

@@ -49,6 +49,18 @@ def test_markdown_has_one_row_per_run_and_one_column_per_metric(sweep_root):
       "| scheme=lsm1/eval/probe | lsm1 | 0.602 |  |\n")
 
 
+def test_an_undefined_metric_is_na_not_an_error(tmp_path):
+  """Evaluation writes null for a metric it cannot define (e.g. Pearson r of a constant)."""
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "results.json").write_text(json.dumps([result("bmi", "pearson_r", None)]))
+  results = collect.collect(tmp_path)
+  assert [r.value for r in results] == [None]
+  assert collect.markdown(results).splitlines()[-1] == "| run | n/a |"
+  collect.write_csv(results, tmp_path / "t.csv")
+  with (tmp_path / "t.csv").open() as f:
+    assert [row["value"] for row in csv.DictReader(f)] == [""]
+
+
 def test_cli_writes_markdown_and_csv(sweep_root, tmp_path):
   out = tmp_path / "tables" / "masking"
   proc = subprocess.run([sys.executable, "-m", "lsm2.sweeps.collect", str(sweep_root), "--out", str(out)],

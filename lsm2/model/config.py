@@ -175,6 +175,36 @@ def get_model_config(size: str, **overrides) -> ModelConfig:
   return ModelConfig(**{**_SIZES[size], **overrides}).validate()
 
 
+# The precision policy: what "auto" means per platform ("cpu", "gpu", "tpu").
+def auto_dtype(platform: str) -> str:
+  """Compute dtype: bfloat16 on TPU and GPU, float32 on CPU.
+
+  Parameters, optimizer state and the loss stay float32 whatever it is
+  (`param_dtype`; the model returns float32 and the loss computes in it).
+  """
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def auto_attention(platform: str, dtype: str) -> str:
+  """The fastest attention kernel for a platform and compute dtype: "blocked" on CPU,
+  "splash" on TPU, "cudnn" on GPU in bfloat16 (it rejects float32), else "xla"."""
+  if platform == "cpu":
+    return "blocked"
+  if platform == "tpu":
+    return "splash"
+  return "cudnn" if platform == "gpu" and dtype == "bfloat16" else "xla"
+
+
+def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
+  """The same model computed on `platform`: an attention kernel that only runs elsewhere
+  (splash: TPU, cudnn: GPU), as a model trained there records, becomes this platform's
+  `auto_attention`. Every kernel computes the same function."""
+  home = {"splash": "tpu", "cudnn": "gpu"}.get(cfg.attention)
+  if home is None or home == platform:
+    return cfg
+  return dataclasses.replace(cfg, attention=auto_attention(platform, cfg.dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
   """How AIM draws the masks of one example.

@@ -3,7 +3,8 @@ r"""Collects the results.json of every run under a sweep root into one table.
   python -m lsm2.sweeps.collect ROOT --out PREFIX
 
 finds ROOT/**/results.json (each a list of {task, metric, value, split,
-masking, n}) and writes
+masking, n}; a null value is a metric the evaluation could not define, shown
+as n/a) and writes
   PREFIX.csv  one row per result: the run's directory (relative to ROOT), the
               sweep axes read from its `key=value,...` path components, and
               the result's fields;
@@ -38,7 +39,7 @@ class Result:
   axes: dict[str, str]  # Sweep axes parsed from the run's path.
   task: str
   metric: str
-  value: float
+  value: float | None  # None: the metric is undefined for that run (null in results.json).
   split: str
   masking: str
   n: int
@@ -78,12 +79,12 @@ def read_results(path: epath.Path, run: str) -> list[Result]:
     if missing:
       raise ValueError(f"{path}: entry {i} lacks {', '.join(missing)}: {entry!r}")
     value, n = entry["value"], entry["n"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
       raise ValueError(f"{path}: entry {i} value {value!r} is not a number")
     if isinstance(n, bool) or not isinstance(n, int):
       raise ValueError(f"{path}: entry {i} n {n!r} is not an integer")
     results.append(Result(run=run, axes=axes, task=str(entry["task"]), metric=str(entry["metric"]),
-                          value=float(value), split=str(entry["split"]),
+                          value=None if value is None else float(value), split=str(entry["split"]),
                           masking=str(entry["masking"]), n=n))
   return results
 
@@ -122,12 +123,13 @@ def write_csv(results: Sequence[Result], path: str | os.PathLike) -> None:
   writer.writerow(["run", *axes, *RESULT_FIELDS])
   for r in results:
     writer.writerow([r.run, *(r.axes.get(a, "") for a in axes),
-                     r.task, r.metric, repr(r.value), r.split, r.masking, r.n])
+                     r.task, r.metric, "" if r.value is None else repr(r.value), r.split,
+                     r.masking, r.n])
   storage.as_path(path).write_text(table.getvalue())
 
 
-def _format(value: float) -> str:
-  return f"{value:.4g}"
+def _format(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.4g}"
 
 
 def _row(cells: Sequence[str]) -> str:

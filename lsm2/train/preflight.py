@@ -51,7 +51,8 @@ def step_arguments(config: ml_collections.ConfigDict, setup, state, mask_fn):
                                                config.batch_size, groups))
     packed = jax.eval_shape(lambda m: aim.pack_visible(m, length, groups), masks)
     as_batch = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.batch_sharding)
-    masks = masks.replace(pack_idx=as_batch(packed.pack_idx), unpack_idx=as_batch(packed.unpack_idx))
+    masks = masks.replace(pack_idx=as_batch(packed.pack_idx),
+                          unpack_idx=as_batch(packed.unpack_idx))
   return state, batch, masks
 
 

@@ -84,31 +84,21 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int,
 
 
 def resolve_dtype(name: str, platform: str | None = None) -> str:
-  """"auto" is the precision policy: bfloat16 compute on TPU and GPU, float32 on CPU.
-
-  Parameters, optimizer state and the loss stay float32 whatever the compute dtype
-  (ModelConfig.param_dtype; the model returns float32 and the loss computes in it).
-  """
+  """"auto" is the precision policy (model_config_lib.auto_dtype): bfloat16 compute on TPU
+  and GPU, float32 on CPU; parameters, optimizer state and loss stay float32."""
   if name != "auto":
     return name
-  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+  return model_config_lib.auto_dtype(platform or jax.default_backend())
 
 
 def resolve_attention(name: str, dtype: str, platform: str | None = None) -> str:
-  """"auto" picks the fastest attention kernel for this platform and compute dtype.
-
-  "blocked" on CPU (under a mesh it runs per device through shard_map, see
-  lsm2/model/attention.py), Pallas splash on TPU, cuDNN's fused kernel on GPU
-  when computing in bfloat16 (it rejects float32), XLA's otherwise.
-  """
+  """"auto" picks the fastest attention kernel for this platform and compute dtype
+  (model_config_lib.auto_attention): "blocked" on CPU (under a mesh it runs per device
+  through shard_map, see lsm2/model/attention.py), Pallas splash on TPU, cuDNN's fused
+  kernel on GPU when computing in bfloat16 (it rejects float32), XLA's otherwise."""
   if name != "auto":
     return name
-  platform = platform or jax.default_backend()
-  if platform == "cpu":
-    return "blocked"
-  if platform == "tpu":
-    return "splash"
-  return "cudnn" if platform == "gpu" and dtype == "bfloat16" else "xla"
+  return model_config_lib.auto_attention(platform or jax.default_backend(), dtype)
 
 
 def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
