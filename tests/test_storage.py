@@ -114,11 +114,13 @@ def bucket_data(gcs, tmp_path_factory):
 
 
 def test_a_missing_bucket_fails_early_naming_it_and_writes_nothing(gcs, bucket_data, tmp_path,
-                                                                   monkeypatch):
+                                                                   tmp_path_factory, monkeypatch):
   monkeypatch.chdir(tmp_path)
   remote_data, _ = bucket_data
   missing = rf"bucket gs://{MISSING} does not exist \(or these credentials may not see it\)"
-  with pytest.raises(storage.StorageError, match=rf"--workdir gs://{MISSING}/run: {missing}"):
+  no_credentials = "No Google Cloud credentials are configured here"
+  with pytest.raises(storage.StorageError,
+                     match=rf"--workdir gs://{MISSING}/run: {missing}.*{no_credentials}"):
     train.train_and_evaluate(_pretrain_config(remote_data), f"gs://{MISSING}/run")
   with pytest.raises(storage.StorageError,
                      match=rf"config.data.dir gs://{MISSING}/data: {missing}"):
@@ -130,6 +132,13 @@ def test_a_missing_bucket_fails_early_naming_it_and_writes_nothing(gcs, bucket_d
   with pytest.raises(storage.StorageError, match=rf"--out gs://{MISSING}/data: {missing}"):
     synthesize.write_synthetic_dataset(f"gs://{MISSING}/data", subjects=4, days=1, seed=0)
   assert list(tmp_path.iterdir()) == []
+  # With credentials configured (here: gcloud's application-default file) no hint about them.
+  gcloud = tmp_path_factory.mktemp("gcloud")
+  (gcloud / "application_default_credentials.json").write_text("{}")
+  monkeypatch.setenv("CLOUDSDK_CONFIG", str(gcloud))
+  with pytest.raises(storage.StorageError, match=missing) as raised:
+    storage.check_writable(f"gs://{MISSING}/run", "--workdir")
+  assert no_credentials not in str(raised.value)
 
 
 def test_a_dataset_on_a_bucket_reads_like_its_local_copy(bucket_data):
