@@ -74,11 +74,15 @@ def main():
       print(f"{case}: FSDP {'fits' if rows[1]['fits'] else 'does not fit'}", flush=True)
     return rows
 
+  done = {}
+  ordered = lambda: [r for case in cases if case in done for r in done[case]]
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    rows = [r for case in pool.map(case_rows, cases) for r in case]
-  print(markdown(rows))
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    futures = {pool.submit(case_rows, case): case for case in cases}
+    for future in concurrent.futures.as_completed(futures):
+      done[futures[future]] = future.result()
+      if args.json:  # After every case: a long run that stops keeps what it compiled.
+        pathlib.Path(args.json).write_text(json.dumps(ordered(), indent=2) + "\n")
+  print(markdown(ordered()))
 
 
 if __name__ == "__main__":

@@ -47,11 +47,17 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-  """Per-chip figures from Google's Cloud TPU system-architecture pages."""
+  """Per-chip figures: Google's Cloud TPU system-architecture pages, and the HBM that
+  libtpu's compiler lets one program use."""
   name: str
   peak_bf16_flops: float  # FLOP/s.
-  hbm_bytes: int
+  hbm_bytes: int  # Nominal.
   hbm_bytes_per_s: float
+  usable_hbm_bytes: int | None  # The compiler's limit ("available HBM"); None: not measured.
+
+  @property
+  def capacity_bytes(self) -> int:
+    return self.usable_hbm_bytes or self.hbm_bytes
 
 
 # Keyed by `jax.Device.device_kind`. Sources (Cloud TPU documentation, "System
@@ -60,21 +66,23 @@ class ChipSpec:
 #   v5e  https://cloud.google.com/tpu/docs/v5e  197 TFLOP/s bf16, 16 GB HBM2, 819 GB/s
 #   v5p  https://cloud.google.com/tpu/docs/v5p  459 TFLOP/s bf16, 95 GB HBM2e, 2765 GB/s
 #   v6e  https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s bf16, 32 GB HBM, 1640 GB/s
-# The pages write "GB" for v5e, v5p and v6e; the chips hold 16, 95 and 32 GiB
-# (JAX's own Pallas table, jax/_src/pallas/mosaic/tpu_info.py, lists 17.2e9,
-# 103e9 and 34.4e9 bytes), so capacities are in GiB throughout.
+# The pages write "GB" for v5e, v5p and v6e where the chips hold GiB (JAX's own Pallas
+# table, jax/_src/pallas/mosaic/tpu_info.py, lists 17.2e9, 103e9 and 34.4e9 bytes).
+# Usable HBM is what libtpu 0.0.42's compiler reports as "available HBM" when a program
+# does not fit (15.75G, 95.74G, 31.25G: measured on this repository's topologies); it,
+# not the nominal size, decides whether a step fits.
 CHIPS = {
-    "TPU v4": ChipSpec("v4", 275e12, 32 * GiB, 1200e9),
-    "TPU v5 lite": ChipSpec("v5e", 197e12, 16 * GiB, 819e9),
-    "TPU v5": ChipSpec("v5p", 459e12, 95 * GiB, 2765e9),
-    "TPU v5p": ChipSpec("v5p", 459e12, 95 * GiB, 2765e9),
-    "TPU v6 lite": ChipSpec("v6e", 918e12, 32 * GiB, 1640e9),
+    "TPU v4": ChipSpec("v4", 275e12, 32 * GiB, 1200e9, None),
+    "TPU v5 lite": ChipSpec("v5e", 197e12, 16 * GiB, 819e9, int(15.75 * GiB)),
+    "TPU v5": ChipSpec("v5p", 459e12, 95 * GiB, 2765e9, int(95.74 * GiB)),
+    "TPU v6 lite": ChipSpec("v6e", 918e12, 32 * GiB, 1640e9, int(31.25 * GiB)),
 }
 
 # The XLA TPU compiler's out-of-memory reports, e.g. "Ran out of memory on HBM, the total
 # memory required for HLO temporaries (41.85G) exceeds available HBM (15.75G)" or
 # "Used 21.38G of 15.75G hbm".
 _OOM = re.compile(r"(?:required for HLO temporaries \(|Used )([0-9.]+)([KMGT]?)")
+_AVAILABLE = re.compile(r"available HBM \(([0-9.]+)([KMGT]?)\)|of ([0-9.]+)([KMGT]?) hbm")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -90,14 +98,15 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 
 def device_spec(devices: Sequence[jax.Device]) -> ChipSpec:
-  """The chip spec per JAX device (a v4 topology has one device per TensorCore, two per chip)."""
+  """The chip spec of a slice's devices (one JAX device per chip)."""
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise ValueError(f"no chip spec for device kind {kind!r}; known: {sorted(CHIPS)}")
-  chip = CHIPS[kind]
-  per_chip = len(devices) / len({tuple(d.coords) for d in devices})
-  return ChipSpec(chip.name, chip.peak_bf16_flops / per_chip, int(chip.hbm_bytes / per_chip),
-                  chip.hbm_bytes_per_s / per_chip)
+  if len({tuple(d.coords) for d in devices}) != len(devices):
+    # libtpu describes v4 slices per TensorCore; JAX meshes need megacore devices.
+    raise ValueError(f"this libtpu describes {kind} with one device per TensorCore, and JAX "
+                     "meshes need one per chip (megacore): not supported")
+  return CHIPS[kind]
 
 
 def splash_flops(model_cfg: ModelConfig, n_keep: int, batch: int) -> float:
@@ -149,14 +158,15 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
   Keys: topology, devices, device_kind, chip, mesh, batch_size, model_size,
   attention, dtype, hbm_bytes_per_device (arguments + outputs - donated aliases +
   temporaries + code; when the compiler runs out of memory, its temporaries figure
-  plus the arguments), hbm_capacity_bytes, fits, the memory parts, flops_per_step
+  plus the arguments), hbm_capacity_bytes (the usable HBM of `CHIPS`), fits, the
+  memory parts, flops_per_step
   (all devices), model_flops_per_step (lsm2.model.flops), est_step_s and est_mfu
   (model FLOPs over est_step_s at peak), and compiler_error when it does not fit.
   """
   devices = topology_devices(topology)
   spec = device_spec(devices)
   report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
-            "chip": spec.name, "hbm_capacity_bytes": spec.hbm_bytes,
+            "chip": spec.name, "hbm_capacity_bytes": spec.capacity_bytes,
             "batch_size": config.batch_size, "model_size": config.model.size,
             "mesh": dict(zip(sharding_lib.MESH_AXES,
                              sharding_lib.mesh_shape(config.mesh, len(devices))))}
@@ -173,6 +183,11 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
       raise
     # The compiler refused: it does not fit. What it needs: its figure plus the arguments.
     temps = float(match.group(1)) * _UNITS[match.group(2)]
+    available = _AVAILABLE.search(str(e))
+    if available:  # The compiler's own limit.
+      value, unit = (available.group(1), available.group(2)) if available.group(1) else (
+          available.group(3), available.group(4))
+      report["hbm_capacity_bytes"] = int(float(value) * _UNITS[unit])
     return {**report, "hbm_bytes_per_device": int(temps) + _bytes_per_device(args),
             "fits": False, "compiler_error": _oom_line(e), "flops_per_step": None,
             "model_flops_per_step": model_flops, "est_step_s": None, "est_mfu": None}
@@ -185,7 +200,7 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
     flops += splash_flops(model_cfg, n_keep, config.batch_size) / len(devices)
   step_s = max(flops / spec.peak_bf16_flops,
                float(cost.get("bytes accessed", 0.0)) / spec.hbm_bytes_per_s)
-  return {**report, "hbm_bytes_per_device": int(hbm), "fits": hbm <= spec.hbm_bytes,
+  return {**report, "hbm_bytes_per_device": int(hbm), "fits": hbm <= spec.capacity_bytes,
           "argument_bytes": int(memory.argument_size_in_bytes),
           "output_bytes": int(memory.output_size_in_bytes),
           "alias_bytes": int(memory.alias_size_in_bytes),
@@ -249,6 +264,8 @@ def run():
   # libtpu takes a lock on the local TPU; compiling for a described slice needs none, so
   # other JAX processes on this machine (or a TPU VM's own job) do not block it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # Nor does it need the TPU VM metadata server (absent, and slow to time out, elsewhere).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   flags.mark_flags_as_required(["config"])
   app.run(main)
 

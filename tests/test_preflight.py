@@ -1,10 +1,12 @@
 """Pre-flight memory check: a train step that cannot fit stops before the first step."""
 import pathlib
 
+import jax
 import pytest
 
 from lsm2 import config_files
 from lsm2 import pretrained
+from lsm2 import sharding
 from lsm2.data import synthesize
 from lsm2.train import preflight
 from lsm2.train import train
@@ -43,6 +45,32 @@ def test_a_step_that_cannot_fit_stops_before_the_first_step(data_dir, tmp_path, 
   assert not list((tmp_path / "run").rglob("events.out.tfevents*"))
   checkpoints = pathlib.Path(pretrained.checkpoint_dir(tmp_path / "run"))
   assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]
+
+
+def test_a_compiler_that_refuses_the_step_stops_it_with_the_knobs():
+  """TPU compilers refuse programs larger than HBM: that refusal becomes DoesNotFit."""
+  config = config_files.load_config(REPO / "configs" / "pretrain.py", "tiny,runlocal")
+  with config.unlocked():
+    config.model.patch_time, config.model.patch_channels, config.masking.time_bars = 60, 2, 10
+    config.batch_size = 8
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
+  mesh = sharding.make_mesh(config.mesh)
+  setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
+  refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (41.85G) exceeds available HBM (15.75G).")
+
+  class RefusedStep:
+    def lower(self, *args):
+      del args
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(refusal)
+
+  with pytest.raises(preflight.DoesNotFit, match=r"\(41.85G\) exceeds available HBM") as e:
+    preflight.check_train_step(config, setup, RefusedStep(), train.make_mask_fn(setup),
+                               train.abstract_state(setup))
+  assert "stopped before the first step" in str(e.value) and "--config.model.remat" in str(e.value)
 
 
 def test_knobs_name_what_applies():

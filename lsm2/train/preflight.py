@@ -97,8 +97,20 @@ def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_
   `state` is abstract (train.abstract_state). Logs the figures either way.
   """
   args = step_arguments(config, setup, state, mask_fn)
+  mesh = dict(setup.mesh.shape)
+  what = (f"model {config.model.size}, batch {config.batch_size}, mesh {mesh}, attention "
+          f"{setup.model_cfg.attention}, remat {setup.model_cfg.remat}")
+  knobs_text = knobs(config.batch_size, mesh, setup.model_cfg.attention)
   with sharding_lib.mesh_context(setup.mesh, config.logical_axis_rules):
-    memory = train_step.lower(*args).compile().memory_analysis()
+    try:
+      memory = train_step.lower(*args).compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The TPU compiler refuses programs that exceed the device's memory.
+      reason = next(line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line)
+      raise DoesNotFit(f"The train step does not fit ({what}): {reason.strip()}; stopped before "
+                       f"the first step. Knobs: {knobs_text}.") from e
   if memory is None:
     logging.warning("Pre-flight: no memory analysis on this backend; memory not checked.")
     return
@@ -118,9 +130,6 @@ def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_
   logging.info("Pre-flight: the train step needs %.2f GiB of %.2f GiB %s.", need / GiB,
                have / GiB, where)
   if need > have:
-    mesh = dict(setup.mesh.shape)
     raise DoesNotFit(
         f"The train step needs {need / GiB:.2f} GiB but there is {have / GiB:.2f} GiB of {where} "
-        f"(model {config.model.size}, batch {config.batch_size}, mesh {mesh}, attention "
-        f"{setup.model_cfg.attention}, remat {setup.model_cfg.remat}); stopped before the first "
-        f"step. Knobs: {knobs(config.batch_size, mesh, setup.model_cfg.attention)}.")
+        f"({what}); stopped before the first step. Knobs: {knobs_text}.")
