@@ -47,7 +47,7 @@ def markdown(rows: list[dict]) -> str:
     mesh = "FSDP" if r["mesh"]["fsdp"] > 1 else "data"
     step = "-" if r["est_step_s"] is None else f"{r['est_step_s'] * 1e3:.0f} ms"
     mfu = "-" if r["est_mfu"] is None else f"{r['est_mfu']:.0%}"
-    hbm = f"{r['hbm_bytes_per_device'] / 2**30:.1f} of {r['hbm_capacity_bytes'] / 2**30:.0f} GiB"
+    hbm = f"{r['hbm_bytes_per_device'] / 2**30:.1f} of {r['hbm_capacity_bytes'] / 2**30:.2f} GiB"
     fits = "yes" if r["fits"] else "**no**"
     lines.append(f"| {names[r['topology']]} | {r['model_size']} | {r['attention']} | {mesh} "
                  f"| {hbm} | {fits} | {step} | {mfu} |")
