@@ -26,12 +26,12 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import re
 import sys
 
 from absl import app
 from absl import flags
+from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -250,7 +250,7 @@ def main(argv):
   report = analyze(_CONFIG.value, _TOPOLOGY.value, _NUM_CHANNELS.value)
   print(format_report(report))
   if _JSON.value:
-    pathlib.Path(_JSON.value).write_text(json.dumps(report, indent=2) + "\n")
+    epath.Path(_JSON.value).write_text(json.dumps(report, indent=2) + "\n")
   if not report["fits"]:
     knobs = preflight.knobs(report["batch_size"], report["mesh"], report["attention"])
     print(f"\nThe train step does not fit in {report['hbm_capacity_bytes'] / GiB:.2f} GiB per "
