@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from lsm2.eval import report
 from lsm2.sweeps import collect
 
 
@@ -70,9 +71,36 @@ def test_cli_writes_markdown_and_csv(sweep_root, tmp_path):
   assert "3 runs, 4 results" in proc.stderr
   with (tmp_path / "tables" / "masking.csv").open() as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == ["run", "scheme", "task", "metric", "value", "split", "masking", "n"]
-  assert rows[2] == {"run": "scheme=aim/eval/probe", "scheme": "aim", "task": "imputation", "metric": "mse",
-                     "value": "0.17", "split": "test", "masking": "signals2", "n": "40"}
+  assert list(rows[0]) == ["run", "scheme", "task", "level", "method", "metric", "value", "split",
+                           "masking", "n"]
+  assert rows[2] == {"run": "scheme=aim/eval/probe", "scheme": "aim", "task": "imputation", "level": "",
+                     "method": "", "metric": "mse", "value": "0.17", "split": "test",
+                     "masking": "signals2", "n": "40"}
+
+
+def test_evaluation_results_keep_one_column_per_method_and_level(tmp_path):
+  """lsm2.eval reports a task once per method and level: those are distinct columns, not twice."""
+  results = report.Results()
+  keys = dict(split="test", masking="natural", n=50)
+  for method in ("linear_probe", "features_probe"):
+    for level in ("day", "subject"):
+      results.add(task="hypertension", metric="auroc", value=0.7, method=method, level=level,
+                  family="discriminative", **keys)
+  for method, mse in (("model", 0.2), ("linear_interp", 0.3)):
+    results.add(task="imputation", metric="mse", value=mse, method=method, level="minute",
+                family="generative", **keys)
+  (tmp_path / "size=S").mkdir()
+  report.write_json(results.records, tmp_path / "size=S" / "results.json")
+  collected = collect.collect(tmp_path)
+  assert len(collected) == 6
+  header = collect.markdown(collected).splitlines()[0]
+  assert header == ("| run | size | hypertension day linear_probe auroc (test, natural) "
+                    "| hypertension subject linear_probe auroc (test, natural) "
+                    "| hypertension day features_probe auroc (test, natural) "
+                    "| hypertension subject features_probe auroc (test, natural) "
+                    "| imputation minute model mse (test, natural) "
+                    "| imputation minute linear_interp mse (test, natural) |")
+  assert collect.markdown(collected).splitlines()[2].endswith("| 0.2 | 0.3 |")
 
 
 def test_parse_axes():

@@ -3,12 +3,13 @@ r"""Collects the results.json of every run under a sweep root into one table.
   python -m lsm2.sweeps.collect ROOT --out PREFIX
 
 finds ROOT/**/results.json (each a list of {task, metric, value, split,
-masking, n}; a null value is a metric the evaluation could not define, shown
-as n/a) and writes
+masking, n} and, as `lsm2.eval` writes them, method and level; a null value is
+a metric the evaluation could not define, shown as n/a) and writes
   PREFIX.csv  one row per result: the run's directory (relative to ROOT), the
               sweep axes read from its `key=value,...` path components, and
               the result's fields;
-  PREFIX.md   one row per run, one column per (task, metric, split, masking).
+  PREFIX.md   one row per run, one column per (task, level, method, metric,
+              split, masking).
 ROOT and PREFIX may be gs:// paths (etils.epath).
 """
 import argparse
@@ -25,6 +26,10 @@ from etils import epath
 from lsm2 import storage
 
 RESULT_FIELDS = ("task", "metric", "value", "split", "masking", "n")
+# Written by lsm2.eval (one task has a row per method and level); optional so
+# that hand-written result files stay readable.
+OPTIONAL_FIELDS = ("level", "method")
+CSV_FIELDS = ("task", "level", "method", "metric", "value", "split", "masking", "n")
 RESULTS_FILE = "results.json"
 # How deep below the root results.json may lie (ROOT/SWEEP/POINT/eval/TASKSET
 # is 4 levels below a workdir root). Single-level globs only: recursive ones
@@ -43,9 +48,12 @@ class Result:
   split: str
   masking: str
   n: int
+  level: str = ""
+  method: str = ""
 
   def column(self) -> str:
-    return f"{self.task} {self.metric} ({self.split}, {self.masking})"
+    name = " ".join(p for p in (self.task, self.level, self.method, self.metric) if p)
+    return f"{name} ({self.split}, {self.masking})"
 
 
 def parse_axes(run: str) -> dict[str, str]:
@@ -85,7 +93,8 @@ def read_results(path: epath.Path, run: str) -> list[Result]:
       raise ValueError(f"{path}: entry {i} n {n!r} is not an integer")
     results.append(Result(run=run, axes=axes, task=str(entry["task"]), metric=str(entry["metric"]),
                           value=None if value is None else float(value), split=str(entry["split"]),
-                          masking=str(entry["masking"]), n=n))
+                          masking=str(entry["masking"]), n=n,
+                          **{f: str(entry[f]) for f in OPTIONAL_FIELDS if entry.get(f) is not None}))
   return results
 
 
@@ -120,11 +129,11 @@ def write_csv(results: Sequence[Result], path: str | os.PathLike) -> None:
   axes = _axis_names(results)
   table = io.StringIO(newline="")
   writer = csv.writer(table)
-  writer.writerow(["run", *axes, *RESULT_FIELDS])
+  writer.writerow(["run", *axes, *CSV_FIELDS])
   for r in results:
     writer.writerow([r.run, *(r.axes.get(a, "") for a in axes),
-                     r.task, r.metric, "" if r.value is None else repr(r.value), r.split,
-                     r.masking, r.n])
+                     r.task, r.level, r.method, r.metric, "" if r.value is None else repr(r.value),
+                     r.split, r.masking, r.n])
   storage.as_path(path).write_text(table.getvalue())
 
 
@@ -137,7 +146,7 @@ def _row(cells: Sequence[str]) -> str:
 
 
 def markdown(results: Sequence[Result]) -> str:
-  """The wide table: one row per run, one column per (task, metric, split, masking)."""
+  """The wide table: one row per run, one column per (task, level, method, metric, split, masking)."""
   axes = _axis_names(results)
   columns = list(dict.fromkeys(r.column() for r in results))
   runs: dict[str, dict[str, Result]] = {}
