@@ -9,11 +9,15 @@ evaluate with the sibling configs/eval.py:synthetic into WORKDIR/eval).
 
 Exit status: 0 finished, 1 failed, config.preemption_exit_code (75) after a
 preemption checkpoint (train.Preempted is a SystemExit with that code), so
-that launchers can requeue.
+that launchers can requeue. An error the user can fix (lsm2.errors.Error: a
+path that cannot be used, a workdir of another run or writer, an invalid
+config field, a checkpoint of another model) is printed as its message alone,
+without a traceback; any other exception is a bug and keeps its traceback.
 """
 import logging as std_logging
 import os
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -21,6 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from lsm2 import config_files
+from lsm2 import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
@@ -71,6 +76,14 @@ class _QuietOrbax(std_logging.Filter):
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except errors.Error as e:  # Its message says what is wrong and what to do.
+    print(f"lsm2: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)

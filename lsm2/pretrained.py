@@ -6,6 +6,8 @@ Layout under a training workdir:
   checkpoints/<step>/state/       training state; its "params" are read from here
   export/params/                  model parameters only (no optimizer state)
   export/lsm2.json                the description again, beside the exported params
+  export/manifest.json            every file of the export with its size, written last:
+                                  an export is complete when all of them are there
   export.tmp/, export.old/        only while a new export is swapped in (export_params)
 
 This module reads (and writes) exactly that, with Orbax alone: inference and
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 from typing import Any, TypeVar
+import zlib
 
 from etils import epath
 from flax import nnx
@@ -27,6 +30,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lsm2 import errors
 from lsm2 import sharding as sharding_lib
 from lsm2 import storage
 from lsm2.model import config as model_config_lib
@@ -37,7 +41,10 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE = "state"  # The train-state item of each checkpoint step.
 EXPORT_DIR = "export"
 EXPORT_PARAMS = "params"
-# An export is written to EXPORT_TMP, then swapped in with two renames (the
+# Written last into an export: {"files": {relative path: size}}. One object, so
+# on a bucket too it is there whole or not at all (see export_problem).
+EXPORT_MANIFEST = "manifest.json"
+# An export is written to EXPORT_TMP, then swapped in with two moves (the
 # previous export goes to EXPORT_OLD meanwhile); see export_params.
 EXPORT_TMP = "export.tmp"
 EXPORT_OLD = "export.old"
@@ -91,11 +98,11 @@ def mask_config_from_description(masking: dict[str, Any]) -> model_config_lib.Ma
 T = TypeVar("T")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.Error, ValueError):
   """A readable checkpoint whose arrays do not fit the model being restored."""
 
 
-class CheckpointUnreadableError(OSError):
+class CheckpointUnreadableError(errors.Error, OSError):
   """No step that was asked for could be read (truncated or missing files)."""
 
 
@@ -145,11 +152,22 @@ def restore_newest(steps: Iterable[int], restore: Callable[[int], T], where: str
   has been read, `on_unreadable(step, reason)` is called for each newer one
   (training moves them aside); when no step can be read, nothing is handed to
   it and CheckpointUnreadableError lists every step's reason.
+
+  In a multi-process job every process decides alike (`agreed`): a step that one
+  process cannot read (its shard) is skipped by all, and a mismatch on one stops
+  all, so that no process goes on from another step than the others (which
+  would hang their next collective).
   """
+  steps = sorted(steps, reverse=True)
+  listed = _agree(np.array([len(steps), zlib.crc32(repr(steps).encode())], np.int64))
+  if not (listed == listed[0]).all():
+    raise CheckpointUnreadableError(
+        f"the processes of this job see different checkpoint steps in {where} (this one: "
+        f"{steps}): every process must read the same workdir (a bucket, or one shared disk)")
   unreadable = []
-  for step in sorted(steps, reverse=True):
+  for step in steps:
     try:
-      restored = restore(step)
+      restored = agreed(lambda step=step: restore(step))
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -174,6 +192,64 @@ def restore_newest(steps: Iterable[int], restore: Callable[[int], T], where: str
   return None
 
 
+# Every CheckpointManager of lsm2 prefixes Orbax's barrier names with "lsm2", so
+# that `agreed` knows the name of the barrier that ends Orbax's restore.
+ORBAX_PROCESSES = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="lsm2")
+_ORBAX_RESTORE_BARRIER = ocp.multihost.unique_barrier_key(
+    "Checkpointer:restore", prefix=ORBAX_PROCESSES.barrier_sync_key_prefix)
+_RESTORED, _UNREADABLE, _MISMATCH = 0, 1, 2  # What `agreed`'s fn did, per process.
+
+
+def agreed(fn: Callable[[], T], *, orbax_restore: bool = False) -> T:
+  """fn() on every process of the job, which then all return or all raise.
+
+  Each process tells the others how its fn() ended (a collective): if one saw a
+  CheckpointMismatchError all raise one, else if one failed all raise (the
+  others a CheckpointUnreadableError naming the processes whose log says why).
+  With `orbax_restore` (fn is a CheckpointManager.restore, whose last step is a
+  barrier, a collective) a process whose fn raised first joins that barrier,
+  which the others reached: an unmatched collective pairs with the next one, and
+  the processes would hang or mix up their answers. (A restore that fails
+  before Orbax's Checkpointer.restore on some processes only, which needs them
+  to list different steps, is not covered; restore_newest refuses that first.)
+  """
+  value, error, status = None, None, _RESTORED
+  try:
+    value = fn()
+  except CheckpointMismatchError as e:
+    error, status = e, _MISMATCH
+  except Exception as e:  # pylint: disable=broad-except
+    error, status = e, _UNREADABLE
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return value
+  if error is not None and orbax_restore:
+    multihost_utils.sync_global_devices(_ORBAX_RESTORE_BARRIER)
+  statuses = _agree(np.array([status], np.int64)).reshape(-1)
+  if (statuses == _MISMATCH).any():
+    if isinstance(error, CheckpointMismatchError):
+      raise error
+    raise CheckpointMismatchError(
+        f"process(es) {np.flatnonzero(statuses == _MISMATCH).tolist()} found a checkpoint that "
+        "does not fit this model (their log says how); nothing was restored, moved or deleted.")
+  if (statuses == _UNREADABLE).any():
+    if error is not None:
+      raise error
+    raise CheckpointUnreadableError(
+        f"process(es) {np.flatnonzero(statuses == _UNREADABLE).tolist()} could not read their "
+        "part of it (their log says why)")
+  return value
+
+
+def _agree(values: np.ndarray) -> np.ndarray:
+  """`values` of every process, stacked along a new first axis (a collective when there are
+  several processes: each must call it alike)."""
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values))
+
+
 # ----------------------------------------------------------------------------
 # Parameters: exported, or read-only from a training checkpoint.
 # ----------------------------------------------------------------------------
@@ -187,15 +263,21 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+class IncompleteExportError(storage.StorageError):
+  """An export directory that is not complete (an interrupted swap or copy) and has no
+  complete copy beside it."""
+
+
 def export_params(workdir: str | os.PathLike, params: Any, description: dict[str, Any]
                   ) -> epath.Path:
   """Writes model params (no optimizer state) and the description to WORKDIR/export.
 
   An earlier export stays loadable throughout: the new one is written to
-  EXPORT_TMP (its description last, which marks it complete), then the old one
-  is renamed to EXPORT_OLD, EXPORT_TMP to EXPORT_DIR, and EXPORT_OLD deleted. A
-  kill at any point leaves a state that find_export reads and recover_export
-  completes. Every process writes its arrays; process 0 renames.
+  EXPORT_TMP, its manifest last (which marks it complete), then the old one is
+  moved to EXPORT_OLD, EXPORT_TMP to EXPORT_DIR, and EXPORT_OLD deleted. Each
+  move keeps one complete copy at every moment (_move_export), so a kill at
+  any point leaves a complete export that find_export reads and recover_export
+  puts back in place. Every process writes its arrays; process 0 the rest.
   """
   workdir = epath.Path(workdir)
   final, tmp, old = (workdir / name for name in (EXPORT_DIR, EXPORT_TMP, EXPORT_OLD))
@@ -207,58 +289,171 @@ def export_params(workdir: str | os.PathLike, params: Any, description: dict[str
     ckptr.save(tmp / EXPORT_PARAMS, params)
     ckptr.wait_until_finished()
   write_description(tmp, description)
+  _sync("lsm2_export_written")  # Every process's arrays are in place.
   if jax.process_index() == 0:
-    if final.exists():
-      final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-      old.rmtree()
+    write_manifest(tmp)
+    _swap_in(workdir)
   _sync("lsm2_export_end")
   return final
+
+
+def _swap_in(workdir: epath.Path) -> None:
+  """Puts the complete export EXPORT_TMP in EXPORT_DIR's place (process 0 only)."""
+  final, tmp, old = (workdir / name for name in (EXPORT_DIR, EXPORT_TMP, EXPORT_OLD))
+  if final.exists():
+    _move_export(final, old)
+  _move_export(tmp, final)
+  if old.exists():
+    _delete_export(old)
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+  """Writes DIRECTORY/manifest.json, listing every file below it with its size.
+
+  export_params calls it once the export is written. By hand, only for an
+  export known to be complete that has none (written before lsm2 wrote
+  manifests, on a bucket): find_export refuses it until then.
+  """
+  directory = storage.as_path(directory)
+  files = {name: size for name, size in storage.list_files(directory).items()
+           if not name.startswith(EXPORT_MANIFEST)}  # Nor a leftover temporary name of it.
+  storage.write_text_atomic(directory / EXPORT_MANIFEST,
+                            json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+_UNMARKED = (f"it has no {EXPORT_MANIFEST}, so it may be part of an interrupted copy (on a "
+             "bucket, exports written before lsm2 wrote manifests have none)")
+
+
+def export_problem(directory: str | os.PathLike) -> str | None:
+  """Why `directory` is not a complete export, or None when it is one.
+
+  Complete: its manifest is there and every file it lists is there with its
+  size. Without a manifest (written before lsm2 wrote them) a local directory
+  with lsm2.json and params/ is complete too: local renames are atomic and the
+  description was written after the arrays. On a bucket a directory rename is a
+  copy and a delete object by object, so there such a directory may be half of
+  an interrupted move, and is not trusted.
+  """
+  directory = epath.Path(directory)
+  try:
+    listed = json.loads((directory / EXPORT_MANIFEST).read_text())["files"]
+  except FileNotFoundError:
+    missing = [n for n in (DESCRIPTION_FILE, EXPORT_PARAMS) if not (directory / n).exists()]
+    if missing:
+      return f"it has no {EXPORT_MANIFEST} and no {' or '.join(missing)}"
+    return None if storage.renames_atomically(directory) else _UNMARKED
+  except (ValueError, KeyError, TypeError) as e:
+    return f"its {EXPORT_MANIFEST} is unreadable ({type(e).__name__}: {e})"
+  for name, size in sorted(listed.items()):
+    try:
+      have = (directory / name).stat().length
+    except FileNotFoundError:
+      return f"{name} is missing (listed in its {EXPORT_MANIFEST})"
+    if have != size:
+      return f"{name} has {have} bytes, its {EXPORT_MANIFEST} lists {size}"
+  return None
+
+
+def _delete_export(directory: epath.Path) -> None:
+  """Deletes an export directory, its manifest first: a kill half-way never leaves
+  something that looks complete."""
+  storage.delete_tree(directory, first=EXPORT_MANIFEST)
+
+
+def _move_export(src: epath.Path, dst: epath.Path) -> None:
+  """Moves export `src` to `dst` (which must not exist) so that one of them is complete
+  at every moment.
+
+  Locally one rename. On a bucket every file is copied, the manifest last (now
+  `dst` is complete), then `src` is deleted, its manifest first.
+  """
+  if storage.renames_atomically(src):
+    src.rename(dst)
+  else:
+    storage.copy_tree(src, dst, last=EXPORT_MANIFEST)
+    _delete_export(src)
 
 
 def recover_export(workdir: str | os.PathLike) -> None:
   """Completes or undoes an export swap that a kill interrupted (process 0 only).
 
-  Deterministic: without EXPORT_DIR, a complete EXPORT_TMP becomes it, else
-  EXPORT_OLD goes back; whatever is left of EXPORT_TMP and EXPORT_OLD is then
-  deleted (an export the interrupted run did not finish is written again when
-  the resumed run ends).
+  Deterministic, and safe to be killed and run again: a complete EXPORT_DIR
+  stays. Otherwise the newest complete one of EXPORT_TMP and EXPORT_OLD takes
+  its place (an incomplete EXPORT_DIR beside a complete copy is what a kill in
+  the middle of a move on a bucket leaves; it is deleted first). Whatever is
+  left of EXPORT_TMP and EXPORT_OLD is then deleted (an export the interrupted
+  run did not finish is written again when the resumed run ends). An
+  incomplete EXPORT_DIR without a complete copy is left as it is, with an error
+  in the log, until the run's own export replaces it.
   """
   workdir = epath.Path(workdir)
   final, tmp, old = (workdir / name for name in (EXPORT_DIR, EXPORT_TMP, EXPORT_OLD))
-  if not final.exists():
-    if (tmp / DESCRIPTION_FILE).exists():
-      tmp.rename(final)
+  problem = export_problem(final) if final.exists() else None
+  if final.exists() and problem is None:
+    source = None
+  else:
+    source = next((d for d in (tmp, old) if d.exists() and export_problem(d) is None), None)
+  if problem is not None:
+    if source is None:
+      logging.error("%s is not a complete export (%s), and no complete copy of it is left; "
+                    "leaving it as it is (this run exports again when it ends).", final, problem)
+    else:
+      logging.warning("%s is not a complete export (%s): an export swap was interrupted. "
+                      "Deleting it for %s.", final, problem, source)
+      _delete_export(final)
+  if source is not None:
+    _move_export(source, final)
+    if source == tmp:
       logging.warning("Completed an export that was interrupted while being swapped in: %s", final)
-    elif old.exists():
-      old.rename(final)
+    else:
       logging.warning("An export was interrupted before it was complete: restored the previous "
                       "one in %s", final)
   for leftover in (tmp, old):
     if leftover.exists():
       logging.warning("Deleting %s, left by an interrupted export.", leftover)
-      leftover.rmtree()
+      _delete_export(leftover)
 
 
 def find_export(path: str | os.PathLike) -> epath.Path | None:
-  """The complete export that `path` (a workdir or an export directory) holds, or None.
+  """The complete export (export_problem) that `path`, a workdir or an export directory, holds.
 
-  Between the two renames of export_params only EXPORT_OLD holds one: it is
-  returned then (with a warning), so a kill there never leaves a workdir
-  without its export.
+  During a swap (export_params) WORKDIR/export may be missing or, on a bucket,
+  half moved: then a complete EXPORT_OLD or EXPORT_TMP is returned, with a
+  warning. None when `path` holds no export at all (a workdir before its
+  export: callers read its checkpoints). IncompleteExportError when `path` or
+  WORKDIR/export is an export that is not complete and no complete copy is
+  left: it is never read, nor silently replaced by a checkpoint.
   """
   path = epath.Path(path)
-  candidates = [path, path / EXPORT_DIR, path / EXPORT_OLD]
-  if path.name == EXPORT_DIR:
-    candidates.append(path.parent / EXPORT_OLD)
-  for export in candidates:
-    if (export / EXPORT_PARAMS).exists() and (export / DESCRIPTION_FILE).exists():
-      if export.name == EXPORT_OLD:
+  root = path.parent if path.name == EXPORT_DIR else path
+  own = [root / EXPORT_DIR]  # What the user asked for: WORKDIR/export, or PATH as given ...
+  if path.name != EXPORT_DIR and ((path / EXPORT_PARAMS).exists()
+                                  or (path / EXPORT_MANIFEST).exists()):
+    own.insert(0, path)  # ... when PATH is an export that is not named export/.
+  problems = []
+  for export in (*own, root / EXPORT_OLD, root / EXPORT_TMP):
+    if not export.exists():
+      continue
+    problem = export_problem(export)
+    if problem is None:
+      if export not in own:
         logging.warning("Using %s: an export swap was interrupted (the next training start "
                         "completes it).", export)
       return export
-  return None
+    if export in own:
+      problems.append((export, problem))
+  if not problems:
+    return None
+  hint = "".join(f" If you know {export} is complete, mark it so with `python -c \"from lsm2 "
+                 f"import pretrained; pretrained.write_manifest('{export}')\"`."
+                 for export, problem in problems if problem == _UNMARKED)
+  raise IncompleteExportError(
+      "; ".join(f"{export} is not a complete export: {problem}" for export, problem in problems)
+      + f". An export swap or copy was interrupted and no complete copy "
+      f"({EXPORT_OLD}/, {EXPORT_TMP}/) is left; nothing was read. Running the training "
+      f"command on {root} again repairs it or exports anew; meanwhile lsm2.load('{root}', "
+      f"step=N) reads a training checkpoint.{hint}")
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
@@ -278,7 +473,9 @@ def restore_checkpoint_params(workdir: str | os.PathLike, abstract_params: Any,
   """
   directory = checkpoint_dir(workdir)
   reader = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0,
+          multiprocessing_options=ORBAX_PROCESSES),
       item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
   try:
     steps = reader.all_steps()
@@ -288,13 +485,14 @@ def restore_checkpoint_params(workdir: str | os.PathLike, abstract_params: Any,
       raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have {sorted(steps)}")
     item = {"params": abstract_params}
 
-    def restore(s: int) -> Any:
-      saved = reader.item_metadata(s)[STATE]
-      check_fits(getattr(saved, "tree", saved), item, f"checkpoint step {s} in {directory}",
-                 exact=False)
-      return reader.restore(s, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)}))[STATE]["params"]
+    def restore(s: int) -> Any:  # Each step agreed by every process (see `agreed`).
+      saved = agreed(lambda: reader.item_metadata(s)[STATE])
+      agreed(lambda: check_fits(getattr(saved, "tree", saved), item,
+                                f"checkpoint step {s} in {directory}", exact=False))
+      return agreed(lambda: reader.restore(s, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(
+              item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True)})), orbax_restore=True)[STATE]["params"]
 
     return restore_newest(steps if step is None else [step], restore, str(directory))
   finally:
@@ -321,8 +519,7 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None
   """
   path = storage.check_reachable(path, "pretrained model")  # No bucket, no credentials: said here.
   export = find_export(path) if step is None else None
-  description = read_description(
-      path if export is None or (path / DESCRIPTION_FILE).exists() else export)
+  description = read_description(path if export is None else export)  # The params' own.
   # A model trained with a TPU- or GPU-only attention kernel runs here with this platform's.
   model_cfg = model_config_lib.for_platform(
       model_config_lib.ModelConfig(**description["model"]), jax.default_backend())

@@ -21,11 +21,13 @@ import socket
 
 from etils import epath
 
+from lsm2 import errors
+
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MANGLED_RE = re.compile(r"^(gs|s3|az):/?[^/]")  # "gs:/b/x", "gs:b/x": a URL that lost its //.
 
 
-class StorageError(OSError):
+class StorageError(errors.Error, OSError):
   """A path that cannot be read or written: the message names the path and the reason."""
 
 
@@ -138,3 +140,52 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
   tmp.write_text(text)
   tmp.replace(path)
+
+
+def renames_atomically(path: str | os.PathLike) -> bool:
+  """Whether renaming a directory at `path` is one atomic step (a local disk), not a copy and
+  a delete object by object (a bucket), which a kill can interrupt half-way."""
+  return not is_remote(path)
+
+
+def _file_names(root: epath.Path) -> list[str]:
+  """Every file below directory `root`, as its path relative to `root` ("a/b")."""
+  prefix = len(os.fspath(root).rstrip("/")) + 1
+  return [os.fspath(directory / name)[prefix:]
+          for directory, _, files in root.walk() for name in files]
+
+
+def list_files(root: str | os.PathLike) -> dict[str, int]:
+  """Every file below directory `root`, as its path relative to `root` ("a/b"), with its size."""
+  root = as_path(root)
+  return {name: (root / name).stat().length for name in _file_names(root)}
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, last: str = "") -> None:
+  """Copies every file below `src` to the same place below `dst`, overwriting; `last`
+  (a path relative to `src`, e.g. a manifest that marks the copy complete) after all others.
+
+  On a bucket each object is copied whole by the server, so a copy killed
+  half-way holds some of the files, each complete; running it again completes it.
+  """
+  src, dst = as_path(src), as_path(dst)
+  for name in sorted(_file_names(src), key=lambda name: name == last):
+    target = dst / name
+    if not is_remote(target):
+      target.parent.mkdir(parents=True, exist_ok=True)
+    (src / name).copy(target, overwrite=True)
+
+
+def delete_tree(root: str | os.PathLike, *, first: str = "", last: str = "") -> None:
+  """Deletes directory `root`: file `first` (relative to it) before the others, `last` after.
+
+  A bucket deletes object by object, so the order is what a kill half-way leaves:
+  deleting a completion marker first, or a marker that makes a directory visible
+  last, never leaves a part that looks whole.
+  """
+  root = as_path(root)
+  for name in (first, *(n for n in _file_names(root) if n not in (first, last)), last):
+    if name:
+      (root / name).unlink(missing_ok=True)
+  if root.exists():
+    root.rmtree()

@@ -1,8 +1,16 @@
-"""Orbax checkpointing: resharding restore, unreadable steps fall back and are moved aside,
-another model's checkpoint is refused; params export (swapped in atomically) and restore
-(lsm2.pretrained, the format inference reads)."""
+"""Orbax checkpointing: resharding restore, unreadable steps fall back and are moved aside
+(also object by object, as on a bucket), another model's checkpoint is refused, the
+processes of a job agree on the step; params export (complete only with its manifest,
+swapped in so that one complete copy always exists) and restore (lsm2.pretrained, the
+format inference reads)."""
+import json
 import logging
+import os
 import pathlib
+import shutil
+import socket
+import subprocess
+import sys
 
 import grain
 import jax
@@ -14,7 +22,10 @@ import pytest
 
 from lsm2 import pretrained
 from lsm2 import sharding
+from lsm2 import storage
 from lsm2.train import checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _state(mesh, spec, value=0.0):
@@ -113,6 +124,53 @@ def test_corrupt_latest_step_falls_back_is_moved_aside_and_its_step_saves_again(
   assert step == 3 and float(state["w"][0, 0]) == 3.0
   ckpt.close()
 
+
+
+@pytest.mark.parametrize("phase", ["copy", "delete"])
+def test_moving_a_corrupt_step_aside_on_a_bucket_survives_a_kill_and_completes_once(
+    tmp_path, monkeypatch, phase):
+  """Object by object (a bucket), the move copies everything and REASON.txt before deleting
+  the step. Killed while copying or while deleting, every file is in the step or the copy,
+  and the next start completes the move into that same copy, once."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  _save(tmp_path, mesh, (1, 2), keep=2)
+  steps_dir = pretrained.checkpoint_dir(tmp_path)
+  _truncate_arrays(steps_dir / "2")
+  torn = _snapshot(steps_dir / "2")
+  _bucket_like(monkeypatch)
+  stamps = iter(range(100))  # A later start moves at a later time (another directory name).
+  monkeypatch.setattr(checkpoint.time, "strftime", lambda *args: f"T{next(stamps)}")
+  path_type = type(epath.Path("/"))
+  real = {"copy": path_type.copy, "delete": path_type.unlink}[phase]
+  calls = {"n": 0}
+
+  def killed_half_way(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] > len(torn) // 2:
+      raise _Killed()
+    return real(self, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(path_type, "copy" if phase == "copy" else "unlink", killed_half_way)
+    killed = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2)
+    with pytest.raises(_Killed):
+      killed.restore_latest(_abstract(mesh, P()), _data_iter())
+    killed.close()
+  [partial] = list((tmp_path / checkpoint.CORRUPT_DIR).iterdir())
+  left = _snapshot(steps_dir / "2") if (steps_dir / "2").exists() else {}
+  copied = _snapshot(partial)
+  assert {**left, **copied}.keys() >= torn.keys()  # Nothing lost ...
+  assert all(torn[k] == v for k, v in {**left, **copied}.items() if k in torn)
+  assert ("REASON.txt" in copied) == (phase == "delete")  # ... and the reason before deletes.
+
+  ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2)  # The next start.
+  step, _, _ = ckpt.restore_latest(_abstract(mesh, P()), _data_iter())
+  assert step == 1 and ckpt.manager.all_steps() == [1]
+  ckpt.close()
+  assert list((tmp_path / checkpoint.CORRUPT_DIR).iterdir()) == [partial]  # The same copy.
+  moved = _snapshot(partial)
+  assert moved.pop("REASON.txt").decode().split(":")[0].isidentifier()
+  assert moved == torn and not (steps_dir / "2").exists()
 
 def test_a_checkpoint_of_another_model_raises_and_changes_nothing(tmp_path):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -265,3 +323,233 @@ def test_an_interrupted_export_leaves_a_loadable_one_and_is_recovered(tmp_path, 
     assert _snapshot(tmp_path / pretrained.EXPORT_DIR) == previous
   pretrained.recover_export(tmp_path)  # Idempotent.
   assert loaded(tmp_path) == (completed, values[completed])
+
+
+# ---------------------------------------------------------------------------
+# The export manifest: on a bucket a directory move is a copy and a delete, object by object.
+# ---------------------------------------------------------------------------
+def _bucket_like(monkeypatch) -> None:
+  """Makes lsm2 move directories here as it does on a bucket: object by object."""
+  monkeypatch.setattr(storage, "renames_atomically", lambda path: False)
+
+
+def _export(directory, mesh, value: float) -> pathlib.Path:
+  pretrained.export_params(directory, _state(mesh, P(), value=value), {"v": value})
+  return pathlib.Path(directory) / pretrained.EXPORT_DIR
+
+
+def _load(path, mesh) -> tuple[float, float]:
+  """(the description's value, the params' value) of the export find_export picks."""
+  export = pretrained.find_export(path)
+  params = pretrained.restore_params(export / pretrained.EXPORT_PARAMS, _abstract(mesh, P()))
+  return pretrained.read_description(export)["v"], float(params["w"][0, 0])
+
+
+def test_an_export_lists_its_files_in_a_manifest_written_last(tmp_path):
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  export = _export(tmp_path, mesh, 1.0)
+  listed = json.loads((export / pretrained.EXPORT_MANIFEST).read_text())["files"]
+  files = {str(f.relative_to(export)): f.stat().st_size for f in export.rglob("*") if f.is_file()}
+  assert listed == {k: v for k, v in files.items() if k != pretrained.EXPORT_MANIFEST}
+  assert pretrained.DESCRIPTION_FILE in listed
+  assert any(k.startswith(f"{pretrained.EXPORT_PARAMS}/") for k in listed)
+  assert pretrained.export_problem(export) is None
+
+
+def _tear(export: pathlib.Path, how: str) -> str:
+  """Damages export/params as an interrupted copy would; returns the expected reason."""
+  files = sorted(f for f in (export / pretrained.EXPORT_PARAMS).rglob("*") if f.is_file())
+  victim = max(files, key=lambda f: f.stat().st_size)
+  name = str(victim.relative_to(export))
+  if how == "missing":
+    victim.unlink()
+    return rf"{name} is missing \(listed in its manifest.json\)"
+  size = victim.stat().st_size
+  victim.write_bytes(victim.read_bytes()[:size // 2])
+  return rf"{name} has {size // 2} bytes, its manifest.json lists {size}"
+
+
+@pytest.mark.parametrize("how", ["missing", "short"])
+def test_a_half_copied_export_is_refused_or_replaced_by_its_complete_copy(tmp_path, how):
+  """What a kill during a bucket move leaves: export/ with lsm2.json but not all its params."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  export = _export(tmp_path, mesh, 1.0)
+  reason = _tear(export, how)
+  for path in (tmp_path, export):
+    with pytest.raises(pretrained.IncompleteExportError,
+                       match=rf"{export} is not a complete export: {reason}\. .*nothing was "
+                             rf"read\. .*lsm2.load\('{tmp_path}', step=N\) reads a training"):
+      pretrained.find_export(path)
+  with pytest.raises(pretrained.IncompleteExportError, match=reason):
+    pretrained.load_pretrained(tmp_path)
+  before = _snapshot(tmp_path)
+  pretrained.recover_export(tmp_path)  # No complete copy: kept as it is for the next export.
+  assert _snapshot(tmp_path) == before
+
+  # With a complete copy beside it (a swap interrupted), readers use the copy, and the
+  # next start puts the copy in its place.
+  complete = tmp_path / "complete"
+  _export(complete, mesh, 2.0).rename(tmp_path / pretrained.EXPORT_OLD)
+  assert _load(tmp_path, mesh) == (2.0, 2.0)
+  assert _load(export, mesh) == (2.0, 2.0)
+  pretrained.recover_export(tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["complete", pretrained.EXPORT_DIR]
+  assert pretrained.export_problem(export) is None and _load(export, mesh) == (2.0, 2.0)
+
+
+def test_an_export_without_manifest_loads_locally_and_on_a_bucket_only_once_marked(
+    tmp_path, monkeypatch):
+  """Exports written before manifests: locally (atomic renames) complete as before; on a
+  bucket refused with the fix until write_manifest marks them."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  export = _export(tmp_path, mesh, 1.0)
+  (export / pretrained.EXPORT_MANIFEST).unlink()
+  assert _load(tmp_path, mesh) == (1.0, 1.0)
+  _bucket_like(monkeypatch)
+  with pytest.raises(pretrained.IncompleteExportError,
+                     match=rf"{export} is not a complete export: it has no manifest.json, so it "
+                           r"may be part of an interrupted copy .* mark it so with .*"
+                           rf"pretrained.write_manifest\('{export}'\)"):
+    pretrained.find_export(tmp_path)
+  pretrained.write_manifest(export)
+  assert _load(tmp_path, mesh) == (1.0, 1.0)
+
+
+def test_a_bucket_swap_killed_at_any_object_leaves_a_complete_export_and_is_repaired(
+    tmp_path, monkeypatch):
+  """Kills the object-by-object swap before each copy or delete in turn: readers always find
+  a complete export (the old or the new one, never a mix), and recover_export leaves exactly
+  export/ with it, idempotently."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  old = _export(tmp_path / "old", mesh, 1.0)
+  new = _export(tmp_path / "new", mesh, 2.0)
+  workdir = tmp_path / "run"
+  _bucket_like(monkeypatch)
+  path_type = type(epath.Path("/"))
+  copy, unlink = path_type.copy, path_type.unlink
+  ops = {"left": 0}
+
+  def counted(real):
+    def op(self, *args, **kwargs):
+      if ops["left"] == 0:
+        raise _Killed()
+      ops["left"] -= 1
+      return real(self, *args, **kwargs)
+    return op
+
+  seen = set()
+  for kill_at in range(1000):
+    if workdir.exists():
+      shutil.rmtree(workdir)
+    shutil.copytree(old, workdir / pretrained.EXPORT_DIR)
+    shutil.copytree(new, workdir / pretrained.EXPORT_TMP)
+    ops["left"] = kill_at
+    with monkeypatch.context() as patch:
+      patch.setattr(path_type, "copy", counted(copy))
+      patch.setattr(path_type, "unlink", counted(unlink))
+      try:
+        pretrained._swap_in(epath.Path(workdir))  # pylint: disable=protected-access
+        finished = True
+      except _Killed:
+        finished = False
+    got = _load(workdir, mesh)
+    assert got in ((1.0, 1.0), (2.0, 2.0)), kill_at
+    assert _load(workdir / pretrained.EXPORT_DIR, mesh) == got, kill_at
+    seen.add(got)
+    pretrained.recover_export(workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == [pretrained.EXPORT_DIR], kill_at
+    repaired = _load(workdir, mesh)
+    assert repaired in ((1.0, 1.0), (2.0, 2.0)), kill_at
+    pretrained.recover_export(workdir)  # Idempotent.
+    assert _load(workdir, mesh) == repaired
+    if finished:
+      assert repaired == (2.0, 2.0)
+      break
+  assert finished and kill_at > 10 and seen == {(1.0, 1.0), (2.0, 2.0)}
+
+
+# ---------------------------------------------------------------------------
+# Multi-process restores: every process goes on from the same step.
+# ---------------------------------------------------------------------------
+_AGREE = """
+import json, pathlib, sys
+import grain, jax, jax.numpy as jnp, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from lsm2 import pretrained
+from lsm2.train import checkpoint
+me, out, workdir = jax.process_index(), {}, pathlib.Path(sys.argv[3])
+
+# A real checkpoint, half of each array per process; process 1's half of step 2 is torn.
+rows = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+values = np.random.RandomState(0).rand(2, 4096).astype(np.float32)
+ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=5)
+for step in (1, 2):
+  w = jax.make_array_from_callback((2, 4096), rows, lambda i: (values + step)[i])
+  ckpt.maybe_save(step, {"w": w}, iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
+ckpt.wait()
+ckpt.close()
+multihost_utils.sync_global_devices("saved")
+if me == 0:
+  for f in (workdir / "checkpoints/2/state/ocdbt.process_1/d").iterdir():
+    f.write_bytes(b"")
+multihost_utils.sync_global_devices("torn")
+ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=5)
+step, state, _ = ckpt.restore_latest(
+    {"w": jax.ShapeDtypeStruct((2, 4096), jnp.float32, sharding=rows)}, None)
+mine = state["w"].addressable_shards[0]
+out["restored"] = [step, bool((np.asarray(mine.data) == (values + 1)[mine.index]).all())]
+out["steps"] = ckpt.manager.all_steps()
+ckpt.close()
+
+def other_model_on_0(step):
+  if me == 0:
+    raise pretrained.CheckpointMismatchError("another model")
+  return step
+
+for name, steps, restore in (("mismatch", [2, 4], other_model_on_0),
+                             ("listing", [2, 4] if me == 0 else [2], lambda s: s)):
+  try:
+    out[name] = pretrained.restore_newest(steps, restore, "ckpts")
+  except (pretrained.CheckpointMismatchError, pretrained.CheckpointUnreadableError) as e:
+    out[name] = f"{type(e).__name__}: {e}"
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_two_processes_fall_back_together_when_one_cannot_read_its_shard(tmp_path):
+  """Process 1 alone cannot read its half of step 2. Without agreement process 0 would go on
+  from step 2 and process 1 from step 1; with a bare agreement after the failure, process 1's
+  collective would pair with the barrier that ends process 0's Orbax restore. Both restore
+  step 1; step 2 is moved aside once; a mismatch on one process stops both."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen([sys.executable, "-c", _AGREE, f"127.0.0.1:{port}", str(i),
+                             str(tmp_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = []
+  for out in outputs:
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert lines, out[-5000:]
+    results.append(json.loads(lines[0][len("RESULT "):]))
+  for r in results:
+    assert r["restored"] == [1, True] and r["steps"] == [1]
+    assert r["mismatch"].startswith("CheckpointMismatchError: ")
+    assert r["listing"].startswith("CheckpointUnreadableError: the processes of this job see "
+                                   "different checkpoint steps in ckpts")
+  assert "process(es) [0] found a checkpoint that does not fit" in results[1]["mismatch"]
+  assert "could not be restored (CheckpointUnreadableError: process(es) [1] could not read" in (
+      outputs[0])
+  [moved] = list((tmp_path / checkpoint.CORRUPT_DIR).iterdir())
+  assert moved.name.startswith("2.") and "process(es) [1]" in (moved / "REASON.txt").read_text()

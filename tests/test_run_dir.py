@@ -2,6 +2,7 @@
 the lease stops a second writer, init_from fine-tunes deliberately."""
 import json
 import logging
+import os
 import pathlib
 import shutil
 import socket
@@ -207,6 +208,35 @@ def test_a_live_holder_on_another_host_is_seen_renewing_and_refused(tmp_path):
     assert _lock(tmp_path)["token"] == holder.me["token"]
   finally:
     holder.release()
+
+
+def test_a_lease_whose_pid_now_runs_another_process_is_taken_over(tmp_path, caplog):
+  """After a crash the holder's pid may be reused: the start time recorded beside the pid
+  tells the new process from the holder (a pid alone would block the workdir for good)."""
+  other = subprocess.Popen(["sleep", "60"])  # Alive, on this host, with a fresh heartbeat.
+  try:
+    start_of = run_dir._process_start  # pylint: disable=protected-access
+    start = start_of(other.pid)
+    assert start and start.split(":")[0]  # "BOOT_ID:TICKS"
+    holder = {"host": socket.gethostname(), "pid": other.pid, "token": "x",
+              "heartbeat": time.time()}
+    (tmp_path / run_dir.LOCK_FILE).write_text(json.dumps({**holder, "pid_start": start}))
+    with pytest.raises(run_dir.WorkdirLockedError, match=rf"pid {other.pid}, last heartbeat"):
+      run_dir.Lease(tmp_path, timeout_s=30.0).acquire()  # The holder itself: refused.
+    reused = {**holder, "pid_start": start.replace(":", ":1")}  # Another start, same pid.
+    (tmp_path / run_dir.LOCK_FILE).write_text(json.dumps(reused))
+    lease = run_dir.Lease(tmp_path, timeout_s=30.0)
+    with caplog.at_level(logging.WARNING):
+      lease.acquire()
+    assert "Taking over the lease" in caplog.text
+    assert f"pid {other.pid} now belongs to a process started later" in caplog.text
+    mine = _lock(tmp_path)
+    assert mine["token"] == lease.me["token"]
+    assert mine["pid_start"] == start_of(os.getpid())
+    lease.release()
+  finally:
+    other.kill()
+    other.wait()
 
 
 def test_a_lease_without_heartbeat_is_taken_over_with_a_warning(tmp_path, caplog):

@@ -16,6 +16,7 @@ import threading
 
 from etils import epath
 from flax import nnx
+import grain
 import jax
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from lsm2.data import shards
 from lsm2.data import synthesize
 from lsm2.data import writer as writer_lib
 from lsm2.sweeps import collect
+from lsm2.train import checkpoint
 from lsm2.train import train
 
 import gcs_emulator
@@ -72,6 +74,27 @@ def test_a_local_workdir_that_cannot_be_written_names_the_path_and_reason(tmp_pa
   with pytest.raises(storage.StorageError, match=rf"--workdir {blocker}/run: cannot write to it "
                      r"\((FileExistsError|NotADirectoryError)"):
     train.train_and_evaluate(_pretrain_config(), str(blocker / "run"))
+
+
+@pytest.mark.parametrize("workdir,fragment", [
+    ("gs:/x", "'gs:/x' is neither a local path nor a URL"),
+    ("{blocker}/run", "--workdir {blocker}/run: cannot write to it"),
+])
+def test_the_command_line_prints_a_path_it_cannot_use_as_one_line_and_exits_1(
+    tmp_path, workdir, fragment):
+  """python -m lsm2.main: an lsm2.errors.Error is its message on stderr, not a traceback."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  workdir, fragment = (x.format(blocker=blocker) for x in (workdir, fragment))
+  result = subprocess.run(
+      [sys.executable, "-m", "lsm2.main", f"--config={REPO}/configs/pretrain.py:tiny,runlocal",
+       f"--workdir={workdir}"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("lsm2: error: ")]
+  assert len(errors) == 1 and fragment in errors[0], result.stderr[-3000:]
+  assert list(tmp_path.iterdir()) == [blocker]  # No local directory made of the URL.
 
 
 def test_array_record_on_a_bucket_is_refused_with_the_ways_out():
@@ -173,9 +196,70 @@ def test_sweep_results_are_collected_from_and_to_a_bucket(gcs):
           "n": 4}]))
   assert collect.main([f"gs://{BUCKET}/sweep", "--out", f"gs://{BUCKET}/tables/sweep"]) == 0
   assert epath.Path(f"gs://{BUCKET}/tables/sweep.csv").read_text().splitlines()[1:] == [
-      "scheme=aim/eval,aim,bmi,mae,0.6,test,none,4", "scheme=lsm1/eval,lsm1,bmi,mae,0.5,test,none,4"]
+      "scheme=aim/eval,aim,bmi,,,mae,0.6,test,none,4",  # No level, no method: a probe's row.
+      "scheme=lsm1/eval,lsm1,bmi,,,mae,0.5,test,none,4"]
   assert "| scheme=lsm1/eval | lsm1 | 0.5 |" in (
       epath.Path(f"gs://{BUCKET}/tables/sweep.md").read_text())
+
+
+def test_an_export_on_a_bucket_moves_with_its_manifest_and_a_part_of_one_is_refused(gcs):
+  """On a bucket a directory move is a copy and a delete, object by object: an export counts
+  only with its manifest (written last) and every file it lists."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = {"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=replicated)}
+  root = f"gs://{BUCKET}/exports"
+  for value in (1.0, 2.0):  # The second export moves the first aside, object by object.
+    pretrained.export_params(
+        root, {"w": jax.device_put(np.full((4, 8), value, np.float32), replicated)},
+        {"v": value})
+  names = gcs.objects(BUCKET, "exports/")
+  assert "exports/export/manifest.json" in names
+  assert not [n for n in names if "export.tmp" in n or "export.old" in n], names  # None left.
+  assert all(n.startswith("exports/export/") for n in names if not n.endswith("/")), names
+  export = pretrained.find_export(root)
+  assert os.fspath(export) == f"{root}/export" and pretrained.read_description(export)["v"] == 2
+  restored = pretrained.restore_params(export / pretrained.EXPORT_PARAMS, abstract)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.full((4, 8), 2.0))
+
+  victim = max((n for n in names if "/params/" in n and "/d/" in n), key=len)
+  epath.Path(f"gs://{BUCKET}/{victim}").unlink()  # What a kill mid-move leaves.
+  missing = victim[len("exports/export/"):]
+  with pytest.raises(pretrained.IncompleteExportError,
+                     match=rf"{root}/export is not a complete export: {missing} is missing"):
+    pretrained.load_pretrained(f"{root}/export")
+
+
+def test_an_unreadable_step_on_a_bucket_is_copied_aside_before_it_is_deleted(gcs):
+  """The fallback from a torn step on a bucket: every object of the step lands in
+  checkpoints_corrupt/ with REASON.txt, and the step is gone, Orbax's commit marker last."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  workdir = f"gs://{BUCKET}/torn"
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+  for step in (1, 2):
+    ckpt.maybe_save(step, {"w": jax.device_put(np.full((4, 8), step, np.float32), replicated)},
+                    iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
+  ckpt.wait()
+  ckpt.close()
+  step_2 = {n[len("torn/checkpoints/2/"):] for n in gcs.objects(BUCKET, "torn/checkpoints/2/")
+            if not n.endswith("/")}
+  assert checkpoint.COMMIT_FILE in step_2
+  for name in step_2:
+    if "/d/" in name:  # Array data: torn in half.
+      obj = epath.Path(f"{workdir}/checkpoints/2/{name}")
+      obj.write_bytes(obj.read_bytes()[:len(obj.read_bytes()) // 2])
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+  step, state, _ = ckpt.restore_latest(
+      {"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=replicated)}, None)
+  assert step == 1 and float(state["w"][0, 0]) == 1.0 and ckpt.manager.all_steps() == [1]
+  ckpt.close()
+  assert [n for n in gcs.objects(BUCKET, "torn/checkpoints/2/") if not n.endswith("/")] == []
+  moved = [n for n in gcs.objects(BUCKET, f"torn/{checkpoint.CORRUPT_DIR}/") if not n.endswith("/")]
+  [where] = {n.split("/")[2] for n in moved}
+  assert where.startswith("2.")
+  assert {n[len(f"torn/{checkpoint.CORRUPT_DIR}/{where}/"):] for n in moved} == (
+      step_2 | {checkpoint.REASON_FILE})
 
 
 def _params(path) -> list[np.ndarray]:

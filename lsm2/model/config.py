@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+from lsm2 import errors
+
 _DTYPES = ("float32", "bfloat16")
 _ATTENTION = ("xla", "blocked", "cudnn", "splash")
 _REMAT = ("none", "attention", "full")
@@ -37,13 +39,13 @@ def _check_positive(cfg, names):
   for name in names:
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+      raise errors.ConfigError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
 
 
 def _check_choice(cfg, name, choices):
   value = getattr(cfg, name)
   if value not in choices:
-    raise ValueError(f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")
+    raise errors.ConfigError(f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +116,19 @@ class ModelConfig:
         "enc_width", "enc_depth", "enc_heads", "enc_mlp",
         "dec_width", "dec_depth", "dec_heads", "dec_mlp"))
     if self.time_steps % self.patch_time:
-      raise ValueError(
+      raise errors.ConfigError(
           f"ModelConfig.patch_time={self.patch_time} does not divide time_steps={self.time_steps}")
     if self.num_channels % self.patch_channels:
-      raise ValueError(
+      raise errors.ConfigError(
           f"ModelConfig.patch_channels={self.patch_channels} does not divide "
           f"num_channels={self.num_channels}")
     for part in ("enc", "dec"):
       width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
       if width % heads:
-        raise ValueError(f"ModelConfig.{part}_heads={heads} does not divide {part}_width={width}")
+        raise errors.ConfigError(
+            f"ModelConfig.{part}_heads={heads} does not divide {part}_width={width}")
       if width % 4:
-        raise ValueError(
+        raise errors.ConfigError(
             f"ModelConfig.{part}_width={width} must be a multiple of 4 "
             "(2-D sine-cosine positional embedding)")
     _check_choice(self, "dtype", _DTYPES)
@@ -133,13 +136,13 @@ class ModelConfig:
     _check_choice(self, "matmul_dtype", _DTYPES)
     _check_choice(self, "attention", _ATTENTION)
     if self.attention == "cudnn" and self.dtype != "bfloat16":
-      raise ValueError(
+      raise errors.ConfigError(
           f"ModelConfig.attention='cudnn' needs dtype='bfloat16' (cuDNN's fused attention "
           f"rejects {self.dtype} inputs), got dtype={self.dtype!r}: set config.model.dtype to "
           "'bfloat16' (or 'auto'), or config.model.attention to 'xla'")
     _check_choice(self, "remat", _REMAT)
     if not isinstance(self.observed_in_embedding, bool):
-      raise ValueError(
+      raise errors.ConfigError(
           f"ModelConfig.observed_in_embedding must be a bool, got {self.observed_in_embedding!r}")
     return self
 
@@ -148,6 +151,10 @@ _SIZES = {
     # Compiles in seconds; for tests.
     "tiny": dict(enc_width=32, enc_depth=2, enc_heads=2, enc_mlp=64,
                  dec_width=32, dec_depth=1, dec_heads=2, dec_mlp=64),
+    # Between tiny and XS: the middle point of the CPU-scale parameter axis
+    # (benchmarks/paper_comparison.py --scaling params).
+    "XXS": dict(enc_width=64, enc_depth=3, enc_heads=4, enc_mlp=128,
+                dec_width=48, dec_depth=1, dec_heads=4, dec_mlp=128),
     # CPU scale (~0.45M parameters): the 30-minute recipe on a 2-core machine
     # (configs/pretrain.py:XS,aim,cpu; docs/results.md).
     "XS": dict(enc_width=96, enc_depth=4, enc_heads=4, enc_mlp=256,
@@ -168,10 +175,10 @@ SIZES = tuple(_SIZES)
 def get_model_config(size: str, **overrides) -> ModelConfig:
   """Named model variant ("tiny", "S", "B", "L") with field overrides, validated."""
   if size not in _SIZES:
-    raise ValueError(f"unknown model size {size!r}; expected one of {SIZES}")
+    raise errors.ConfigError(f"unknown model size {size!r}; expected one of {SIZES}")
   unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
   if unknown:
-    raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}")
+    raise errors.ConfigError(f"unknown ModelConfig field(s) {sorted(unknown)}")
   return ModelConfig(**{**_SIZES[size], **overrides}).validate()
 
 
@@ -259,45 +266,48 @@ class MaskConfig:
     n_time, n_signal = model_cfg.grid
     _check_choice(self, "scheme", SCHEMES)
     if not 0.0 < self.inherited_threshold <= 1.0:
-      raise ValueError(
+      raise errors.ConfigError(
           f"MaskConfig.inherited_threshold must be in (0, 1], got {self.inherited_threshold!r}")
     if not self.strategy_weights:
-      raise ValueError("MaskConfig.strategy_weights is empty")
+      raise errors.ConfigError("MaskConfig.strategy_weights is empty")
     names = self.strategy_names
     for name, weight in self.strategy_weights:
       if name not in STRATEGIES:
-        raise ValueError(
+        raise errors.ConfigError(
             f"MaskConfig.strategy_weights: unknown strategy {name!r}; expected one of {STRATEGIES}")
       if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"MaskConfig.strategy_weights: weight of {name!r} must be >= 0, got {weight!r}")
+        raise errors.ConfigError(
+            f"MaskConfig.strategy_weights: weight of {name!r} must be >= 0, got {weight!r}")
     if len(set(names)) != len(names):
-      raise ValueError(f"MaskConfig.strategy_weights names a strategy twice: {names}")
+      raise errors.ConfigError(f"MaskConfig.strategy_weights names a strategy twice: {names}")
     if sum(w for _, w in self.strategy_weights) <= 0:
-      raise ValueError(f"MaskConfig.strategy_weights sum to zero: {self.strategy_weights}")
+      raise errors.ConfigError(f"MaskConfig.strategy_weights sum to zero: {self.strategy_weights}")
     if not 0.0 <= self.random_ratio < 1.0:
-      raise ValueError(f"MaskConfig.random_ratio must be in [0, 1), got {self.random_ratio!r}")
+      raise errors.ConfigError(
+          f"MaskConfig.random_ratio must be in [0, 1), got {self.random_ratio!r}")
     # Parameters of strategies outside the mix are not checked (they are unused).
     if "time_bars" in names and (
         not isinstance(self.time_bars, int) or not 0 <= self.time_bars <= n_time):
-      raise ValueError(f"MaskConfig.time_bars={self.time_bars!r} must be in [0, n_time={n_time}]")
+      raise errors.ConfigError(
+          f"MaskConfig.time_bars={self.time_bars!r} must be in [0, n_time={n_time}]")
     for strategy, field in (("temporal_interpolation", "interp_gap_minutes"),
                             ("temporal_extrapolation", "extrap_gap_minutes")):
       minutes = getattr(self, field)
       bad = (not isinstance(minutes, int) or not 0 <= minutes <= model_cfg.time_steps
              or minutes % model_cfg.patch_time)
       if strategy in names and bad:
-        raise ValueError(
+        raise errors.ConfigError(
             f"MaskConfig.{field}={minutes!r} must be a multiple of patch_time="
             f"{model_cfg.patch_time} in [0, time_steps={model_cfg.time_steps}]")
     k = self.signal_imputation_k
     bad = (not isinstance(k, int) or not 0 <= k <= model_cfg.num_channels
            or k % model_cfg.patch_channels)
     if "signal_imputation" in names and bad:
-      raise ValueError(
+      raise errors.ConfigError(
           f"MaskConfig.signal_imputation_k={k!r} must be a multiple of patch_channels="
           f"{model_cfg.patch_channels} in [0, num_channels={model_cfg.num_channels}]")
     if not isinstance(self.n_drop, int) or not 0 <= self.n_drop < model_cfg.num_tokens:
-      raise ValueError(
+      raise errors.ConfigError(
           f"MaskConfig.n_drop={self.n_drop!r} must be in [0, num_tokens={model_cfg.num_tokens})")
     return self
 

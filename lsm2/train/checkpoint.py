@@ -21,7 +21,6 @@ from typing import Any
 import grain
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lsm2 import pretrained
@@ -30,6 +29,8 @@ from lsm2 import storage
 DATA_ITER = "data_iter"
 LAYOUT = "layout"  # {"process_count": P}: data iterator states are per process.
 CORRUPT_DIR = "checkpoints_corrupt"  # Unreadable steps, moved out of Orbax's sight.
+REASON_FILE = "REASON.txt"  # In a moved step: why it could not be read.
+COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a complete step on a bucket.
 
 
 class Checkpointer:
@@ -43,6 +44,7 @@ class Checkpointer:
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         create=True,
+        multiprocessing_options=pretrained.ORBAX_PROCESSES,  # Barrier names `agreed` knows.
     )
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -74,28 +76,22 @@ class Checkpointer:
     """
     self._warn_about_partial_saves()
 
-    def restore(step: int):
-      try:
-        saved = self.manager.item_metadata(step)[pretrained.STATE]
-        pretrained.check_fits(
-            getattr(saved, "tree", saved), abstract_state,
-            f"checkpoint step {step} in {self.directory}",
-            hint="Start a fresh run with a new --workdir, or fine-tune this one's parameters in "
-                 f"a new workdir with --config.init_from={self.directory.parent}.")
-        layout = self.manager.restore(step, args=ocp.args.Composite(
-            **{LAYOUT: ocp.args.JsonRestore()}))[LAYOUT]
-        items = {pretrained.STATE: ocp.args.StandardRestore(abstract_state)}
-        same_layout = layout["process_count"] == jax.process_count()
-        if data_iter is not None and same_layout:
-          items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        error = None
-      except pretrained.CheckpointMismatchError:
-        raise  # The same metadata on every process: all of them raise.
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      if not _everywhere(error is None):  # One process's unreadable shard fails them all.
-        raise error or RuntimeError("another process could not read its part of this step")
+    def restore(step: int):  # Each part agreed by every process (pretrained.agreed).
+      saved = pretrained.agreed(lambda: self.manager.item_metadata(step)[pretrained.STATE])
+      pretrained.agreed(lambda: pretrained.check_fits(
+          getattr(saved, "tree", saved), abstract_state,
+          f"checkpoint step {step} in {self.directory}",
+          hint="Start a fresh run with a new --workdir, or fine-tune this one's parameters in "
+               f"a new workdir with --config.init_from={self.directory.parent}."))
+      layout = pretrained.agreed(lambda: self.manager.restore(step, args=ocp.args.Composite(
+          **{LAYOUT: ocp.args.JsonRestore()})), orbax_restore=True)[LAYOUT]
+      items = {pretrained.STATE: ocp.args.StandardRestore(abstract_state)}
+      same_layout = layout["process_count"] == jax.process_count()
+      if data_iter is not None and same_layout:
+        items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+      restored = pretrained.agreed(
+          lambda: self.manager.restore(step, args=ocp.args.Composite(**items)),
+          orbax_restore=True)
       return restored, layout, DATA_ITER in items
 
     found = pretrained.restore_newest(self.manager.all_steps(), restore, str(self.directory),
@@ -110,18 +106,59 @@ class Checkpointer:
     return step, restored[pretrained.STATE], data_restored
 
   def _move_aside(self, step: int, reason: str) -> None:
-    """Renames unreadable step `step` to checkpoints_corrupt/<step>.<UTC time>; never deletes."""
-    when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = self.directory.parent / CORRUPT_DIR / f"{step}.{when}"
+    """Moves unreadable step `step` to checkpoints_corrupt/<step>.<UTC time>/ with a
+    REASON.txt; never deletes a file that has no copy.
+
+    Locally one rename (REASON.txt written into the step first). On a bucket, where a
+    rename is a copy and a delete object by object, every file is copied, then
+    REASON.txt is written, and only then the step deleted (Orbax's commit marker
+    last, so that the step stays visible until the end). A kill at any point
+    leaves each file in the step or in the copy; the next start finds the step
+    unreadable again and completes the move into the same copy (_interrupted_move).
+    """
+    source = self.directory / str(step)
     if jax.process_index() == 0:
-      target.parent.mkdir(parents=True, exist_ok=True)
-      (self.directory / str(step)).rename(target)
-      storage.write_text_atomic(target / "REASON.txt", reason + "\n")
+      files = storage.list_files(source)
+      target = self._interrupted_move(step, files)
+      if target is None:
+        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.directory.parent / CORRUPT_DIR / f"{step}.{when}"
+      if storage.renames_atomically(source) and not target.exists():
+        storage.write_text_atomic(source / REASON_FILE, reason + "\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+      else:
+        storage.copy_tree(source, target)
+        storage.write_text_atomic(target / REASON_FILE, reason + "\n")
+        storage.delete_tree(source, last=COMMIT_FILE)
       logging.warning("CHECKPOINT UNREADABLE: moved step %d aside to %s (%s).", step, target,
                       reason)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"lsm2_moved_aside_{step}")
     self.manager.reload()  # Orbax forgets the step: it no longer counts toward `keep`.
+
+  def _interrupted_move(self, step: int, files: dict[str, int]):
+    """The copy in checkpoints_corrupt/ of an interrupted move of this very step, or None.
+
+    That copy holds some or all of the step's files (`files`: name -> size), or the
+    step holds what is left of them after a part was deleted: their common files
+    have the same sizes, and one side holds all of the other's. (A later save of
+    the same step has other array file names, so it never matches.)
+    """
+    corrupt = self.directory.parent / CORRUPT_DIR
+    if not corrupt.exists():
+      return None
+    for candidate in sorted((d for d in corrupt.iterdir() if d.name.startswith(f"{step}.")),
+                            key=lambda d: d.name, reverse=True):
+      copied = {k: v for k, v in storage.list_files(candidate).items() if k != REASON_FILE}
+      mine = {k: v for k, v in files.items() if k != REASON_FILE}
+      common = copied.keys() & mine.keys()
+      if (common and all(copied[k] == mine[k] for k in common)
+          and (copied.keys() <= mine.keys() or mine.keys() <= copied.keys())):
+        logging.warning("Completing the interrupted move of unreadable step %d to %s.", step,
+                        candidate)
+        return candidate
+    return None
 
   def _warn_about_partial_saves(self) -> None:
     if not self.directory.exists():
@@ -141,10 +178,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def _everywhere(ok: bool) -> bool:
-  """Whether `ok` holds on every process (a collective in multi-process jobs)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))

@@ -3,7 +3,7 @@
   WORKDIR/run.json    the config fields that decide what is trained and the
                       dataset's fingerprint, written when the run starts afresh;
                       a restart with other values is refused before anything is written
-  WORKDIR/lock.json   host, pid and heartbeat of the process that writes the
+  WORKDIR/lock.json   host, pid (and its start time) and heartbeat of the process that writes the
                       workdir (process 0 of a job): a second writer is refused
                       while the heartbeat is fresh, a stale lease is taken over
 
@@ -13,6 +13,7 @@ then renamed, so they work the same on a local disk and on a gs:// bucket.
 import json
 import logging
 import os
+import pathlib
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from lsm2 import errors
 from lsm2 import storage
 
 RUN_FILE = "run.json"
@@ -44,11 +46,11 @@ MAY_CHANGE = ("model.dtype", "model.matmul_dtype", "model.attention", "model.rem
               "data.worker_count", "data.synthesize_subjects", "data.synthesize_days")
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(errors.Error, ValueError):
   """The workdir belongs to a run with another model, masking or data config."""
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.Error, RuntimeError):
   """Another live process writes this workdir."""
 
 
@@ -131,6 +133,21 @@ def write_record(workdir: epath.Path, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------
 # lock.json: the lease of the one process that writes the workdir.
 # ----------------------------------------------------------------------------
+def _process_start(pid: int) -> str | None:
+  """When process `pid` of this host started, as "BOOT_ID:TICKS" (Linux), or None.
+
+  With the pid alone, a pid that a new process got after the holder crashed (or
+  after a reboot) would look like the holder, alive, and its lease would never
+  be taken over. TICKS is field 22 of /proc/PID/stat (start time since boot).
+  """
+  try:
+    boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+  except OSError:
+    return None
+  return f"{boot}:{stat.rpartition(')')[2].split()[19]}"  # Fields after "(comm)" start at 3.
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -144,10 +161,11 @@ def _pid_alive(pid: int) -> bool:
 class Lease:
   """The right to write a workdir, held by process 0 as WORKDIR/lock.json.
 
-  The file holds host, pid, a token and a heartbeat (time.time() of the last
-  renewal), renewed every `timeout_s / 4` by a background thread. acquire()
-  takes a missing or stale lease (no renewal for `timeout_s`, or a dead pid on
-  this host) - the latter with a warning - and refuses a live one with
+  The file holds host, pid, the pid's start time, a token and a heartbeat
+  (time.time() of the last renewal), renewed every `timeout_s / 4` by a
+  background thread. acquire() takes a missing or stale lease (no renewal for
+  `timeout_s`, or a pid on this host that is gone or, by its start time, now
+  another process's) - the latter with a warning - and refuses a live one with
   WorkdirLockedError: at once when its pid runs on this host, else once a
   renewal shows its holder is alive (so a job restarted on a new host after a
   crash waits up to `timeout_s` instead of failing). A holder that finds the
@@ -161,7 +179,8 @@ class Lease:
     self.timeout_s = timeout_s
     self.heartbeat_s = timeout_s / 4
     self.poll_s = min(poll_s, self.heartbeat_s)
-    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+    self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+               "pid_start": _process_start(os.getpid()), "token": uuid.uuid4().hex}
     self.lost: str | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -188,8 +207,13 @@ class Lease:
     """Why `lock` is stale, or None while its holder may be alive."""
     if time.time() - lock.get("heartbeat", 0) > self.timeout_s:
       return f"no heartbeat for more than {self.timeout_s:.0f} s"
-    if lock.get("host") == self.me["host"] and not _pid_alive(int(lock.get("pid", -1))):
-      return "its process is gone"
+    if lock.get("host") == self.me["host"]:
+      pid = int(lock.get("pid", -1))
+      if not _pid_alive(pid):
+        return "its process is gone"
+      start = _process_start(pid)
+      if lock.get("pid_start") and start and lock["pid_start"] != start:
+        return f"its process is gone (pid {pid} now belongs to a process started later)"
     if lock.get("host") == self.me["host"] and lock.get("pid") == self.me["pid"]:
       return "left by an earlier run in this process"
     return None

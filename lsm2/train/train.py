@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from lsm2 import errors
 from lsm2 import pretrained
 from lsm2 import sharding as sharding_lib
 from lsm2 import storage
@@ -63,15 +64,17 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int,
   strategies = model_config_lib.STRATEGIES
   unknown = sorted(set(mk.weights.keys()) - set(strategies))
   if unknown:
-    raise ValueError(f"config.masking.weights: unknown strategies {unknown}; expected names from "
-                     f"{strategies}")
+    raise errors.ConfigError(
+        f"config.masking.weights: unknown strategies {unknown}; expected names from "
+        f"{strategies}")
   # Weight 0 leaves a strategy out of the mix, so that strategy ids and the
   # per-strategy metrics are those of the strategies actually drawn.
   weights = tuple((name, float(mk.weights[name])) for name in strategies
                   if mk.weights.get(name, 0.0) != 0)
   if not weights:
-    raise ValueError(f"config.masking.weights are all 0 ({mk.weights.to_dict()}): give at least "
-                     "one strategy a positive weight")
+    raise errors.ConfigError(
+        f"config.masking.weights are all 0 ({mk.weights.to_dict()}): give at least "
+        "one strategy a positive weight")
   n_time = model_cfg.grid[0]
   # -1: the paper's ratio on any grid (time_bars / n_time of all tokens).
   n_drop = round(model_cfg.num_tokens * mk.time_bars / n_time) if mk.n_drop == -1 else mk.n_drop
@@ -108,27 +111,30 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
   mask_cfg.validate(model_cfg)
   dp = sharding_lib.data_parallel_size(mesh)
   if config.batch_size <= 0 or config.batch_size % dp:
-    raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
-                     f"data-parallel size {dp} (config.mesh data x fsdp)")
+    raise errors.ConfigError(
+        f"config.batch_size={config.batch_size} must be a positive multiple of the "
+        f"data-parallel size {dp} (config.mesh data x fsdp)")
   if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over "
+    raise errors.ConfigError(f"config.batch_size={config.batch_size} must divide evenly over "
                      f"{jax.process_count()} processes")
   if config.total_steps <= 0:
-    raise ValueError(f"config.total_steps={config.total_steps} must be positive")
+    raise errors.ConfigError(f"config.total_steps={config.total_steps} must be positive")
   for field in ("checkpoint_every", "eval_every", "log_every"):
     if config[field] <= 0:
-      raise ValueError(f"config.{field}={config[field]} must be positive")
+      raise errors.ConfigError(f"config.{field}={config[field]} must be positive")
   if not 2 <= config.preemption_exit_code <= 255:
-    raise ValueError(f"config.preemption_exit_code={config.preemption_exit_code} must be in "
-                     "[2, 255]: 0 means finished and 1 failed")
+    raise errors.ConfigError(
+        f"config.preemption_exit_code={config.preemption_exit_code} must be in "
+        "[2, 255]: 0 means finished and 1 failed")
   if config.lease_timeout_s <= 0:
-    raise ValueError(f"config.lease_timeout_s={config.lease_timeout_s} must be positive")
+    raise errors.ConfigError(f"config.lease_timeout_s={config.lease_timeout_s} must be positive")
   if not 0.0 <= config.warmup_fraction < 1.0:
-    raise ValueError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
+    raise errors.ConfigError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
   if config.masking.encoder_buckets < 0:
-    raise ValueError(f"config.masking.encoder_buckets={config.masking.encoder_buckets} must be >= 0")
+    raise errors.ConfigError(
+        f"config.masking.encoder_buckets={config.masking.encoder_buckets} must be >= 0")
   if config.masking.pack_encoder and config.masking.encoder_buckets == 0:
-    raise ValueError("config.masking.pack_encoder needs config.masking.encoder_buckets > 0 "
+    raise errors.ConfigError("config.masking.pack_encoder needs config.masking.encoder_buckets > 0 "
                      "(how many packed encoder lengths to compile)")
 
 
@@ -378,7 +384,7 @@ def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainStat
   source = config.init_from
   description = pretrained.read_description(source)
   if [c["name"] for c in description["channels"]] != list(meta.channel_names):
-    raise ValueError(f"config.init_from={source} was pretrained on channels "
+    raise errors.ConfigError(f"config.init_from={source} was pretrained on channels "
                      f"{[c['name'] for c in description['channels']]}, but dataset "
                      f"{config.data.dir} has {list(meta.channel_names)}; fine-tune on data with "
                      "the same channels in the same order")
