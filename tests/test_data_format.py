@@ -10,7 +10,7 @@ from lsm2.data import crc32c, dataset, example, inspect, metadata, shards
 from lsm2.data.channels import DEFAULT_CHANNELS, Channel, get_channel
 from lsm2.data.metadata import LabelSpec, MetadataError
 from lsm2.data.record import DayRecord, sanitize
-from lsm2.data.writer import DatasetWriter
+from lsm2.data.writer import DatasetWriter, make_writer
 
 CHANNELS = (Channel("a", "ppg", "bpm", 0, 250), Channel("b", "accel", "g", -5, 5),
             Channel("c", "other", "1", -1e6, 1e6))
@@ -169,7 +169,7 @@ def test_tensorflow_reads_the_records(tf_dir, records):
 
 
 def test_decoder_reads_tensorflow_written_examples():
-  """Our wire-level decoder agrees with protobuf serialization by TensorFlow.
+  """lsm2's decoder reads what TensorFlow serializes; TensorFlow parses lsm2's wire-level encoder.
 
   `observed` is stored as packed bits here, the layout of datasets written
   before TFDS support: they stay readable.
@@ -396,7 +396,7 @@ def test_corrupt_tfrecord_bytes_are_detected(tf_dir, tmp_path):
 
 def test_bad_record_payload_names_file_and_record(tmp_path):
   path = tmp_path / "train-00000-of-00001.tfrecord"
-  w = shards.TFRecordWriter(path)
+  w = make_writer(path, "tfrecord")
   good = example.encode_record(_record(np.random.default_rng(7), "s", "2024-01-01"),
                                {s.name: s for s in LABELS})
   w.write(good)

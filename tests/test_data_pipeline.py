@@ -311,22 +311,23 @@ def test_orbax_checkpoint_of_the_iterator(data_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_array_record_workers_decode_and_normalize(data_dirs, expected, parsed_flags):
-  """Workers (each batching its slice of the record stream) normalize into shared memory."""
-  it = pipeline.make_train_iterator(data_dirs["array_record"], "train", global_batch_size=4,
-                                    seed=6, num_epochs=2, process_index=0, process_count=1,
-                                    worker_count=2)
+  """Workers (taking turns over the batches) normalize into shared memory: the same batches."""
+  kwargs = dict(global_batch_size=4, seed=6, num_epochs=2, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(data_dirs["array_record"], "train", worker_count=2, **kwargs)
   got = _records(it)
   it.close()
   counts = collections.Counter(k for k, _ in got)
-  # 2 epochs x 15 records; each worker drops its last incomplete batch.
+  # 2 epochs x 15 records: 3 whole batches per epoch.
   assert len(got) == 24 and set(counts) <= set(expected) and max(counts.values()) <= 2
   for key, observed in got:
     np.testing.assert_array_equal(observed, expected[key])
+  without = pipeline.make_train_iterator(data_dirs["array_record"], "train", **kwargs)
+  assert [k for k, _ in got] == [k for k, _ in _records(without)]
 
 
 @pytest.mark.slow
 def test_worker_processes_cover_and_resume(data_dirs, expected, parsed_flags):
-  """Worker processes split the TFRecord file stream (InterleaveShards.set_slice)."""
+  """Worker processes split the TFRecord file stream (InterleaveIterDataset.set_slice)."""
   fmt = "tfrecord"
   kwargs = dict(global_batch_size=1, seed=4, num_epochs=1, process_index=0, process_count=1,
                 worker_count=2)

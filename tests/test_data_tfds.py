@@ -116,7 +116,8 @@ def test_old_datasets_still_load_and_upgrade_for_tfds(tmp_path, monkeypatch):
     write_synthetic_dataset(old, subjects=4, days=2, seed=5, fmt="array_record", shards=1)
   shard = next(old.glob("train-*.array_record"))
   raw = next(shards.iter_shard(shard, "array_record"))
-  assert len(example.decode_features(raw)["observed"][1][0]) == 1440 * 26 // 8  # Packed bits.
+  observed = example.parse(raw).features.feature["observed"].bytes_list.value[0]
+  assert len(observed) == 1440 * 26 // 8  # Packed bits.
   assert not (old / "dataset_info.json").exists()
   records = _lsm2_records(old, "train")  # lsm2 still reads the old layout...
   assert len(records) == metadata.load_metadata(old).record_counts["train"] > 0

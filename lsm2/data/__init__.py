@@ -2,7 +2,7 @@
 
 channels     the channel registry (26 LSM-2 features and the converters' channels)
 record       DayRecord and the sanitize gate every written record passes
-example      tf.train.Example wire encoding without TensorFlow
+example      tf.train.Example encoding (wire level) and decoding (protobuf)
 shards       shard names, TFRecord framing, ArrayRecord access, CorruptShardError
 metadata     metadata.json, load_metadata (validated against the shards), normalize
 writer       DatasetWriter: records -> shards + metadata (train-only statistics)

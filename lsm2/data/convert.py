@@ -18,6 +18,10 @@ all go to the train split (normalisation statistics come from it), so a person
 can embed their own data; a directory of exports is split subject-disjointly.
 Their channels that hold no observed minute in the train split are left out
 of the dataset (noted in the summary).
+
+--beam runs the same conversion as an Apache Beam pipeline (lsm2.data.beam_convert;
+other flags are Beam pipeline options, e.g. --runner=DataflowRunner) and writes
+the same bytes; docs/data.md, "Converting at scale with Apache Beam".
 """
 from __future__ import annotations
 
@@ -34,9 +38,10 @@ from lsm2.data import splits as splits_lib
 from lsm2.data.channels import Channel
 from lsm2.data.converters import actiwatch, apple_health, fitabase, fitbit_takeout, long_table
 from lsm2.data.converters import labels as labels_lib
-from lsm2.data.converters.common import DayStats, NonWearRule, day_records
+from lsm2.data.converters.common import DayStats, NonWearRule, SubjectTimeline, day_records
 from lsm2.data.converters.device import HeartRateWearRule
 from lsm2.data.metadata import DatasetMetadata, LabelSpec
+from lsm2.data.record import DayRecord
 from lsm2.data.writer import DatasetWriter, check_out_dir
 
 FORMATS = ("actiwatch", "fitabase", "long_csv", "parquet", "apple_health", "fitbit_takeout")
@@ -44,6 +49,7 @@ FORMATS = ("actiwatch", "fitabase", "long_csv", "parquet", "apple_health", "fitb
 NONWEAR_DEFAULTS = {"actiwatch": NonWearRule(), "fitabase": fitabase.NONWEAR,
                     "apple_health": apple_health.WEAR, "fitbit_takeout": fitbit_takeout.WEAR}
 DEVICE_FORMATS = ("apple_health", "fitbit_takeout")  # One export per subject.
+DEVICE_MODULES = {"apple_health": apple_health, "fitbit_takeout": fitbit_takeout}
 
 
 def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Path, *,
@@ -52,7 +58,8 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
             out_format: str = "tfrecord", overwrite: bool = False,
             nonwear: NonWearRule | HeartRateWearRule | bool = True,
             long_options: dict[str, Any] | None = None,
-            device_options: dict[str, Any] | None = None) -> tuple[DatasetMetadata, DayStats]:
+            device_options: dict[str, Any] | None = None,
+            beam_args: Sequence[str] | None = None) -> tuple[DatasetMetadata, DayStats]:
   """Runs one converter end to end; returns the written metadata and the day statistics.
 
   nonwear: True applies the format's default rule (NONWEAR_DEFAULTS; none for
@@ -60,7 +67,58 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
   long_options: keyword arguments of long_table.load (columns, channels, label files).
   device_options: apple_health: source_priority (source names, best first);
     fitbit_takeout: timezone (IANA name).
+  beam_args: None converts in this process; a list of Beam pipeline flags (empty:
+    the DirectRunner) runs lsm2.data.beam_convert, which writes the same bytes.
   """
+  if beam_args is not None:
+    from lsm2.data import beam_convert  # pylint: disable=g-import-not-at-top
+    return beam_convert.convert(
+        fmt, input_path, out_dir, beam_args, max_missing=max_missing, seed=seed,
+        split_fractions=split_fractions, shards=shards, out_format=out_format,
+        overwrite=overwrite, nonwear=nonwear, long_options=long_options,
+        device_options=device_options)
+  rule = check_options(fmt, out_dir, max_missing=max_missing, overwrite=overwrite,
+                       nonwear=nonwear)
+  stats = DayStats()
+  timelines, channels, labels = read_input(fmt, input_path, stats, rule, long_options,
+                                           device_options)
+  if fmt in DEVICE_FORMATS and timelines:
+    seen = np.any([recorded_channels(tl) for tl in timelines], axis=0)
+    channels = keep_channels(channels, seen, stats, "channels the input never records")
+    for tl in timelines:
+      select_timeline_channels(tl, seen)
+  by_subject = {}
+  for tl in timelines:
+    records = day_records(tl, labels, max_missing, stats)
+    if records:
+      by_subject[tl.subject_id] = records
+  if not by_subject:
+    raise no_days_error(input_path, max_missing, stats)
+  assignment = assign_splits(fmt, list(by_subject), split_fractions, seed, stats)
+  if fmt in DEVICE_FORMATS:
+    train = [r for s in assignment["train"] for r in by_subject[s]]
+    seen = np.any([r.observed.any(axis=0) for r in train], axis=0)
+    channels = keep_channels(channels, seen, stats,
+                             "channels without an observed minute in the train split")
+    by_subject = {s: [select_channels(r, seen) for r in records]
+                  for s, records in by_subject.items()}
+  writer = DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=out_format,
+                         overwrite=overwrite)
+  for split in splits_lib.SPLIT_NAMES:
+    records = [r for s in assignment[split] for r in by_subject[s]]
+    writer.write_split(split, records, num_records=len(records), num_shards=shards)
+  meta = writer.finish(source=source_metadata(
+      fmt, input_path, stats, rule, max_missing=max_missing, seed=seed,
+      split_fractions=split_fractions, long_options=long_options, device_options=device_options))
+  return meta, stats
+
+
+def check_options(fmt: str, out_dir: str | pathlib.Path, *, max_missing: float, overwrite: bool,
+                  nonwear: NonWearRule | HeartRateWearRule | bool
+                  ) -> NonWearRule | HeartRateWearRule | None:
+  """Checks the options before any input is read; returns the non-wear rule to apply."""
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
   if not 0.0 <= max_missing <= 1.0:
     raise ValueError(f"--max-missing must be in [0, 1], got {max_missing}")
   check_out_dir(out_dir, overwrite)  # Before the input is read: a bad --out fails at once.
@@ -68,55 +126,73 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
       nonwear, type(NONWEAR_DEFAULTS.get(fmt))):
     raise ValueError(f"a {type(nonwear).__name__} applies to --format " + " or ".join(
         f for f, r in NONWEAR_DEFAULTS.items() if isinstance(r, type(nonwear))) + f", not {fmt}")
-  rule = NONWEAR_DEFAULTS.get(fmt) if nonwear is True else nonwear or None
-  stats = DayStats()
-  labels: dict[str, LabelSpec] = {}
+  return NONWEAR_DEFAULTS.get(fmt) if nonwear is True else nonwear or None
+
+
+def read_input(fmt: str, input_path: str | pathlib.Path, stats: DayStats,
+               rule: NonWearRule | HeartRateWearRule | None,
+               long_options: dict[str, Any] | None = None,
+               device_options: dict[str, Any] | None = None
+               ) -> tuple[list[SubjectTimeline], tuple[Channel, ...], dict[str, LabelSpec]]:
+  """The format's reader: (per-subject timelines, channels, label specs)."""
   if fmt == "actiwatch":
     timelines, labels = actiwatch.load(input_path, stats, rule)
-    channels: tuple[Channel, ...] = actiwatch.CHANNELS
-  elif fmt == "fitabase":
+    return timelines, actiwatch.CHANNELS, labels
+  if fmt == "fitabase":
     timelines, labels = fitabase.load(input_path, stats, rule)
-    channels = fitabase.CHANNELS
-  elif fmt in ("long_csv", "parquet"):
-    timelines, channels, labels = long_table.load(input_path, stats, fmt=fmt,
-                                                  **(long_options or {}))
-  elif fmt == "apple_health":
-    timelines, labels = apple_health.load(input_path, stats, rule, **(device_options or {}))
-    channels = apple_health.CHANNELS
-  elif fmt == "fitbit_takeout":
-    timelines, labels = fitbit_takeout.load(input_path, stats, rule, **(device_options or {}))
-    channels = fitbit_takeout.CHANNELS
-  else:
-    raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
-
-  if fmt in DEVICE_FORMATS and timelines:
-    seen = np.any([np.isfinite(tl.values).any(axis=0) for tl in timelines], axis=0)
-    if not seen.all():
-      stats.notes.append("channels the input never records, left out: "
-                         f"{[c.name for c, k in zip(channels, seen) if not k]}")
-      channels = tuple(c for c, k in zip(channels, seen) if k)
-      for tl in timelines:
-        tl.values = tl.values[:, seen]
-  by_subject = {}
-  for tl in timelines:
-    records = day_records(tl, labels, max_missing, stats)
-    if records:
-      by_subject[tl.subject_id] = records
-  if not by_subject:
-    raise ValueError(f"{input_path}: no day passed the filters (max missing {max_missing}):\n"
-                     + stats.summary(max_missing, 0))
-  if fmt in DEVICE_FORMATS and len(by_subject) == 1:
-    assignment = {"train": list(by_subject), "validation": [], "test": []}
-    stats.notes.append("one export: every day in the train split")
-  else:
-    assignment = splits_lib.assign_subjects(by_subject, split_fractions, seed)
+    return timelines, fitabase.CHANNELS, labels
+  if fmt in ("long_csv", "parquet"):
+    return long_table.load(input_path, stats, fmt=fmt, **(long_options or {}))
   if fmt in DEVICE_FORMATS:
-    channels, by_subject = _drop_unobserved_channels(channels, by_subject, assignment, stats)
-  writer = DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=out_format,
-                         overwrite=overwrite)
-  for split in splits_lib.SPLIT_NAMES:
-    records = [r for s in assignment[split] for r in by_subject[s]]
-    writer.write_split(split, records, num_records=len(records), num_shards=shards)
+    module = DEVICE_MODULES[fmt]
+    timelines, labels = module.load(input_path, stats, rule, **(device_options or {}))
+    return timelines, module.CHANNELS, labels
+  raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
+
+
+def recorded_channels(timeline: SubjectTimeline) -> np.ndarray:
+  """bool[C]: the channels with at least one recorded minute in `timeline`."""
+  return np.isfinite(timeline.values).any(axis=0)
+
+
+def keep_channels(channels: Sequence[Channel], keep: np.ndarray, stats: DayStats,
+                  why: str) -> tuple[Channel, ...]:
+  """The channels where `keep` (device formats: an export may lack one), noting those left out."""
+  if not keep.all():
+    stats.notes.append(f"{why}, left out: {[c.name for c, k in zip(channels, keep) if not k]}")
+  return tuple(c for c, k in zip(channels, keep) if k)
+
+
+def select_timeline_channels(timeline: SubjectTimeline, keep: np.ndarray) -> None:
+  if not keep.all():
+    timeline.values = timeline.values[:, keep]
+
+
+def select_channels(record: DayRecord, keep: np.ndarray) -> DayRecord:
+  return record if keep.all() else dataclasses.replace(
+      record, signals=record.signals[:, keep], observed=record.observed[:, keep])
+
+
+def no_days_error(input_path, max_missing: float, stats: DayStats) -> ValueError:
+  return ValueError(f"{input_path}: no day passed the filters (max missing {max_missing}):\n"
+                    + stats.summary(max_missing, 0))
+
+
+def assign_splits(fmt: str, subjects: Sequence[str], split_fractions: Sequence[float], seed: int,
+                  stats: DayStats) -> dict[str, list[str]]:
+  """Subject-disjoint splits; a single device export goes to train whole."""
+  if fmt in DEVICE_FORMATS and len(subjects) == 1:
+    stats.notes.append("one export: every day in the train split")
+    return {"train": list(subjects), "validation": [], "test": []}
+  return splits_lib.assign_subjects(subjects, split_fractions, seed)
+
+
+def source_metadata(fmt: str, input_path, stats: DayStats,
+                    rule: NonWearRule | HeartRateWearRule | None, *, max_missing: float,
+                    seed: int, split_fractions: Sequence[float],
+                    long_options: dict[str, Any] | None,
+                    device_options: dict[str, Any] | None) -> dict[str, Any]:
+  """metadata.json's `source`: how the dataset was converted."""
   source = {"converter": fmt, "input": str(input_path), "max_missing": max_missing,
             "seed": seed, "split_fractions": list(split_fractions),
             "subjects_read": stats.subjects_in, "days_read": stats.days_in,
@@ -129,22 +205,7 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
   if device_options:
     source.update({k: list(v) if isinstance(v, (list, tuple)) else v
                    for k, v in device_options.items()})
-  meta = writer.finish(source=source)
-  return meta, stats
-
-
-def _drop_unobserved_channels(channels, by_subject, assignment, stats):
-  """(channels, records) without the channels that no train day observes (an export may lack one)."""
-  train = [r for s in assignment["train"] for r in by_subject[s]]
-  seen = np.any([r.observed.any(axis=0) for r in train], axis=0)
-  if seen.all():
-    return channels, by_subject
-  stats.notes.append("channels without an observed minute in the train split, left out: "
-                     f"{[c.name for c, k in zip(channels, seen) if not k]}")
-  keep = np.flatnonzero(seen)
-  return tuple(channels[i] for i in keep), {
-      s: [dataclasses.replace(r, signals=r.signals[:, keep], observed=r.observed[:, keep])
-          for r in records] for s, records in by_subject.items()}
+  return source
 
 
 def _nonwear_from_args(args: argparse.Namespace) -> NonWearRule | HeartRateWearRule | bool:
@@ -223,7 +284,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "watches, then iPhones, then other apps, each by name)")
   g.add_argument("--timezone", help="fitbit_takeout: IANA time zone of the UTC intraday times "
                  "(default: the export's Profile.csv)")
-  args = p.parse_args(argv)
+  g = p.add_argument_group("conversion at scale (Apache Beam; see docs/data.md)")
+  g.add_argument("--beam", action="store_true",
+                 help="convert on Apache Beam (pip install apache-beam): the same dataset, "
+                 "the work spread per subject. Other flags (--runner=DataflowRunner "
+                 "--project=... --region=... --temp_location=gs://...) are Beam pipeline "
+                 "options; default --runner=DirectRunner")
+  args, beam_args = p.parse_known_args(argv)
+  if beam_args and not args.beam:
+    p.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options need --beam)")
   try:
     if (args.labels or args.label_kind) and args.format not in ("long_csv", "parquet"):
       raise ValueError(f"--labels applies to --format long_csv or parquet, not {args.format}")
@@ -247,9 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.format, args.input, args.out, max_missing=args.max_missing, seed=args.seed,
         split_fractions=args.split_fractions, shards=args.shards, out_format=args.out_format,
         overwrite=args.overwrite, nonwear=_nonwear_from_args(args), long_options=long_options,
-        device_options=device_options)
-  except (ValueError, OSError) as e:  # OSError: a file that cannot be read or written.
-    print(f"error: {e}", file=sys.stderr)
+        device_options=device_options, beam_args=beam_args if args.beam else None)
+  except (ValueError, OSError, ImportError) as e:  # OSError: a file that cannot be read or
+    print(f"error: {e}", file=sys.stderr)       # written; ImportError: --beam without Beam.
     return 2
   print(stats.summary(args.max_missing, sum(len(v) for v in meta.subjects.values())))
   print(f"splits (subject-disjoint): " + ", ".join(

@@ -1,4 +1,4 @@
-"""tf.train.Example encoding of a day record, at the protobuf wire level (no TensorFlow).
+"""tf.train.Example encoding of a day record: written at the protobuf wire level, read by protobuf.
 
 Features (the names other tools see):
   signals     float_list, packed: 1440*C float32, row-major [minute, channel].
@@ -13,11 +13,14 @@ Features (the names other tools see):
               1440 class indices (minute order, -1 = no label) for minute labels.
 
 This is the layout of the TFDS features lsm2.data.tfds_info declares, so tfds
-decodes these records too. A packed float list is a length-prefixed run of
-little-endian float32, so the decoder reads `signals` with one np.frombuffer;
-int64 lists are packed varints, encoded and decoded with numpy (a minute label
-is 1440 of them). Reading with tf.data is shown in docs/data.md and tested in
-tests/test_data_format.py.
+decodes these records too. Decoding uses protobuf's own tf.train.Example (the
+TensorFlow-free copy TFDS ships), then checks each field. Encoding stays at the
+wire level: a packed float list is a length prefix and raw little-endian
+float32, and int64 lists are packed varints written with numpy (a minute label
+is 1440 of them). That is ~5x faster than filling the protobuf message
+(docs/data.md, "Which I/O pieces are lsm2's own"), and the bytes are
+deterministic (fields in this order). Reading with tf.data is shown in
+docs/data.md and tested in tests/test_data_format.py.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from google.protobuf import message
+from tensorflow_datasets.proto import tf_example_pb2
 
 from lsm2.data.metadata import LabelSpec
 from lsm2.data.record import MINUTES_PER_DAY, DayRecord
@@ -107,199 +112,42 @@ def encode_record(record: DayRecord, labels: Mapping[str, LabelSpec]) -> bytes:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-  if pos < end and buf[pos] < 0x80:  # Fast path: one byte.
-    return buf[pos], pos + 1
-  result = shift = 0
-  while True:
-    if pos >= end:
-      raise RecordDecodeError("truncated varint")
-    b = buf[pos]
-    pos += 1
-    result |= (b & 0x7F) << shift
-    if b < 0x80:
-      return result, pos
-    shift += 7
-    if shift > 63:
-      raise RecordDecodeError("varint longer than 10 bytes")
+def parse(buf: bytes | memoryview) -> tf_example_pb2.Example:
+  """The tf.train.Example in `buf` (protobuf's own parser), or RecordDecodeError."""
+  try:
+    return tf_example_pb2.Example.FromString(buf)
+  except message.DecodeError as e:
+    raise RecordDecodeError(f"not a tf.train.Example: {e}") from None
 
 
-def _read_len(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-  n, pos = _read_varint(buf, pos, end)
-  if pos + n > end:
-    raise RecordDecodeError(f"length {n} at byte {pos} runs past the end of its message")
-  return pos, pos + n
+_KINDS = {"float_list": "float", "int64_list": "int64", "bytes_list": "bytes"}
 
 
-def _skip(buf: bytes, wire: int, pos: int, end: int) -> int:
-  if wire == 0:
-    return _read_varint(buf, pos, end)[1]
-  if wire == 1:
-    pos += 8
-  elif wire == 2:
-    return _read_len(buf, pos, end)[1]
-  elif wire == 5:
-    pos += 4
-  else:
-    raise RecordDecodeError(f"unsupported wire type {wire}")
-  if pos > end:
-    raise RecordDecodeError("truncated field")
-  return pos
+def _values(features, key: str, want: str, size: int | None = None, what: str = ""):
+  """The values of feature `key`, which must be a `want`_list (of `size` values)."""
+  feature = features[key] if key in features else None
+  kind = None if feature is None else feature.WhichOneof("kind")
+  values = None if kind is None else getattr(feature, kind).value
+  got = "missing" if feature is None else _KINDS.get(kind, "none")
+  if got != want or (size is not None and len(values) != size):
+    raise RecordDecodeError(f"feature {key!r} must be a {want}_list{what}, got {got}"
+                            f"{'' if values is None else f' of length {len(values)}'}")
+  return values
 
 
-def _decode_feature(buf: bytes, pos: int, end: int) -> tuple[str, Any]:
-  """Returns ('bytes', [memoryview]), ('float', np.ndarray) or ('int64', np.ndarray)."""
-  kind, values = "none", None
-  while pos < end:
-    tag, pos = _read_varint(buf, pos, end)
-    field, wire = tag >> 3, tag & 7
-    if wire != 2 or field not in (1, 2, 3):
-      pos = _skip(buf, wire, pos, end)
-      continue
-    lo, hi = _read_len(buf, pos, end)
-    pos = hi
-    if field == 1:
-      kind, values = "bytes", []
-      p = lo
-      while p < hi:
-        t, p = _read_varint(buf, p, hi)
-        if t != 0x0A:
-          raise RecordDecodeError(f"bytes_list: unexpected tag {t}")
-        a, p = _read_len(buf, p, hi)
-        values.append(memoryview(buf)[a:p])
-    elif field == 2:
-      kind, values = "float", _decode_floats(buf, lo, hi)
-    else:
-      kind, values = "int64", _decode_int64s(buf, lo, hi)
-  return kind, values
+def _single_bytes(features, key: str) -> bytes:
+  return _values(features, key, "bytes", 1, " with one value")[0]
 
 
-def _decode_floats(buf: bytes, lo: int, hi: int) -> np.ndarray:
-  parts = []
-  p = lo
-  while p < hi:
-    t, p = _read_varint(buf, p, hi)
-    if t == 0x0A:  # Packed.
-      a, p = _read_len(buf, p, hi)
-      if (p - a) % 4:
-        raise RecordDecodeError(f"packed float list of {p - a} bytes is not a multiple of 4")
-      parts.append(np.frombuffer(buf, dtype="<f4", count=(p - a) // 4, offset=a))
-    elif t == 0x0D:  # One unpacked fixed32.
-      if p + 4 > hi:
-        raise RecordDecodeError("truncated float")
-      parts.append(np.frombuffer(buf, dtype="<f4", count=1, offset=p))
-      p += 4
-    else:
-      raise RecordDecodeError(f"float_list: unexpected tag {t}")
-  if len(parts) == 1:
-    return parts[0]
-  return np.concatenate(parts) if parts else np.zeros(0, "<f4")
+def decode_arrays(buf: bytes | memoryview, num_channels: int
+                  ) -> tuple[np.ndarray, np.ndarray, Any]:
+  """Decodes signals float32[1440, C] and observed bool[1440, C].
 
-
-def _decode_packed_varints(buf: bytes, lo: int, hi: int) -> np.ndarray:
-  """int64 values of the packed varints in buf[lo:hi] (two's complement, as protobuf)."""
-  b = np.frombuffer(buf, np.uint8, count=hi - lo, offset=lo)
-  ends = np.flatnonzero(b < 0x80)
-  if b.size and (ends.size == 0 or ends[-1] != b.size - 1):
-    raise RecordDecodeError("truncated varint")
-  starts = np.r_[0, ends[:-1] + 1] if ends.size else ends
-  lengths = ends - starts + 1
-  if lengths.size and lengths.max() > 10:
-    raise RecordDecodeError("varint longer than 10 bytes")
-  shifts = 7 * (np.arange(b.size) - np.repeat(starts, lengths))
-  parts = (b & 0x7F).astype(np.uint64) << shifts.astype(np.uint64)
-  if not parts.size:
-    return np.zeros(0, np.int64)
-  return np.bitwise_or.reduceat(parts, starts).view(np.int64)
-
-
-def _decode_int64s(buf: bytes, lo: int, hi: int) -> np.ndarray:
-  parts = []
-  p = lo
-  while p < hi:
-    t, p = _read_varint(buf, p, hi)
-    if t == 0x0A:
-      a, p = _read_len(buf, p, hi)
-      parts.append(_decode_packed_varints(buf, a, p))
-    elif t == 0x08:
-      v, p = _read_varint(buf, p, hi)
-      parts.append(np.array([v], np.uint64).view(np.int64))
-    else:
-      raise RecordDecodeError(f"int64_list: unexpected tag {t}")
-  if len(parts) == 1:
-    return parts[0]
-  return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def decode_features(buf: bytes | memoryview,
-                    keys: frozenset[str] | None = None) -> dict[str, tuple[str, Any]]:
-  """Decodes a serialized tf.train.Example into {key: (kind, values)}.
-
-  With `keys`, other features are skipped without decoding their values.
+  Also returns the Example's feature map for further fields.
   """
-  end = len(buf)
-  pos = 0
-  features: dict[str, tuple[str, Any]] = {}
-  while pos < end:
-    tag, pos = _read_varint(buf, pos, end)
-    if tag != 0x0A:  # Example.features
-      pos = _skip(buf, tag & 7, pos, end)
-      continue
-    flo, fhi = _read_len(buf, pos, end)
-    pos = fhi
-    p = flo
-    while p < fhi:
-      t, p = _read_varint(buf, p, fhi)
-      if t != 0x0A:  # Features.feature map entry
-        p = _skip(buf, t & 7, p, fhi)
-        continue
-      elo, ehi = _read_len(buf, p, fhi)
-      p = ehi
-      key, span = None, None
-      q = elo
-      while q < ehi:
-        t2, q = _read_varint(buf, q, ehi)
-        if t2 == 0x0A:
-          a, q = _read_len(buf, q, ehi)
-          try:
-            key = bytes(buf[a:q]).decode()
-          except UnicodeDecodeError:
-            raise RecordDecodeError("feature key is not UTF-8") from None
-        elif t2 == 0x12:
-          span = _read_len(buf, q, ehi)
-          q = span[1]
-        else:
-          q = _skip(buf, t2 & 7, q, ehi)
-      if key is None:
-        raise RecordDecodeError("feature map entry without a key")
-      if keys is None or key in keys:
-        features[key] = _decode_feature(buf, *span) if span else ("none", None)
-  return features
-
-
-def _single_bytes(features: Mapping[str, tuple[str, Any]], key: str) -> memoryview:
-  kind, values = features.get(key, ("missing", None))
-  if kind != "bytes" or len(values) != 1:
-    raise RecordDecodeError(f"feature {key!r} must be a bytes_list with one value, got "
-                            f"{kind}{'' if values is None else f' of length {len(values)}'}")
-  return values[0]
-
-
-_ARRAY_KEYS = frozenset({"signals", "observed"})
-
-
-def decode_arrays(buf: bytes | memoryview, num_channels: int, fields_only: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray, dict]:
-  """Decodes signals float32[1440, C] (read-only view) and observed bool[1440, C].
-
-  Also returns the decoded feature dict for further fields (only these two
-  with fields_only=True, the training hot path).
-  """
-  features = decode_features(buf, _ARRAY_KEYS if fields_only else None)
-  kind, signals = features.get("signals", ("missing", None))
+  features = parse(buf).features.feature
   expected = MINUTES_PER_DAY * num_channels
-  if kind != "float":
-    raise RecordDecodeError(f"feature 'signals' must be a float_list, got {kind}")
+  signals = np.asarray(_values(features, "signals", "float"), np.float32)
   if signals.size != expected:
     raise RecordDecodeError(f"feature 'signals' has {signals.size} values, expected "
                             f"{expected} = {MINUTES_PER_DAY} x {num_channels} channels")
@@ -318,28 +166,22 @@ def decode_arrays(buf: bytes | memoryview, num_channels: int, fields_only: bool 
           observed.reshape(MINUTES_PER_DAY, num_channels), features)
 
 
-def decode_subject_id(features: Mapping[str, tuple[str, Any]]) -> str:
-  return bytes(_single_bytes(features, "subject_id")).decode()
+def decode_subject_id(buf: bytes | memoryview) -> str:
+  return _single_bytes(parse(buf).features.feature, "subject_id").decode()
 
 
 def decode_record(buf: bytes, num_channels: int, labels: Mapping[str, LabelSpec]) -> DayRecord:
-  """Decodes every field, and the `labels`, into a DayRecord (signals copied, writable)."""
+  """Decodes every field, and the `labels`, into a DayRecord (fresh, writable arrays)."""
   signals, observed, features = decode_arrays(buf, num_channels)
-  day = bytes(_single_bytes(features, "day")).decode()
   values_of: dict[str, float | int | np.ndarray] = {}
   for name, spec in labels.items():
-    key = f"label/{name}"
-    fkind, values = features.get(key, ("missing", None))
     want = "float" if spec.kind == "regression" else "int64"
     size = MINUTES_PER_DAY if spec.level == "minute" else 1
-    if fkind != want or len(values) != size:
-      raise RecordDecodeError(
-          f"feature {key!r} must be a {want}_list with {size} value(s) ({spec.level} label), got "
-          f"{fkind}{'' if values is None else f' of length {len(values)}'}")
+    values = _values(features, f"label/{name}", want, size,
+                     f" with {size} value(s) ({spec.level} label)")
     if spec.level == "minute":
-      values_of[name] = values
+      values_of[name] = np.asarray(values, np.int64)
     else:
       values_of[name] = float(values[0]) if spec.kind == "regression" else int(values[0])
-  return DayRecord(decode_subject_id(features), day, signals.copy(), observed, values_of)
-
-
+  return DayRecord(_single_bytes(features, "subject_id").decode(),
+                   _single_bytes(features, "day").decode(), signals, observed.copy(), values_of)

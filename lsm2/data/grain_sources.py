@@ -1,7 +1,10 @@
-"""Grain building blocks for the input pipeline: shard readers, epoch partitioning, parsing.
+"""lsm2's own Grain pieces: TFRecord shard reading, window shuffle, decode + normalize.
 
-Everything here is picklable (Grain's worker processes receive the pipeline by
-cloudpickle) and checkpointable (iterator state is plain JSON-able data).
+The rest of the pipeline is Grain's (shuffle, slicing, repeat, interleave,
+batch, ArrayRecordDataSource); docs/data.md lists which piece is whose, with
+the measurements behind each choice. Everything here is picklable (Grain's
+worker processes receive the pipeline by cloudpickle) and checkpointable
+(iterator state is plain JSON-able data).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from lsm2.data import example
 from lsm2.data.metadata import CLIP, inverse_std
 from lsm2.data.record import MINUTES_PER_DAY
 from lsm2 import storage
-from lsm2.data.shards import (CorruptShardError, open_array_record, read_array_record,
+from lsm2.data.shards import (CorruptShardError, close_array_record, open_array_record,
                               read_tfrecord_at, read_tfrecord_mapped)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters.
@@ -58,53 +61,6 @@ def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> bool:
 
 # (serialized Example, shard file name, record index in that shard)
 RawRecord = tuple[bytes | memoryview, str, int]
-
-
-class EpochPartition:
-  """Maps position k of a process's stream to an item index, epoch by epoch.
-
-  Epoch e = k // n_local. Every epoch draws a fresh permutation of the N items
-  (shared by all processes: same seed). The permuted positions are dealt to
-  the processes in blocks of `block` items, round robin: process p takes
-  blocks p, p + P, p + 2P, ... So within an epoch the processes' items are
-  disjoint and together cover all N exactly once. With `block` = the local
-  batch size, global batch k (the processes' k-th local batches side by side)
-  holds exactly the items a single process would put in its k-th batch, in
-  the same order: training does not depend on the process count. The
-  permutation is a numpy one, cached per epoch (grain's index_shuffle costs
-  ~100 us per call for small N).
-  """
-
-  def __init__(self, num_items: int, *, seed: int, shuffle: bool, process_index: int,
-               process_count: int, block: int = 1):
-    if block < 1:
-      raise ValueError(f"block must be >= 1, got {block}")
-    self.num_items = num_items
-    self.seed = seed
-    self.shuffle = shuffle
-    self.process_index = process_index
-    self.process_count = process_count
-    self.block = block
-    blocks = range(process_index, -(-num_items // block), process_count)
-    self.num_local = sum(min(block, num_items - b * block) for b in blocks)
-    self._epoch = -1
-    self._perm = None
-
-  def __call__(self, k: int, _: Any = None) -> int:
-    epoch, j = divmod(k, self.num_local)
-    local_block, within = divmod(j, self.block)
-    position = (local_block * self.process_count + self.process_index) * self.block + within
-    if not self.shuffle:
-      return position
-    if epoch != self._epoch:
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-      self._epoch = epoch
-    return int(self._perm[position])
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_epoch"], state["_perm"] = -1, None
-    return state
 
 
 class _WindowShuffleIterator(grain.DatasetIterator):
@@ -161,9 +117,11 @@ class _WindowShuffleIterator(grain.DatasetIterator):
 class WindowShuffle(grain.IterDataset):
   """Shuffles within consecutive windows of `window_size` elements (checkpointable).
 
-  Same idea as grain.experimental.WindowShuffleIterDataset, whose per-element
-  index_shuffle costs ~100 us for windows of a few hundred (measured): more
-  than reading and parsing a day record.
+  Same idea as grain.experimental.WindowShuffleIterDataset, which draws each
+  element's position with index_shuffle: ~130 us per element for a window of
+  256 here, more than reading and decoding a day record, and with it the
+  TFRecord pipeline fell below 3,000 day-records/s (docs/data.md). A numpy
+  permutation per window costs next to nothing.
   """
 
   def __init__(self, parent: grain.IterDataset, window_size: int, seed: int):
@@ -262,88 +220,8 @@ class TFRecordShard(grain.IterDataset):
     return f"TFRecordShard({os.path.basename(self.path)})"
 
 
-class _InterleaveIterator(grain.DatasetIterator):
-  """Round-robin over `cycle_length` open shards, refilled from the file stream in order."""
-
-  def __init__(self, files: grain.MapDataset, cycle_length: int):
-    super().__init__()
-    self._files = files
-    self._cycle = cycle_length
-    self._next_file = 0  # Position in the file stream of the next shard to open.
-    self._slots: list[tuple[int, Any] | None] = [None] * cycle_length  # (position, iterator)
-    self._next_slot = 0
-    self._started = False
-
-  def _open(self, slot: int) -> None:
-    if self._next_file < len(self._files):
-      self._slots[slot] = (self._next_file, iter(self._files[self._next_file]))
-      self._next_file += 1
-    else:
-      self._slots[slot] = None
-
-  def __next__(self) -> RawRecord:
-    if not self._started:
-      for k in range(self._cycle):
-        self._open(k)
-      self._started = True
-    while any(e is not None for e in self._slots):
-      entry = self._slots[self._next_slot]
-      if entry is not None:
-        try:
-          item = next(entry[1])
-        except StopIteration:
-          self._open(self._next_slot)  # Continue in this slot with the next file.
-          continue
-        self._next_slot = (self._next_slot + 1) % self._cycle
-        return item
-      self._next_slot = (self._next_slot + 1) % self._cycle
-    raise StopIteration
-
-  def get_state(self) -> dict[str, Any]:
-    return {"started": self._started, "next_file": self._next_file, "next_slot": self._next_slot,
-            "slots": [None if e is None else [e[0], e[1].get_state()] for e in self._slots]}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._started = bool(state["started"])
-    self._next_file = int(state["next_file"])
-    self._next_slot = int(state["next_slot"])
-    self._slots = []
-    for e in state["slots"]:
-      if e is None:
-        self._slots.append(None)
-      else:
-        it = iter(self._files[int(e[0])])
-        it.set_state(e[1])
-        self._slots.append((int(e[0]), it))
-
-
-class InterleaveShards(grain.IterDataset):
-  """Interleaves the shards of a MapDataset of IterDatasets, all in the calling thread.
-
-  Grain's InterleaveIterDataset prefetches every open file in its own thread;
-  with pure-Python parsing these threads only fight over the GIL (measured
-  about 2x slower here). Parallelism comes from worker processes instead
-  (mp_prefetch slices the file stream through `set_slice`).
-  """
-
-  def __init__(self, files: grain.MapDataset, cycle_length: int):
-    super().__init__()
-    self._files = files
-    self._cycle_length = max(1, cycle_length)
-
-  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-    del sequential_slice
-    self._files = self._files[sl]
-
-  def __iter__(self) -> _InterleaveIterator:
-    return _InterleaveIterator(self._files, self._cycle_length)
-
-  def __str__(self) -> str:
-    return f"InterleaveShards(cycle_length={self._cycle_length})"
-
-
 class OpenShard:
-  """File index -> TFRecordShard (the per-epoch file order comes from EpochPartition)."""
+  """File index -> TFRecordShard (Grain's shuffle and slicing give the per-epoch file order)."""
 
   def __init__(self, paths: list[str], counts: list[int], verify_checksums: bool):
     self.paths, self.counts, self.verify_checksums = paths, counts, verify_checksums
@@ -352,41 +230,45 @@ class OpenShard:
     return TFRecordShard(self.paths[i], self.counts[i], self.verify_checksums)
 
 
-class ArrayRecordShards:
-  """Random access over the records of several ArrayRecord files: index -> RawRecord."""
+class ArrayRecordReads:
+  """Index -> RawRecord through grain.sources.ArrayRecordDataSource, errors naming the file.
+
+  Every file is opened once up front to check it and its record count against
+  metadata.json.
+  """
 
   def __init__(self, paths: list[str], counts: list[int]):
-    self.paths = paths
-    self.counts = counts
+    for path, count in zip(paths, counts):
+      reader = open_array_record(path)
+      n = reader.num_records()
+      close_array_record(reader, path)
+      if n != count:
+        raise CorruptShardError(path, None, f"holds {n} records, metadata.json says {count}")
+    self.names = [os.path.basename(p) for p in paths]
     self.starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    self._readers: dict[int, Any] = {}
+    # "path[start:end]" gives the source the counts, so it does not open every file
+    # again; it adds readahead_buffer_size:0 itself (shards.ARRAY_RECORD_READER_OPTIONS).
+    self.source = grain.sources.ArrayRecordDataSource(
+        [f"{p}[0:{n}]" for p, n in zip(paths, counts)],
+        reader_options={"max_parallelism": "0"})
 
   def __len__(self) -> int:
     return self.starts[-1]
 
-  def __getitem__(self, index: int) -> RawRecord:
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range [0, {len(self)})")
+  def __call__(self, index: int) -> RawRecord:
     f = bisect.bisect_right(self.starts, index) - 1
-    local = index - self.starts[f]
-    reader = self._readers.get(f)
-    if reader is None:
-      reader = self._readers[f] = open_array_record(self.paths[f])
-      if reader.num_records() != self.counts[f]:
-        raise CorruptShardError(self.paths[f], None, f"holds {reader.num_records()} records, "
-                                f"metadata.json says {self.counts[f]}")
-    return read_array_record(reader, self.paths[f], local), os.path.basename(self.paths[f]), local
-
-  def __getstate__(self):  # Readers are not picklable; each process opens its own.
-    state = self.__dict__.copy()
-    state["_readers"] = {}
-    return state
+    local = int(index) - self.starts[f]
+    try:
+      data = self.source[index]
+    except Exception as e:  # pylint: disable=broad-except  # The C++ layer's bare errors.
+      raise CorruptShardError(self.names[f], local, f"cannot read record: {e}") from None
+    return data, self.names[f], local
 
 
 class DecodeBatch:
   """Grain batch_fn: records -> {"signals", "observed"} float32/bool[b, 1440, C], normalized.
 
-  The elements are RawRecords or, with `read` (ArrayRecordShards.__getitem__), record
+  The elements are RawRecords or, with `read` (ArrayRecordReads), record
   indices, each read right before it is decoded so that its bytes are still
   in the CPU cache (reading a whole batch first costs ~30 us more per record).
   Each record is decoded and z-scored straight into its row of the batch:
@@ -420,7 +302,7 @@ class DecodeBatch:
       for row, element in enumerate(elements):
         data, name, index = element if self.read is None else self.read(element)
         try:
-          x, o, _ = example.decode_arrays(data, self.num_channels, fields_only=True)
+          x, o, _ = example.decode_arrays(data, self.num_channels)
         except example.RecordDecodeError as e:
           raise CorruptShardError(name, index, str(e)) from None
         z = signals[row]
@@ -447,7 +329,7 @@ class SubjectFilter:
   def __call__(self, raw: RawRecord) -> bool:
     data, name, index = raw
     try:
-      features = example.decode_features(data, frozenset({"subject_id"}))
-      return example.decode_subject_id(features) in self.subjects
+      return example.decode_subject_id(data) in self.subjects
     except example.RecordDecodeError as e:
       raise CorruptShardError(name, index, str(e)) from None
+

@@ -1,17 +1,24 @@
 """The Grain training input pipeline: shards -> normalized per-process batches -> global jax.Arrays.
 
-TFRecord:     per-epoch file shuffle, per-process file slicing, interleave,
-              window shuffle of raw records, then decode + normalize per batch.
-ArrayRecord:  per-epoch global record shuffle, per-process slicing in blocks of
-              one local batch (random access), then decode + normalize per
-              batch: the global batches are the same for any process count.
+Built from Grain's parts and three of lsm2's own (grain_sources: TFRecordShard,
+WindowShuffle, DecodeBatch):
+TFRecord:     per-epoch file shuffle (MapDataset.shuffle), per-process file
+              slicing, Grain's interleave over lsm2's TFRecordShard reader
+              (data checksums verified), lsm2's WindowShuffle of raw records,
+              then decode + normalize per batch (DecodeBatch).
+ArrayRecord:  per-epoch record shuffle (MapDataset.shuffle), cut into local
+              batches dealt to the processes in turn (batch, then slice), read
+              by random access (ArrayRecordDataSource) right before each record
+              is decoded: the global batches are the same for any process count.
 Both optionally run in `worker_count` processes (Grain mp_prefetch).
 docs/data.md explains the design and its measurements.
 
 Within each epoch the processes read disjoint parts that together cover the
-split exactly once. With N records (or files) not divisible by the process
-count, processes get one item more or less per epoch: use num_epochs=None
-(the default, endless) for multi-host training and count steps.
+split exactly once (ArrayRecord: but for the N mod local-batch records that do
+not fill a batch, a different few each epoch). With items not divisible by the
+process count, processes get one item (file or batch) more or less per epoch:
+use num_epochs=None (the default, endless) for multi-host training and count
+steps.
 """
 from __future__ import annotations
 
@@ -48,7 +55,8 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
   Each element is {"signals": float32[b, 1440, C], "observed": bool[b, 1440, C]}
   with b = global_batch_size // process_count: signals z-scored with the
   dataset's train statistics, clipped to [-5, 5], 0 at unobserved minutes.
-  Incomplete last batches are dropped. num_epochs=None repeats forever.
+  Incomplete batches are dropped: TFRecord batches run on across epochs,
+  ArrayRecord batches are cut within each epoch. num_epochs=None repeats forever.
 
   max_subjects keeps the first K subjects of a fixed shuffle of the split's
   subjects, so smaller subsets are nested in larger ones (data-size sweeps;
@@ -111,42 +119,50 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
     order = np.random.default_rng(0).permutation(len(subjects))
     keep = {subjects[i] for i in order[:max_subjects]}
 
-  read = None  # Batches of raw records, or of ArrayRecord indices read by the batch function.
+  decode = grain_sources.DecodeBatch(meta.num_channels, meta.norm_mean, meta.norm_std)
   if meta.format == "tfrecord":
     if len(paths) < pc:
       raise ValueError(f"split {split!r} has {len(paths)} TFRecord shards for {pc} processes: "
                        "each process needs at least one file (rewrite with more shards, or "
                        "use --format array_record)")
-    files = grain_sources.EpochPartition(len(paths), seed=seed, shuffle=shuffle,
-                                         process_index=pi, process_count=pc)
-    shards = (grain.MapDataset.range(files.num_local).repeat(num_epochs)
-              .map_with_index(files)
-              .map(grain_sources.OpenShard(paths, counts, verify_checksums)))
-    ds = grain_sources.InterleaveShards(shards, min(cycle_length, files.num_local))
+    files = grain.MapDataset.range(len(paths))
+    if shuffle:
+      files = files.shuffle(seed=seed)  # A fresh file order every epoch.
+    files = files[pi::pc]
+    shards = files.repeat(num_epochs).map(grain_sources.OpenShard(paths, counts,
+                                                                   verify_checksums))
+    ds = grain.experimental.InterleaveIterDataset(shards,
+                                                  cycle_length=min(cycle_length, len(files)))
     if shuffle:
       ds = grain_sources.WindowShuffle(ds, window_size=window_size, seed=seed)
   else:
-    source = grain_sources.ArrayRecordShards(paths, counts)
-    if len(source) < pc:
-      raise ValueError(f"split {split!r} has {len(source)} records for {pc} processes")
-    records = grain_sources.EpochPartition(len(source), seed=seed, shuffle=shuffle,
-                                           process_index=pi, process_count=pc,
-                                           block=local_batch)
-    if records.num_local == 0:
-      raise ValueError(f"split {split!r} has {len(source)} records: too few for {pc} processes "
-                       f"with local batches of {local_batch}")
-    ds = (grain.MapDataset.range(records.num_local).repeat(num_epochs)
-          .map_with_index(records))
+    read = grain_sources.ArrayRecordReads(paths, counts)
+    if len(read) < pc:
+      raise ValueError(f"split {split!r} has {len(read)} records for {pc} processes")
+    records = grain.MapDataset.range(len(read))
+    if shuffle:
+      records = records.shuffle(seed=seed)  # A fresh permutation every epoch.
     if keep is None:
-      read = source.__getitem__  # Each record is read right before it is decoded (in cache).
-    else:
-      ds = ds.map(source.__getitem__)  # The subject filter needs the records.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
+      # Process p takes local batches p, p + P, p + 2P, ... of the epoch's order, so
+      # global batch k holds what a single process's k-th batch would.
+      blocks = records.batch(local_batch, drop_remainder=True)[pi::pc]
+      if len(blocks) == 0:
+        raise ValueError(f"split {split!r} has {len(read)} records: too few for {pc} "
+                         f"processes with local batches of {local_batch}")
+      # Each record is read right before it is decoded (in cache).
+      decode = grain_sources.DecodeBatch(meta.num_channels, meta.norm_mean, meta.norm_std,
+                                         read=read)
+      if worker_count:
+        decode.enable_shared_memory_output()  # Grain does so only for a final .batch().
+      ds = blocks.repeat(num_epochs).map(decode).to_iter_dataset(
+          grain.ReadOptions(num_threads=0))
+    else:  # The subject filter needs the records before batching.
+      ds = (records[pi::pc].repeat(num_epochs).map(read)
+            .to_iter_dataset(grain.ReadOptions(num_threads=0)))
   if keep is not None:
     ds = ds.filter(grain_sources.SubjectFilter(keep))
-  ds = ds.batch(local_batch, drop_remainder=True,
-                batch_fn=grain_sources.DecodeBatch(meta.num_channels, meta.norm_mean,
-                                                   meta.norm_std, read=read))
+  if meta.format == "tfrecord" or keep is not None:
+    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=decode)
   if worker_count:
     # Workers decode and normalize into shared memory; the hand-over copies nothing.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,

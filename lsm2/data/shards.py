@@ -1,24 +1,25 @@
-"""Shard files: naming, TFRecord framing (pure Python), ArrayRecord access, clear errors.
+"""Shard files: naming, TFRecord reading (own framing code), ArrayRecord access, clear errors.
 
 A split is stored as `{split}-{i:05d}-of-{n:05d}.tfrecord` or `.array_record`
 files. Every record is a serialized tf.train.Example (lsm2.data.example).
 
 TFRecord framing per record: uint64 length, uint32 masked CRC-32C of the length,
-the data, uint32 masked CRC-32C of the data. Readers always check the framing
-and the length checksum (so a truncated or misaligned shard is reported with
-its file and record index); the data checksum costs ~0.5 ms per day record in
-numpy and is checked when `verify_checksums=True` (`python -m lsm2.data.inspect`,
-which reads every record, dataset.read_split, tests), not by default on the
-training hot path. ArrayRecord (Riegeli) verifies its own chunk hashes.
+the data, uint32 masked CRC-32C of the data. Reading is lsm2's own (docs/data.md says why: Grain's
+TFRecord reader checks no checksum and opens local files only): readers always
+check the framing and the length checksum, so a truncated or misaligned shard
+is reported with its file and record index, and the data checksum (~12 us per
+day record with google-crc32c) when `verify_checksums=True`, the default of
+training, `python -m lsm2.data.inspect` and dataset.read_split. ArrayRecord
+(Riegeli) verifies its own chunk hashes.
 
-TFRecord shards are read and written through etils.epath, on a local disk or a
-gs:// bucket alike. ArrayRecord's reader and writer open local files only (its
-C++ file layer has no bucket support), so an ArrayRecord dataset on a bucket is
-refused with the ways out (`check_array_record_is_local`).
+TFRecord shards are read through etils.epath, on a local disk or a gs://
+bucket alike (lsm2.data.writer writes them with TensorFlow's writer). ArrayRecord's reader and
+writer open local files only (its C++ file layer has no bucket support), so an
+ArrayRecord dataset on a bucket is refused with the ways out
+(`check_array_record_is_local`).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import struct
@@ -67,24 +68,6 @@ def parse_shard_filename(name: str) -> tuple[str, int, int, str]:
 
 
 # ----------------------------------------------------------------------------- TFRecord
-
-
-class TFRecordWriter:
-  """Appends framed records to a new file."""
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = str(path)
-    self._stack = contextlib.ExitStack()  # epath's open is a context manager.
-    self._f = self._stack.enter_context(storage.as_path(path).open("wb"))
-
-  def write(self, data: bytes) -> None:
-    header = struct.pack("<Q", len(data))
-    self._f.write(header + struct.pack("<I", masked_crc32c(header)))
-    self._f.write(data)
-    self._f.write(struct.pack("<I", masked_crc32c(data)))
-
-  def close(self) -> None:
-    self._stack.close()
 
 
 def _record_length(header: bytes, path: str, index: int) -> int:
@@ -210,10 +193,6 @@ def read_array_record(reader, path: str, index: int) -> bytes:
     return reader.read([index])[0]
   except Exception as e:  # pylint: disable=broad-except
     raise CorruptShardError(path, index, f"cannot read record: {e}") from None
-
-
-def make_writer(path: str | os.PathLike, fmt: str):
-  return TFRecordWriter(path) if check_format(fmt) == "tfrecord" else ArrayRecordWriter(path)
 
 
 def iter_shard(path: str | os.PathLike, fmt: str, *, verify_checksums: bool = False,

@@ -1,12 +1,17 @@
 """Writes a dataset directory: sanitized records into round-robin shards, then metadata.json.
 
 Normalization statistics (per-channel mean and std over observed minutes) are
-accumulated while the train split is written, never from other splits.
+accumulated while the train split is written, never from other splits, as exact
+sums (ChannelMoments), so they do not depend on the order the records come in:
+the Beam converter (lsm2.data.beam_convert) combines them in any order and gets
+the same bits.
 TFDS's dataset_info.json and features.json (lsm2.data.tfds_info) come next, and
 metadata.json last, so a directory without it is an unfinished write.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,35 +25,127 @@ from lsm2.data import example, tfds_info
 from lsm2.data.channels import Channel, check_channel_set
 from lsm2.data.metadata import METADATA_FILE, DatasetMetadata, LabelSpec
 from lsm2.data.record import DayRecord, SanitizeCounts, sanitize
-from lsm2.data.shards import (FORMATS, check_array_record_is_local, check_format, make_writer,
-                              shard_filename)
+from lsm2.data.shards import (FORMATS, ArrayRecordWriter, check_array_record_is_local,
+                              check_format, shard_filename)
 
 HISTOGRAM_BINS = 10  # Per-day missing fraction histogram over [0, 1].
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-class _ChannelStats:
-  """Streaming per-channel mean/variance over observed minutes (Chan et al. merge)."""
+# Exact sums: a float64 is an integer multiple of 2**-1074.
+_EXACT_SCALE = 1074
+
+
+def _exact(x: float) -> int:
+  """x * 2**1074 as an exact integer."""
+  num, den = float(x).as_integer_ratio()
+  return num << (_EXACT_SCALE - den.bit_length() + 1)
+
+
+class ChannelMoments:
+  """Per-channel count, sum and sum of squares over observed minutes, summed exactly.
+
+  Each record's float64 sums (numpy, fixed order) are added as exact integers,
+  so the result is the same whatever order records are added and partial
+  results merged in (a Beam combine merges them in any order).
+  """
 
   def __init__(self, c: int):
-    self.n = np.zeros(c, np.float64)
-    self.mean = np.zeros(c, np.float64)
-    self.m2 = np.zeros(c, np.float64)
+    self.n = [0] * c
+    self.s1 = [0] * c
+    self.s2 = [0] * c
 
   def add(self, signals: np.ndarray, observed: np.ndarray) -> None:
-    n_r = observed.sum(0).astype(np.float64)
     x = signals.astype(np.float64)  # Zero at unobserved minutes (sanitized).
-    s1, s2 = x.sum(0), (x * x).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-      mean_r = np.where(n_r > 0, s1 / n_r, 0.0)
-    m2_r = np.maximum(s2 - n_r * mean_r * mean_r, 0.0)
-    total = self.n + n_r
-    with np.errstate(invalid="ignore", divide="ignore"):
-      w = np.where(total > 0, n_r / total, 0.0)
-    delta = mean_r - self.mean
-    self.m2 += m2_r + delta * delta * self.n * w
-    self.mean += delta * w
-    self.n = total
+    n_r, s1, s2 = observed.sum(0).tolist(), x.sum(0).tolist(), (x * x).sum(0).tolist()
+    for k in range(len(self.n)):
+      self.n[k] += n_r[k]
+      self.s1[k] += _exact(s1[k])
+      self.s2[k] += _exact(s2[k])
+
+  def merge(self, other: ChannelMoments) -> ChannelMoments:
+    for k in range(len(self.n)):
+      self.n[k] += other.n[k]
+      self.s1[k] += other.s1[k]
+      self.s2[k] += other.s2[k]
+    return self
+
+  def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+    """float64[C] mean and (population) std, each correctly rounded from the exact sums."""
+    mean, std = [], []
+    scale = 1 << _EXACT_SCALE
+    for n, s1, s2 in zip(self.n, self.s1, self.s2):
+      mean.append(s1 / (n * scale))  # Python's int division rounds correctly.
+      var = (s2 * scale * n - s1 * s1) / (scale * scale * n * n)
+      std.append(math.sqrt(max(var, 0.0)))
+    return np.asarray(mean, np.float64), np.asarray(std, np.float64)
+
+
+@dataclasses.dataclass
+class SplitTally:
+  """What a split's records add to metadata.json; merging tallies is order-independent."""
+  subjects: set[str]
+  day_missing: list[float]
+  missing_per_channel: np.ndarray  # int64[C]
+  minutes_per_channel: np.ndarray  # int64[C]
+  sanitized: SanitizeCounts
+  moments: ChannelMoments  # Normalisation statistics (used for the train split only).
+
+  @classmethod
+  def empty(cls, c: int) -> SplitTally:
+    return cls(set(), [], np.zeros(c, np.int64), np.zeros(c, np.int64), SanitizeCounts(),
+               ChannelMoments(c))
+
+  def add(self, rec: DayRecord, counts: SanitizeCounts, moments: bool) -> None:
+    """Adds a sanitized record (and what sanitize masked); `moments`: a train record."""
+    self.subjects.add(rec.subject_id)
+    self.day_missing.append(rec.missing_fraction)
+    self.missing_per_channel += (~rec.observed).sum(0)
+    self.minutes_per_channel += rec.observed.shape[0]
+    self.sanitized.add(counts)
+    if moments:
+      self.moments.add(rec.signals, rec.observed)
+
+  def merge(self, other: SplitTally) -> SplitTally:
+    self.subjects |= other.subjects
+    self.day_missing += other.day_missing
+    self.missing_per_channel += other.missing_per_channel
+    self.minutes_per_channel += other.minutes_per_channel
+    self.sanitized.add(other.sanitized)
+    self.moments.merge(other.moments)
+    return self
+
+
+def make_writer(path: str | os.PathLike, fmt: str):
+  """A writer of one new shard: write(bytes) per record, then close().
+
+  TFRecord shards are written by TensorFlow's tf.io.TFRecordWriter (local or
+  gs://), imported here only: reading and inference never need TensorFlow.
+  """
+  if check_format(fmt) == "array_record":
+    return ArrayRecordWriter(path)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.TFRecordWriter(os.fspath(path))
+
+
+def encode_checked(record: DayRecord, channels: Sequence[Channel],
+                   labels: Mapping[str, LabelSpec], split: str
+                   ) -> tuple[DayRecord, SanitizeCounts, bytes]:
+  """Sanitizes one record of `split`, checks its labels and serializes it.
+
+  Returns the sanitized record, what sanitize masked and the stored bytes: the
+  one per-record step of every writer (DatasetWriter, the Beam converter).
+  """
+  rec, counts = sanitize(record, channels, where=f"split {split!r}")
+  where = f"split {split!r}: record ({rec.subject_id!r}, {rec.day!r}): "
+  unknown = set(rec.labels) - set(labels)
+  if unknown:
+    raise ValueError(f"{where}unknown labels {sorted(unknown)} (declared: {sorted(labels)})")
+  for name, spec in labels.items():
+    if name not in rec.labels:
+      raise ValueError(f"{where}missing label {name!r}")
+    rec.labels[name] = spec.check_value(rec.labels[name], where)
+  return rec, counts, example.encode_record(rec, labels)
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[epath.Path]:
@@ -113,33 +210,23 @@ class DatasetWriter:
     self.out_dir.mkdir(parents=True, exist_ok=True)
     for p in existing:
       p.unlink()
-    c = len(self.channels)
-    self._stats = _ChannelStats(c)
     self._splits: dict[str, list[str]] = {}
     self._counts: dict[str, int] = {}
     self._shard_records: dict[str, int] = {}
     self._shard_bytes: dict[str, int] = {}
-    self._subjects: dict[str, list[str]] = {}
-    self._day_missing: dict[str, list[float]] = {}
-    self._missing_per_channel = np.zeros(c, np.int64)
-    self._minutes_per_channel = np.zeros(c, np.int64)
-    self._sanitized = SanitizeCounts()
+    self._tallies: dict[str, SplitTally] = {}
 
   def write_split(self, split: str, records: Iterable[DayRecord], *, num_records: int,
                   num_shards: int = 1, progress: bool = False) -> int:
     """Writes `num_records` records (round-robin over min(num_shards, num_records) shards)."""
-    if not _SPLIT_RE.match(split):
-      raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
-    if split in self._splits:
-      raise ValueError(f"split {split!r} was already written")
+    self._check_new_split(split)
     if num_shards < 1:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     n_shards = min(num_shards, num_records)
     files = [shard_filename(split, i, n_shards, self.fmt) for i in range(n_shards)]
     writers = [make_writer(self.out_dir / f, self.fmt) for f in files]
     per_shard = [0] * n_shards
-    subjects: set[str] = set()
-    day_missing: list[float] = []
+    tally = SplitTally.empty(len(self.channels))
     seen_days: set[tuple[str, str]] = set()
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -149,43 +236,51 @@ class DatasetWriter:
       for record in records:
         if count >= num_records:
           raise ValueError(f"split {split!r}: more than num_records={num_records} records")
-        rec, counts = sanitize(record, self.channels, where=f"split {split!r}")
-        where = f"split {split!r}: record ({rec.subject_id!r}, {rec.day!r}): "
+        rec, counts, data = encode_checked(record, self.channels, self.labels, split)
         if (rec.subject_id, rec.day) in seen_days:
-          raise ValueError(f"{where}duplicate subject-day")
+          raise ValueError(f"split {split!r}: record ({rec.subject_id!r}, {rec.day!r}): "
+                           "duplicate subject-day")
         seen_days.add((rec.subject_id, rec.day))
-        unknown = set(rec.labels) - set(self.labels)
-        if unknown:
-          raise ValueError(f"{where}unknown labels {sorted(unknown)} "
-                           f"(declared: {sorted(self.labels)})")
-        for name, spec in self.labels.items():
-          if name not in rec.labels:
-            raise ValueError(f"{where}missing label {name!r}")
-          rec.labels[name] = spec.check_value(rec.labels[name], where)
-        writers[count % n_shards].write(example.encode_record(rec, self.labels))
+        writers[count % n_shards].write(data)
         per_shard[count % n_shards] += 1
-        self._sanitized.add(counts)
-        subjects.add(rec.subject_id)
-        day_missing.append(rec.missing_fraction)
-        missing = (~rec.observed).sum(0)
-        self._missing_per_channel += missing
-        self._minutes_per_channel += rec.observed.shape[0]
-        if split == "train":
-          self._stats.add(rec.signals, rec.observed)
+        tally.add(rec, counts, moments=split == "train")
         count += 1
     finally:
       for w in writers:
         w.close()
     if count != num_records:
       raise ValueError(f"split {split!r}: got {count} records, expected num_records={num_records}")
+    self._add_split(split, files, per_shard, tally)
+    return count
+
+  def add_written_split(self, split: str, files: Sequence[str], shard_records: Sequence[int],
+                        tally: SplitTally) -> None:
+    """Registers a split whose shards (now in out_dir) were written elsewhere, e.g. by Beam.
+
+    `files` and `shard_records` follow the names and round-robin layout of
+    write_split; `tally` sums the split's records (SplitTally.add).
+    """
+    self._check_new_split(split)
+    expected = [shard_filename(split, i, len(files), self.fmt) for i in range(len(files))]
+    if list(files) != expected or len(shard_records) != len(files):
+      raise ValueError(f"split {split!r}: shards {list(files)} ({list(shard_records)} records) "
+                       f"are not the files {expected}")
+    self._add_split(split, list(files), list(shard_records), tally)
+
+  def _check_new_split(self, split: str) -> None:
+    if not _SPLIT_RE.match(split):
+      raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
+    if split in self._splits:
+      raise ValueError(f"split {split!r} was already written")
+
+  def _add_split(self, split: str, files: list[str], per_shard: list[int],
+                 tally: SplitTally) -> None:
     self._splits[split] = files
-    self._counts[split] = count
+    self._counts[split] = sum(per_shard)
     for f, n in zip(files, per_shard):
       self._shard_records[f] = n
       self._shard_bytes[f] = (self.out_dir / f).stat().length
-    self._subjects[split] = sorted(subjects)
-    self._day_missing[split] = day_missing
-    return count
+    self._tallies[split] = tally
 
   def finish(self, *, noise_std: Sequence[float] | None = None,
              source: Mapping[str, Any] | None = None) -> DatasetMetadata:
@@ -194,51 +289,56 @@ class DatasetWriter:
       raise ValueError("a dataset needs a non-empty 'train' split (normalization statistics "
                        "are computed on it)")
     owner: dict[str, str] = {}
-    for split, subjects in self._subjects.items():
-      for s in subjects:
+    for split, tally in self._tallies.items():
+      for s in tally.subjects:
         if owner.setdefault(s, split) != split:
           raise ValueError(f"subject {s!r} appears in splits {owner[s]!r} and {split!r}")
-    empty = [ch.name for ch, n in zip(self.channels, self._stats.n) if n == 0]
+    moments = self._tallies["train"].moments
+    empty = [ch.name for ch, n in zip(self.channels, moments.n) if n == 0]
     if empty:
       raise ValueError(f"channels {empty} have no observed minute in the train split: "
                        "their normalization statistics are undefined")
-    std = np.sqrt(self._stats.m2 / self._stats.n)
+    mean, std = moments.mean_std()
     std = np.where(std > 1e-6, std, 1.0)  # A constant channel keeps unit scale.
     if noise_std is not None and len(noise_std) != len(self.channels):
       raise ValueError(f"noise_std has {len(noise_std)} values for {len(self.channels)} channels")
     meta = DatasetMetadata(
-        channels=self.channels, norm_mean=self._stats.mean.astype(np.float32),
+        channels=self.channels, norm_mean=mean.astype(np.float32),
         norm_std=std.astype(np.float32),
         noise_std=None if noise_std is None else np.asarray(noise_std, np.float32),
         splits=self._splits, record_counts=self._counts, labels=self.labels,
         missingness=self._missingness_summary(), format=self.fmt,
         shard_records=self._shard_records, shard_bytes=self._shard_bytes,
-        subjects=self._subjects,
-        sanitized={"nonfinite": self._sanitized.nonfinite,
-                   "out_of_range": self._sanitized.out_of_range},
+        subjects={split: sorted(t.subjects) for split, t in self._tallies.items()},
+        sanitized={"nonfinite": sum(t.sanitized.nonfinite for t in self._tallies.values()),
+                   "out_of_range": sum(t.sanitized.out_of_range for t in self._tallies.values())},
         source=dict(source or {}), data_dir=self.out_dir)
     tfds_info.write_tfds_metadata(meta, self.out_dir)
     meta.save(self.out_dir)
     return meta
 
   def _missingness_summary(self) -> dict[str, Any]:
+    """Missingness per channel and of days; order-independent (fsum), as the statistics."""
     edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
-    all_days = np.concatenate([np.asarray(v, np.float64) for v in self._day_missing.values()])
-    minutes = self._minutes_per_channel.sum()
+    tallies = self._tallies.values()
+    all_days = np.concatenate([np.asarray(t.day_missing, np.float64) for t in tallies])
+    missing = sum(t.missing_per_channel for t in tallies)
+    minutes_per_channel = sum(t.minutes_per_channel for t in tallies)
+    minutes = minutes_per_channel.sum()
     summary = {
-        "overall_fraction": float(self._missing_per_channel.sum() / max(minutes, 1)),
+        "overall_fraction": float(missing.sum() / max(minutes, 1)),
         "per_channel_fraction": {
             ch.name: float(m / max(t, 1)) for ch, m, t in
-            zip(self.channels, self._missing_per_channel, self._minutes_per_channel)},
+            zip(self.channels, missing, minutes_per_channel)},
         "histogram": {"bin_edges": [float(e) for e in edges], "counts": {}},
         "day_fraction_percentiles": day_percentiles(all_days),
         "per_split": {},
     }
-    for split, fr in self._day_missing.items():
-      fr = np.asarray(fr, np.float64)
+    for split, tally in self._tallies.items():
+      fr = np.asarray(tally.day_missing, np.float64)
       summary["histogram"]["counts"][split] = np.histogram(fr, edges)[0].tolist()
       summary["per_split"][split] = {
-          "mean_day_fraction": float(fr.mean()) if fr.size else None,
+          "mean_day_fraction": math.fsum(tally.day_missing) / fr.size if fr.size else None,
           "day_fraction_percentiles": day_percentiles(fr)}
     return summary
 

@@ -392,17 +392,21 @@ def parse_export(path: pathlib.Path, name: str, priority: Sequence[str] = ()) ->
   return export
 
 
+def load_export(subject: str, path: pathlib.Path, stats: DayStats,
+                rule: device.HeartRateWearRule | None = WEAR, source_priority: Sequence[str] = ()
+                ) -> SubjectTimeline | None:
+  """One export (a find_exports entry) as a timeline; None (noted) without an imported record."""
+  tl = parse_export(path, path.name, source_priority).timeline(subject, rule, stats)
+  if tl is None:
+    stats.notes.append(f"{path.name}: no imported record; subject {subject!r} left out")
+  return tl
+
+
 def load(input_path: str | pathlib.Path, stats: DayStats,
          rule: device.HeartRateWearRule | None = WEAR, source_priority: Sequence[str] = ()
          ) -> tuple[list[SubjectTimeline], dict[str, LabelSpec]]:
   """Reads one export or a directory of exports into one minute timeline per export."""
-  timelines = []
-  for subject, path in find_exports(input_path):
-    export = parse_export(path, path.name, source_priority)
-    tl = export.timeline(subject, rule, stats)
-    if tl is None:
-      stats.notes.append(f"{path.name}: no imported record; subject {subject!r} left out")
-      continue
-    timelines.append(tl)
+  timelines = [tl for subject, path in find_exports(input_path)
+               if (tl := load_export(subject, path, stats, rule, source_priority)) is not None]
   stats.subjects_in = len(timelines)
   return timelines, dict(LABELS)

@@ -308,20 +308,25 @@ def _with_sleep(tl: SubjectTimeline | None, subject: str, sl: np.ndarray) -> Sub
   return out
 
 
+def load_export(subject: str, path: pathlib.Path, stats: DayStats,
+                rule: device.HeartRateWearRule | None = WEAR, timezone: str | None = None
+                ) -> SubjectTimeline | None:
+  """One export (a find_exports entry) as a timeline; None (noted) without data entries."""
+  source = _Source(path)
+  try:
+    tl = _export_timeline(subject, source, stats, rule, timezone)
+  finally:
+    source.close()
+  if tl is None:
+    stats.notes.append(f"{path.name}: no data entries; subject {subject!r} left out")
+  return tl
+
+
 def load(input_path: str | pathlib.Path, stats: DayStats,
          rule: device.HeartRateWearRule | None = WEAR, timezone: str | None = None
          ) -> tuple[list[SubjectTimeline], dict[str, LabelSpec]]:
   """Reads one export or a directory of exports into one minute timeline per export."""
-  timelines = []
-  for subject, path in find_exports(input_path):
-    source = _Source(path)
-    try:
-      tl = _export_timeline(subject, source, stats, rule, timezone)
-    finally:
-      source.close()
-    if tl is None:
-      stats.notes.append(f"{path.name}: no data entries; subject {subject!r} left out")
-      continue
-    timelines.append(tl)
+  timelines = [tl for subject, path in find_exports(input_path)
+               if (tl := load_export(subject, path, stats, rule, timezone)) is not None]
   stats.subjects_in = len(timelines)
   return timelines, dict(LABELS)
