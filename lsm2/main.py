@@ -93,7 +93,10 @@ def _main(argv):
     grain_sources.keep_freed_memory()
   _initialize_distributed()
   config = _CONFIG.value
-  mode = config.get("mode", "pretrain")
+  try:
+    mode = config.get("mode", "pretrain")
+  except OSError as e:  # ml_collections raises on first use: the file is missing or unreadable.
+    raise errors.ConfigError("--config: " + " ".join(str(e).split())) from None
   if mode == "pretrain":
     from lsm2.train import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, _WORKDIR.value)

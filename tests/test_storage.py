@@ -97,6 +97,20 @@ def test_the_command_line_prints_a_path_it_cannot_use_as_one_line_and_exits_1(
   assert list(tmp_path.iterdir()) == [blocker]  # No local directory made of the URL.
 
 
+def test_the_command_line_prints_a_missing_config_file_as_one_line_and_exits_1(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "lsm2.main", "--config=configs/nope.py", f"--workdir={tmp_path}/run"],
+      cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("lsm2: error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert "--config:" in errors[0] and "configs/nope.py" in errors[0]
+  assert "No such file or directory" in errors[0]
+  assert not (tmp_path / "run").exists()
+
+
 def test_array_record_on_a_bucket_is_refused_with_the_ways_out():
   message = (r"gs://b/d: ArrayRecord shards cannot be read or written on a bucket \(array_record "
              r"opens local files only\). Copy the dataset to a local disk")
