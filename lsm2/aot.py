@@ -24,7 +24,6 @@ FLOPs are added analytically (`splash_flops`).
 from collections.abc import Sequence
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -146,19 +145,13 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.De
     return step.lower(*args), setup, args
 
 
-def _bytes_per_device(tree) -> int:
-  """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
-  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-             for a in jax.tree.leaves(tree))
-
-
 def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int = 26) -> dict:
   """Compiles the train step for `topology` and returns the report (module docstring).
 
   Keys: topology, devices, device_kind, chip, mesh, batch_size, model_size,
   attention, dtype, hbm_bytes_per_device (arguments + outputs - donated aliases +
-  temporaries + code; when the compiler runs out of memory, its temporaries figure
-  plus the arguments), hbm_capacity_bytes (the usable HBM of `CHIPS`), fits, the
+  temporaries + code; when the compiler runs out of memory, its own figure, which
+  counts all of these), hbm_capacity_bytes (the usable HBM of `CHIPS`), fits, the
   memory parts, flops_per_step
   (all devices), model_flops_per_step (lsm2.model.flops), est_step_s and est_mfu
   (model FLOPs over est_step_s at peak), and compiler_error when it does not fit.
@@ -170,7 +163,7 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
             "batch_size": config.batch_size, "model_size": config.model.size,
             "mesh": dict(zip(sharding_lib.MESH_AXES,
                              sharding_lib.mesh_shape(config.mesh, len(devices))))}
-  lowered, setup, args = lower_train_step(config, devices, num_channels)
+  lowered, setup, _ = lower_train_step(config, devices, num_channels)
   model_cfg, mask_cfg = setup.model_cfg, setup.mask_cfg
   report.update(attention=model_cfg.attention, dtype=model_cfg.dtype)
   n_keep = model_cfg.num_tokens - mask_cfg.n_drop
@@ -181,15 +174,17 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
     match = _OOM.search(str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or match is None:
       raise
-    # The compiler refused: it does not fit. What it needs: its figure plus the arguments.
-    temps = float(match.group(1)) * _UNITS[match.group(2)]
+    # The compiler refused: it does not fit. Its "memory required for HLO temporaries"
+    # is the whole program's (a 12 GiB-argument, 6 GiB-output sum with no temporaries
+    # reads "(18.00G)"), so it is the figure itself.
+    needed = float(match.group(1)) * _UNITS[match.group(2)]
     available = _AVAILABLE.search(str(e))
     if available:  # The compiler's own limit.
       value, unit = (available.group(1), available.group(2)) if available.group(1) else (
           available.group(3), available.group(4))
       report["hbm_capacity_bytes"] = int(float(value) * _UNITS[unit])
-    return {**report, "hbm_bytes_per_device": int(temps) + _bytes_per_device(args),
-            "fits": False, "compiler_error": _oom_line(e), "flops_per_step": None,
+    return {**report, "hbm_bytes_per_device": int(needed), "fits": False,
+            "compiler_error": _oom_line(e), "flops_per_step": None,
             "model_flops_per_step": model_flops, "est_step_s": None, "est_mfu": None}
   memory = compiled.memory_analysis()
   hbm = preflight.needed_bytes(memory)
