@@ -1,7 +1,7 @@
 r"""Pretraining config: `--config=configs/pretrain.py:ARG`.
 
 ARG is a comma-separated list of switches (the big_vision way):
-  size:     tiny | S | B | L           (default S, the paper's ~25M model)
+  size:     tiny | XXS | XS | S | B | L   (default S, the paper's ~25M model)
   scheme:   aim | lsm1 | dropout_only | attention_only   (default aim)
   runlocal  a small run that fits a laptop CPU in minutes.
   cpu       the CPU-scale recipe (implies runlocal's grid and batch): 5,000 steps,

@@ -37,6 +37,20 @@ def test_random_imputation_tops_up_inherited_mask_to_ratio():
   assert not tasks.random_imputation(sparse, PT, PC, seed=0).any()
 
 
+def test_suite_random_imputation_tasks_mask_their_named_fraction():
+  obs = _observed()
+  inherited = tasks.inherited_token_mask(obs, PT, PC)
+  n_tokens = (T // PT) * (C // PC)
+  suite = dict(tasks.generative_task_suite(C))
+  for percent in (30, 50, 80):
+    tok = _tokens(suite[f"random_imputation_{percent}"](obs, PT, PC, 3))
+    masked = (tok | inherited).sum(axis=(1, 2))
+    # Days whose inherited mask already exceeds the ratio get no extra target.
+    np.testing.assert_array_equal(
+        masked, np.maximum(round(percent / 100 * n_tokens), inherited.sum(axis=(1, 2))),
+        err_msg=f"random_imputation_{percent}")
+
+
 def test_masks_depend_only_on_seed_and_example_id():
   obs = _observed()
   for name, build in tasks.generative_task_suite(C):
@@ -96,7 +110,7 @@ def test_signal_imputation_hides_k_whole_channels():
 def test_generative_task_suite_names():
   names26 = [n for n, _ in tasks.generative_task_suite(26)]
   assert names26 == (
-      ["random_imputation_80"]
+      ["random_imputation_30", "random_imputation_50", "random_imputation_80"]
       + [f"temporal_interpolation_{g}min" for g in (10, 30, 60, 180)]
       + [f"temporal_extrapolation_{g}min" for g in (10, 30, 60, 180)]
       + [f"signal_imputation_{k}ch" for k in (2, 6, 12, 20)]

@@ -31,6 +31,8 @@ SEGMENT_HOURS: dict[str, tuple[int, int]] = {
 MISSINGNESS_EDGES: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 GAP_MINUTES: tuple[int, ...] = (10, 30, 60, 180)
 SIGNAL_COUNTS: tuple[int, ...] = (2, 6, 12, 20)
+# Masked fraction (inherited + hidden tokens) of the random-imputation tasks.
+RANDOM_RATIOS: tuple[float, ...] = (0.3, 0.5, 0.8)
 
 
 def _check_observed(observed: np.ndarray) -> np.ndarray:
@@ -188,15 +190,18 @@ def generative_task_suite(
 ) -> list[tuple[str, TaskBuilder]]:
   """The generative evaluation tasks of issue 5 as (name, builder) pairs.
 
-  Random imputation (80%), temporal interpolation and extrapolation with
-  10/30/60/180-minute gaps (those that are multiples of `patch_time`: masks
-  are token-aligned), and signal imputation with 2/6/12/20 channels (those
-  below C that are multiples of `patch_channels`) plus all-but-one
-  (`C - patch_channels` channels) when that is not already in the list.
+  Random imputation with 30%, 50% and 80% of tokens masked (the paper's
+  error-versus-missingness axis; 80% is its headline task), temporal
+  interpolation and extrapolation with 10/30/60/180-minute gaps (those that
+  are multiples of `patch_time`: masks are token-aligned), and signal
+  imputation with 2/6/12/20 channels (those below C that are multiples of
+  `patch_channels`) plus all-but-one (`C - patch_channels` channels) when that
+  is not already in the list.
   """
   partial = functools.partial
   suite: list[tuple[str, TaskBuilder]] = [
-      ("random_imputation_80", partial(random_imputation, ratio=0.8))]
+      (f"random_imputation_{round(100 * r)}", partial(random_imputation, ratio=r))
+      for r in RANDOM_RATIOS]
   gaps = [gap for gap in GAP_MINUTES if gap % patch_time == 0]
   for gap in gaps:
     suite.append((f"temporal_interpolation_{gap}min",

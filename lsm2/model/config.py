@@ -151,8 +151,8 @@ _SIZES = {
     # Compiles in seconds; for tests.
     "tiny": dict(enc_width=32, enc_depth=2, enc_heads=2, enc_mlp=64,
                  dec_width=32, dec_depth=1, dec_heads=2, dec_mlp=64),
-    # Between tiny and XS: the middle point of the CPU-scale parameter axis
-    # (benchmarks/paper_comparison.py --scaling params).
+    # Between tiny and XS (~0.13M parameters): the middle point of the CPU-scale
+    # parameter axis (benchmarks/paper_comparison.py --scaling params).
     "XXS": dict(enc_width=64, enc_depth=3, enc_heads=4, enc_mlp=128,
                 dec_width=48, dec_depth=1, dec_heads=4, dec_mlp=128),
     # CPU scale (~0.45M parameters): the 30-minute recipe on a 2-core machine
