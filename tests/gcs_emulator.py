@@ -28,6 +28,7 @@ nothing reaches beyond it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import ipaddress
@@ -44,6 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -296,6 +298,24 @@ class GcsEmulator:
     """Object names under `prefix`, asked of the emulator directly (no client caches)."""
     query = urllib.parse.urlencode({"prefix": prefix})
     return [o["name"] for o in self._json("GET", f"/storage/v1/b/{bucket}/o?{query}").get("items", [])]
+
+
+@contextlib.contextmanager
+def serving(directory: pathlib.Path, bucket: str) -> Iterator[GcsEmulator]:
+  """A started emulator holding `bucket`; this process's clients point at it meanwhile."""
+  emulator = GcsEmulator(directory).start()
+  saved = {k: os.environ.get(k) for k in emulator.env}
+  os.environ.update(emulator.env)
+  try:
+    emulator.create_bucket(bucket)
+    yield emulator
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    emulator.stop()
 
 
 def run_env(emulator: GcsEmulator) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """Conversion on Apache Beam (DirectRunner) writes the single-process dataset, byte for byte."""
 import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -185,17 +184,8 @@ def test_worker_processes_write_the_same_bytes(tmp_path):
 @pytest.fixture(name="gcs", scope="module")
 def _gcs(tmp_path_factory):
   """A GCS emulator with bucket BUCKET (tests/gcs_emulator.py); this process points at it."""
-  emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp("gcs")).start()
-  saved = {k: os.environ.get(k) for k in emulator.env}
-  os.environ.update(emulator.env)
-  emulator.create_bucket(BUCKET)
-  yield emulator
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  emulator.stop()
+  with gcs_emulator.serving(tmp_path_factory.mktemp("gcs"), BUCKET) as emulator:
+    yield emulator
 
 
 def _upload(local, url):

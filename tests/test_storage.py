@@ -127,17 +127,8 @@ def test_array_record_on_a_bucket_is_refused_with_the_ways_out():
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """A fresh emulator with bucket BUCKET; this process's clients point at it meanwhile."""
-  emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp("gcs")).start()
-  saved = {k: os.environ.get(k) for k in emulator.env}
-  os.environ.update(emulator.env)
-  emulator.create_bucket(BUCKET)
-  yield emulator
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  emulator.stop()
+  with gcs_emulator.serving(tmp_path_factory.mktemp("gcs"), BUCKET) as emulator:
+    yield emulator
 
 
 @pytest.fixture(scope="module")
