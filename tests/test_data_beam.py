@@ -1,6 +1,9 @@
 """Conversion on Apache Beam (DirectRunner) writes the single-process dataset, byte for byte."""
 import json
 import math
+import os
+import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +19,7 @@ from lsm2.data.writer import ChannelMoments
 import gcs_emulator
 from test_data_importers import WATCH, _export, _hr, _sleep, _steps
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "lsm2-test"
 
 DIRECT = ["--runner=DirectRunner"]
@@ -172,12 +176,22 @@ def test_convert_without_beam_installed_says_how_to_install(tmp_path, monkeypatc
 @pytest.mark.slow
 @pytest.mark.usefixtures("beam")
 def test_worker_processes_write_the_same_bytes(tmp_path):
-  """Two SDK worker processes: every step is pickled across processes, as on a cluster."""
+  """Two SDK worker processes: every step is pickled across processes, as on a cluster.
+
+  The Beam run has a process of its own: the multi-process runner leaves gRPC
+  threads behind, which must not share the test process with later tests.
+  """
   options = _long_csv(tmp_path / "t.csv", subjects=4, days=2)
   kwargs = dict(max_missing=0.9, shards=2, long_options=options)
   convert("long_csv", tmp_path / "t.csv", tmp_path / "single", **kwargs)
-  convert("long_csv", tmp_path / "t.csv", tmp_path / "beam", **kwargs, beam_args=[
-      "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  code = ("import pathlib, sys; from lsm2.data.convert import convert; "
+          "csv, out, labels = map(pathlib.Path, sys.argv[1:]); "
+          "convert('long_csv', csv, out, max_missing=0.9, shards=2, "
+          "long_options={'labels': [labels]}, beam_args=["
+          "'--direct_num_workers=2', '--direct_running_mode=multi_processing'])")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.csv"), str(tmp_path / "beam"),
+                  str(options["labels"][0])], check=True, timeout=600,
+                 env={**os.environ, "PYTHONPATH": str(REPO)})
   assert _files(tmp_path / "beam") == _files(tmp_path / "single")
 
 
