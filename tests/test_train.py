@@ -92,14 +92,26 @@ def _run_steps(config, mesh, batches, buckets=None, pack_groups=0):
   state = train.create_state(setup)
   train_step = train.make_train_step(setup, mask_cfg.strategy_names)
   layout = encoder_layout.MaskLayout(train.make_mask_fn(setup), buckets, pack_groups)
+  eval_step = train.make_eval_step(setup, mask_cfg.strategy_names)
   losses = []
   with sharding.mesh_context(mesh, config.logical_axis_rules):
+    # Learning is judged on one batch under fixed masks, before and after
+    # training: the training losses come from other batches and masks each step.
+    probe = pipeline.to_global_batch(batches[0], setup.batch_sharding)
+    probe_masks = layout.draw(jax.random.PRNGKey(7), 0, probe["observed"])
+
+    def probe_loss(params):
+      out = eval_step(params, probe, probe_masks)
+      return float(out["sse"] / out["sse_count"])
+
+    before = probe_loss(state["params"])
     for local in batches:
       batch = pipeline.to_global_batch(local, setup.batch_sharding)
       masks = layout.draw(state["rng"], state["step"], batch["observed"])
       state, out = train_step(state, batch, masks)
       losses.append(float(out["loss"]))
-  return losses, state, layout, train_step
+    probe_losses = (before, probe_loss(state["params"]))
+  return losses, state, layout, train_step, probe_losses
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +136,12 @@ def single_device_run(data_dir, batches):
 def test_parallel_meshes_match_single_device(data_dir, batches, single_device_run, mesh_sizes):
   mesh = sharding.make_mesh(mesh_sizes)
   config = small_config(data_dir)
-  losses, state, _, _ = _run_steps(config, mesh, batches)
+  losses, state, _, _, (before, after) = _run_steps(config, mesh, batches)
   reference = single_device_run[0]
   # Same math, different reduction orders across shards: float32 round-off only.
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
-  assert losses[-1] < losses[0]
+  np.testing.assert_allclose((before, after), single_device_run[4], rtol=2e-5)
+  assert after < before
 
   # Parameters (and Adam moments) are laid out as the logical axis rules say.
   fc1 = state["params"]["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"].value
@@ -148,7 +161,7 @@ def test_encoder_buckets_are_exact_and_bounded(data_dir, batches, single_device_
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
   buckets = encoder_layout.encoder_buckets(4, model_cfg.num_tokens - mask_cfg.n_drop)
-  losses, _, layout, train_step = _run_steps(config, mesh, batches * 2, buckets=buckets)
+  losses, _, layout, train_step, _ = _run_steps(config, mesh, batches * 2, buckets=buckets)
   reference = single_device_run[0]
   np.testing.assert_allclose(losses[:3], reference, rtol=1e-5)
   # Only the buckets' lengths were compiled, one program each, and some
@@ -166,7 +179,7 @@ def test_packed_encoder_is_exact_and_bounded(data_dir, batches, single_device_ru
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
   rows = (model_cfg.num_tokens - mask_cfg.n_drop) * config.batch_size // 2
   buckets = encoder_layout.encoder_buckets(8, rows)
-  losses, _, layout, train_step = _run_steps(config, mesh, batches * 2, buckets=buckets,
+  losses, _, layout, train_step, _ = _run_steps(config, mesh, batches * 2, buckets=buckets,
                                              pack_groups=2)
   reference = single_device_run[0]
   np.testing.assert_allclose(losses[:3], reference, rtol=2e-5)
