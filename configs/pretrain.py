@@ -6,7 +6,7 @@ ARG is a comma-separated list of switches (the big_vision way):
   runlocal  a small run that fits a laptop CPU in minutes.
   cpu       the CPU-scale recipe (implies runlocal's grid and batch): 5,000 steps,
             LR 3e-3, all five masking strategies, 120 synthetic subjects x 3 days;
-            with size XS about 30 minutes on 2 cores (docs/results.md).
+            with size XS about 35 minutes on a busy 2-core machine (docs/results.md).
 
 Examples:
   python -m lsm2.main --config=configs/pretrain.py:S,aim --workdir=gs://bucket/run1 \
