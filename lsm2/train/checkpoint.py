@@ -75,6 +75,7 @@ class Checkpointer:
     Returns (step, state, whether data_iter was restored) or None.
     """
     self._warn_about_partial_saves()
+    self._finish_interrupted_deletes()
 
     def restore(step: int):  # Each part agreed by every process (pretrained.agreed).
       saved = pretrained.agreed(lambda: self.manager.item_metadata(step)[pretrained.STATE])
@@ -136,6 +137,26 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"lsm2_moved_aside_{step}")
     self.manager.reload()  # Orbax forgets the step: it no longer counts toward `keep`.
+
+  def _finish_interrupted_deletes(self) -> None:
+    """Finishes each move aside that was killed while deleting the step, before any restore.
+
+    Its copy is complete (REASON.txt is written only after every file was copied);
+    what is left of the step may have lost its metadata files, so that a restore
+    would take it for a checkpoint of another model instead of an unreadable one.
+    """
+    if jax.process_index() == 0 and (self.directory.parent / CORRUPT_DIR).exists():
+      for step in self.manager.all_steps():
+        source = self.directory / str(step)
+        files = storage.list_files(source)
+        target = self._interrupted_move(step, files)
+        if target is not None and (target / REASON_FILE).exists():
+          storage.delete_tree(source, last=COMMIT_FILE)
+          logging.warning("CHECKPOINT UNREADABLE: finished moving step %d aside to %s.", step,
+                          target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("lsm2_finished_moves")
+    self.manager.reload()
 
   def _interrupted_move(self, step: int, files: dict[str, int]):
     """The copy in checkpoints_corrupt/ of an interrupted move of this very step, or None.
