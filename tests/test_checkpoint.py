@@ -126,18 +126,25 @@ def test_corrupt_latest_step_falls_back_is_moved_aside_and_its_step_saves_again(
 
 
 
-@pytest.mark.parametrize("phase", ["copy", "delete"])
+@pytest.mark.parametrize("phase", ["copy", "delete", "delete_metadata_first"])
 def test_moving_a_corrupt_step_aside_on_a_bucket_survives_a_kill_and_completes_once(
     tmp_path, monkeypatch, phase):
   """Object by object (a bucket), the move copies everything and REASON.txt before deleting
   the step. Killed while copying or while deleting, every file is in the step or the copy,
-  and the next start completes the move into that same copy, once."""
+  and the next start completes the move into that same copy, once. (Files go in listing
+  order; "delete_metadata_first" fixes the order in which the half-deleted step has lost
+  its metadata and no longer reads as a checkpoint of this model.)"""
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   _save(tmp_path, mesh, (1, 2), keep=2)
   steps_dir = pretrained.checkpoint_dir(tmp_path)
   _truncate_arrays(steps_dir / "2")
   torn = _snapshot(steps_dir / "2")
   _bucket_like(monkeypatch)
+  if phase == "delete_metadata_first":
+    listed = storage._file_names  # pylint: disable=protected-access
+    monkeypatch.setattr(storage, "_file_names", lambda root: sorted(
+        listed(root), key=lambda name: "metadata" not in name.lower()))
+    phase = "delete"
   stamps = iter(range(100))  # A later start moves at a later time (another directory name).
   monkeypatch.setattr(checkpoint.time, "strftime", lambda *args: f"T{next(stamps)}")
   path_type = type(epath.Path("/"))
