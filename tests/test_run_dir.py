@@ -114,10 +114,10 @@ def test_resume_may_change_steps_and_cadence_and_takes_over_a_dead_writers_lease
     finished, data_dirs, tmp_path, caplog):
   workdir = _copy(finished, tmp_path)
   record = (workdir / run_dir.RUN_FILE).read_bytes()
-  dead = subprocess.Popen(["true"])
-  dead.wait()
+  # A pid no process can have (pids stay below pid_max): no fork of this multithreaded process.
+  dead_pid = int(pathlib.Path("/proc/sys/kernel/pid_max").read_text())
   (workdir / run_dir.LOCK_FILE).write_text(json.dumps(
-      {"host": socket.gethostname(), "pid": dead.pid, "token": "x", "heartbeat": time.time()}))
+      {"host": socket.gethostname(), "pid": dead_pid, "token": "x", "heartbeat": time.time()}))
   config = _config(data_dirs[0], total_steps=6, log_every=3, checkpoint_every=3,
                    keep_checkpoints=5, eval_every=6, profile_steps=0,
                    **{"data.worker_count": 0, "model.attention": "xla"})
