@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,15 @@ DIRECT = ["--runner=DirectRunner"]
 def _beam():
   # CI installs Beam (the `test` extra); a guard for local runs without it.
   return pytest.importorskip("apache_beam")
+
+
+@pytest.fixture(autouse=True)
+def _scratch_in_pytest_tmp(tmp_path_factory, monkeypatch):
+  """Beam's DirectRunner leaves empty `beam-temp*` and `tmp*` directories in the system
+  temporary directory on every run; they go under pytest's own instead of /tmp."""
+  scratch = str(tmp_path_factory.mktemp("system_tmp"))
+  monkeypatch.setenv("TMPDIR", scratch)
+  monkeypatch.setattr(tempfile, "tempdir", scratch)
 
 
 def _files(out):
