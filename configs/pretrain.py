@@ -69,6 +69,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   model = model_config_lib.field_defaults(model_config_lib.ModelConfig)
   config.model = ml_collections.ConfigDict()
   config.model.size = a["size"]
+  # Widths, depths and heads of the size, each overridable (0 = the size's own), for
+  # sweeps: e.g. a wider decoder --config.model.dec_width=128 --config.model.dec_mlp=256.
+  for name in model_config_lib.SIZE_FIELDS:
+    config.model[name] = 0
   config.model.patch_time = model["patch_time"]  # Minutes per token.
   config.model.patch_channels = model["patch_channels"]  # Signals per token.
   # Compute dtype. "auto" is the precision policy (docs/launching.md): bfloat16 on

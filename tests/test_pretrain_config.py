@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from lsm2 import config_files
+from lsm2 import errors
 from lsm2.data import synthesize
 from lsm2.model import config as model_config_lib
 from lsm2.train import train
@@ -42,8 +43,9 @@ def parse_config(arg: str, *overrides: str):
 def test_model_defaults_are_the_model_config_defaults():
   config = config_files.load_config(PRETRAIN, "S")
   defaults = model_config_lib.field_defaults(model_config_lib.ModelConfig)
-  exposed = set(config.model.keys()) - MODEL_EXTRAS
+  exposed = set(config.model.keys()) - MODEL_EXTRAS - set(model_config_lib.SIZE_FIELDS)
   assert exposed <= set(defaults), exposed - set(defaults)
+  assert all(config.model[name] == 0 for name in model_config_lib.SIZE_FIELDS)  # The size's.
   assert exposed >= {"patch_time", "patch_channels", "dtype", "matmul_dtype", "attention", "remat",
                      "observed_in_embedding"}
   for name in exposed - AUTO:
@@ -74,6 +76,22 @@ def test_default_config_gives_the_default_dataclasses_on_the_paper_grid():
   dtype = train.resolve_dtype("auto")
   assert model_cfg == dataclasses.replace(model_config_lib.get_model_config("S"), dtype=dtype,
                                           attention=train.resolve_attention("auto", dtype))
+
+
+def test_size_fields_override_only_what_they_name():
+  """Every named size sets exactly SIZE_FIELDS; a nonzero override replaces one field of
+  it, and an inconsistent one stops the run naming the field."""
+  for size in model_config_lib.SIZES:
+    assert set(model_config_lib._SIZES[size]) == set(model_config_lib.SIZE_FIELDS), size
+  xs = model_config_lib.get_model_config("XS")
+  config = parse_config("XS,aim,cpu", "--config.model.dec_width=128", "--config.model.dec_mlp=256")
+  model_cfg, _ = train.model_and_mask_configs(config, num_channels=26, platform="cpu")
+  assert (model_cfg.dec_width, model_cfg.dec_mlp) == (128, 256)
+  assert all(getattr(model_cfg, n) == getattr(xs, n)
+             for n in model_config_lib.SIZE_FIELDS if n not in ("dec_width", "dec_mlp"))
+  bad = parse_config("XS,aim,cpu", "--config.model.dec_heads=3")
+  with pytest.raises(errors.ConfigError, match="dec_heads=3 does not divide dec_width=64"):
+    train.model_and_mask_configs(bad, num_channels=26, platform="cpu")
 
 
 def test_default_mix_keeps_its_strategy_ids_and_metric_names():

@@ -17,6 +17,7 @@ import pytest
 import lsm2
 from lsm2 import config_files
 from lsm2 import pretrained
+from lsm2.data import metadata as metadata_lib
 from lsm2.data import synthesize
 from lsm2.train import run_dir
 from lsm2.train import train
@@ -108,6 +109,19 @@ def test_restarting_with_another_run_is_refused_before_any_write(finished, data_
   assert "Nothing was written" in message and "pass a new --workdir" in message
   assert f"--config.init_from={finished}" in message
   assert _snapshot(finished) == before
+
+
+def test_size_overrides_are_recorded_only_when_set(data_dirs):
+  """A run directory from before the width overrides existed (its run.json has none) still
+  resumes with them at 0; a run with an override refuses a restart without it."""
+  meta = metadata_lib.load_metadata(str(data_dirs[0]))
+  plain = run_dir.run_record(_config(data_dirs[0]), meta)
+  assert not any(k.startswith("model.dec_") or k.startswith("model.enc_") for k in plain["config"])
+  assert run_dir.differences(plain, plain) == []
+  wide = run_dir.run_record(_config(data_dirs[0], **{"model.dec_width": 64}), meta)
+  assert wide["config"]["model.dec_width"] == 64
+  assert run_dir.differences(wide, plain) == [
+      "config.model.dec_width: 64 in the workdir, '(absent)' now"]
 
 
 def test_resume_may_change_steps_and_cadence_and_takes_over_a_dead_writers_lease(

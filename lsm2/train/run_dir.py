@@ -28,6 +28,7 @@ import numpy as np
 
 from lsm2 import errors
 from lsm2 import storage
+from lsm2.model import config as model_config_lib
 
 RUN_FILE = "run.json"
 LOCK_FILE = "lock.json"
@@ -44,6 +45,10 @@ RECORDED_FIELDS = ("seed", "batch_size", "init_from")
 MAY_CHANGE = ("model.dtype", "model.matmul_dtype", "model.attention", "model.remat",
               "masking.encoder_buckets", "masking.pack_encoder", "data.dir", "data.val_split",
               "data.worker_count", "data.synthesize_subjects", "data.synthesize_days")
+
+# Overrides of the named size's widths (configs/pretrain.py): recorded only when set (0 is
+# the size's own), so that run directories from before these fields existed still resume.
+_SIZE_OVERRIDES = frozenset(f"model.{name}" for name in model_config_lib.SIZE_FIELDS)
 
 
 class WorkdirMismatchError(errors.Error, ValueError):
@@ -72,7 +77,7 @@ def run_record(config: ml_collections.ConfigDict, meta) -> dict[str, Any]:
   flat = _flatten(config.to_dict())
   fields = {k: v for k, v in flat.items()
             if (k.split(".")[0] in RECORDED_SECTIONS or k in RECORDED_FIELDS)
-            and k not in MAY_CHANGE}
+            and k not in MAY_CHANGE and not (k in _SIZE_OVERRIDES and v == 0)}
   return json.loads(json.dumps({
       "config": fields,
       "dataset": {

@@ -55,8 +55,9 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int,
   """
   m = config.model
   dtype = resolve_dtype(m.dtype, platform)
+  resized = {name: m[name] for name in model_config_lib.SIZE_FIELDS if m[name] != 0}
   model_cfg = model_config_lib.get_model_config(
-      m.size, num_channels=num_channels, patch_time=m.patch_time,
+      m.size, **resized, num_channels=num_channels, patch_time=m.patch_time,
       patch_channels=m.patch_channels, dtype=dtype, matmul_dtype=m.matmul_dtype,
       attention=resolve_attention(m.attention, dtype, platform),
       remat=m.remat, observed_in_embedding=m.observed_in_embedding)
