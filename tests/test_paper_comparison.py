@@ -157,7 +157,7 @@ def test_flags_default_to_the_cpu_recipe(tmp_path, monkeypatch):
   monkeypatch.setattr(metadata, "load_metadata", lambda _: types.SimpleNamespace(num_channels=26))
   args = pc.parse_args(["--out", str(tmp_path)])
   assert (args.size, args.steps, args.batch_size, args.lr) == ("XS", 5000, 8, 3e-3)
-  assert (args.seeds, args.synthetic_subjects, args.synthetic_days) == (3, 120, 3)
+  assert (args.seeds, args.synthetic_subjects, args.synthetic_days) == (3, 1920, 3)
   assert args.synthetic_patch == "30x2" and args.scaling == list(pc.SCALING_AXES)
   over = pc.parse_args(["--out", str(tmp_path), "--size", "tiny", "--steps", "7", "--seeds", "2"])
   assert (over.size, over.steps, over.seeds) == ("tiny", 7, 2)
