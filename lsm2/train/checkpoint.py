@@ -145,7 +145,9 @@ class Checkpointer:
     what is left of the step may have lost its metadata files, so that a restore
     would take it for a checkpoint of another model instead of an unreadable one.
     """
-    if jax.process_index() == 0 and (self.directory.parent / CORRUPT_DIR).exists():
+    if not (self.directory.parent / CORRUPT_DIR).exists():
+      return  # No move aside ever started: nothing to finish, no barrier, no re-listing.
+    if jax.process_index() == 0:
       for step in self.manager.all_steps():
         source = self.directory / str(step)
         files = storage.list_files(source)
