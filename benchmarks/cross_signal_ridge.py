@@ -30,27 +30,36 @@ def _window_mean(values, weights, k):
   return num / np.maximum(den, 1e-3), (den > 0).astype(np.float32)
 
 
-def features(z, observed, hidden):
-  """[days * minutes, F] regressors from every signal not in `hidden`."""
-  keep = [c for c in range(z.shape[-1]) if c not in hidden]
-  obs = observed[:, :, keep].astype(np.float32)
-  vals = np.where(observed[:, :, keep], z[:, :, keep], 0.0)
+def channel_features(z, observed):
+  """[days, minutes, signals, 2 + 2 * len(WINDOWS)]: each signal's value and observed flag
+  at the minute and its window means; computed once per split, selected per hidden pair."""
+  obs = observed.astype(np.float32)
+  vals = np.where(observed, z, 0.0).astype(np.float32)
   parts = [vals, obs]
   for k in WINDOWS:
     parts.extend(_window_mean(vals, obs, k))
-  angle = np.arange(z.shape[1]) / z.shape[1] * 2 * np.pi
+  return np.stack(parts, -1)
+
+
+def features(per_channel, hidden):
+  """[days * minutes, F] regressors from every signal not in `hidden`, the time of day
+  and a bias."""
+  keep = [c for c in range(per_channel.shape[2]) if c not in hidden]
+  n, t = per_channel.shape[:2]
+  angle = np.arange(t) / t * 2 * np.pi
   tod = np.stack([np.sin(angle), np.cos(angle), np.sin(2 * angle), np.cos(2 * angle)], -1)
-  parts.append(np.broadcast_to(tod, vals.shape[:2] + tod.shape[-1:]))
-  parts.append(np.ones(vals.shape[:2] + (1,), np.float32))
-  out = np.concatenate(parts, -1)
-  return out.reshape(-1, out.shape[-1])
+  out = np.concatenate([per_channel[:, :, keep].reshape(n, t, -1),
+                        np.broadcast_to(tod, (n, t, tod.shape[-1])),
+                        np.ones((n, t, 1), np.float32)], -1)
+  return out.reshape(n * t, -1)
 
 
 def score_pair(train, test, hidden, l2=1.0):
   """[(signal, squared error, squared error of the channel mean, minutes)] for each hidden
-  signal: the ridge fit on `train`'s observed minutes, scored on `test`'s."""
-  x_train = features(train["signals"], train["observed"], hidden)
-  x_test = features(test["signals"], test["observed"], hidden)
+  signal: the ridge fit on `train`'s observed minutes, scored on `test`'s. Both splits
+  hold "signals", "observed" and their "per_channel" (`channel_features`)."""
+  x_train = features(train["per_channel"], hidden)
+  x_test = features(test["per_channel"], hidden)
   out = []
   for c in hidden:
     fit = train["observed"][:, :, c].reshape(-1)
@@ -71,6 +80,8 @@ def main():
   args = p.parse_args()
   train = dataset.read_split(args.data, "train", normalize=True, limit=args.train_days)
   test = dataset.read_split(args.data, "test", normalize=True)
+  for split in (train, test):
+    split["per_channel"] = channel_features(split["signals"], split["observed"])
   err_sum = base_sum = count = 0.0
   for first in range(0, train["signals"].shape[-1] - 1, 2):
     for c, err, base, n in score_pair(train, test, (first, first + 1), args.l2):

@@ -24,19 +24,20 @@ def test_features_never_see_the_hidden_signals():
   rng = np.random.default_rng(0)
   z = rng.normal(size=(2, 1440, 6)).astype(np.float32)
   observed = rng.random(z.shape) < 0.8
-  x = ridge.features(z, observed, (0, 1))
+  x = ridge.features(ridge.channel_features(z, observed), (0, 1))
   assert x.shape == (2 * 1440, 4 * (2 + 2 * len(ridge.WINDOWS)) + 5)
   z2, observed2 = z.copy(), observed.copy()
   z2[:, :, :2] = 100.0
   observed2[:, :, :2] = ~observed2[:, :, :2]
-  np.testing.assert_array_equal(ridge.features(z2, observed2, (0, 1)), x)
+  np.testing.assert_array_equal(ridge.features(ridge.channel_features(z2, observed2), (0, 1)), x)
 
 
 def _days(rng, n, noise):
   z = rng.normal(size=(n, 1440, 6)).astype(np.float32)
   z[:, :, 0] = 2 * z[:, :, 2] - z[:, :, 3]  # Exactly explained by two visible signals.
   z[:, :, 1] = noise * rng.normal(size=(n, 1440))  # Explained by nothing.
-  return {"signals": z, "observed": np.ones(z.shape, bool)}
+  observed = np.ones(z.shape, bool)
+  return {"signals": z, "observed": observed, "per_channel": ridge.channel_features(z, observed)}
 
 
 def test_ridge_recovers_an_exact_relation_and_not_noise():
