@@ -111,17 +111,23 @@ def test_restarting_with_another_run_is_refused_before_any_write(finished, data_
   assert _snapshot(finished) == before
 
 
-def test_size_overrides_are_recorded_only_when_set(data_dirs):
+def test_fields_added_later_read_as_their_old_value_when_a_record_lacks_them(data_dirs):
   """A run directory from before the width overrides existed (its run.json has none) still
-  resumes with them at 0; a run with an override refuses a restart without it."""
+  resumes with them at 0; a run with an override refuses a restart without it, naming 0."""
   meta = metadata_lib.load_metadata(str(data_dirs[0]))
   plain = run_dir.run_record(_config(data_dirs[0]), meta)
-  assert not any(k.startswith("model.dec_") or k.startswith("model.enc_") for k in plain["config"])
-  assert run_dir.differences(plain, plain) == []
+  assert set(run_dir.ADDED_LATER) <= set(plain["config"])
+  old = {**plain, "config": {k: v for k, v in plain["config"].items()
+                             if k not in run_dir.ADDED_LATER}}
+  assert run_dir.differences(old, plain) == run_dir.differences(plain, old) == []
   wide = run_dir.run_record(_config(data_dirs[0], **{"model.dec_width": 64}), meta)
   assert wide["config"]["model.dec_width"] == 64
-  assert run_dir.differences(wide, plain) == [
-      "config.model.dec_width: 64 in the workdir, '(absent)' now"]
+  assert run_dir.differences(wide, old) == ["config.model.dec_width: 64 in the workdir, 0 now"]
+  assert run_dir.differences(old, wide) == ["config.model.dec_width: 0 in the workdir, 64 now"]
+  # Any other field a record lacks still differs.
+  fewer = {**plain, "config": {k: v for k, v in plain["config"].items() if k != "model.size"}}
+  assert run_dir.differences(fewer, plain) == [
+      f"config.model.size: '(absent)' in the workdir, {plain['config']['model.size']!r} now"]
 
 
 def test_resume_may_change_steps_and_cadence_and_takes_over_a_dead_writers_lease(

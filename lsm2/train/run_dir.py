@@ -46,9 +46,13 @@ MAY_CHANGE = ("model.dtype", "model.matmul_dtype", "model.attention", "model.rem
               "masking.encoder_buckets", "masking.pack_encoder", "data.dir", "data.val_split",
               "data.worker_count", "data.synthesize_subjects", "data.synthesize_days")
 
-# Overrides of the named size's widths (configs/pretrain.py): recorded only when set (0 is
-# the size's own), so that run directories from before these fields existed still resume.
-_SIZE_OVERRIDES = frozenset(f"model.{name}" for name in model_config_lib.SIZE_FIELDS)
+# Recorded fields added after run.json existed, with the value that means the behaviour
+# before them: a run.json without one reads as that value, so run directories written
+# before the field still resume. Add a new recorded field here with its old-behaviour value.
+ADDED_LATER = {
+    # Overrides of the named size's widths (configs/pretrain.py); 0 is the size's own.
+    **{f"model.{name}": 0 for name in model_config_lib.SIZE_FIELDS},
+}
 
 
 class WorkdirMismatchError(errors.Error, ValueError):
@@ -77,7 +81,7 @@ def run_record(config: ml_collections.ConfigDict, meta) -> dict[str, Any]:
   flat = _flatten(config.to_dict())
   fields = {k: v for k, v in flat.items()
             if (k.split(".")[0] in RECORDED_SECTIONS or k in RECORDED_FIELDS)
-            and k not in MAY_CHANGE and not (k in _SIZE_OVERRIDES and v == 0)}
+            and k not in MAY_CHANGE}
   return json.loads(json.dumps({
       "config": fields,
       "dataset": {
@@ -98,10 +102,15 @@ def _describe(a: Any, b: Any) -> str:
 
 
 def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """One line per field of two run records that differs ("(absent)" when one lacks it)."""
+  """One line per field of two run records that differs ("(absent)" when one lacks it).
+
+  A field of ADDED_LATER that a record lacks reads as its old-behaviour value.
+  """
   lines = []
   for section, label in (("config", "config."), ("dataset", "dataset ")):
     have, want = recorded.get(section, {}), current.get(section, {})
+    if section == "config":
+      have, want = {**ADDED_LATER, **have}, {**ADDED_LATER, **want}
     for k in sorted(set(have) | set(want)):
       a, b = have.get(k, "(absent)"), want.get(k, "(absent)")
       if a != b:
