@@ -24,7 +24,12 @@ docs/results.md), which links them by relative path.
 
 Stages are resumable: a finished pretraining (WORKDIR/export) or evaluation
 (results.json, scaling.json) under --out is reused, so a rerun only redoes what
-is missing. Stage wall times accumulate in OUT/timings.json.
+is missing. Stage wall times accumulate in OUT/timings.json. A pretraining
+uses about one CPU core, so on a machine with more, split the work over
+invocations with the same --out and flags that each name other --datasets, with
+--scaling '' --docs ''; run the scaling axes once synthetic_aim_s0 has finished
+(its full-budget points reuse it), then the plain command, which finds every
+stage done and writes the docs.
 """
 from __future__ import annotations
 
