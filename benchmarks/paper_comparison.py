@@ -34,6 +34,7 @@ stage done and writes the docs.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import pathlib
@@ -268,15 +269,24 @@ def eval_config(dataset: str, workdir: pathlib.Path, args, seed: int):
 
 
 class StageTimes(dict):
-  """Stage wall times in seconds, saved to `path` after every stage so that reruns keep them."""
+  """Stage wall times in seconds, saved to `path` after every stage so that reruns keep them.
+
+  Invocations running side by side on one --out each add their stages to what the file
+  holds then (read, merge and replace under a lock), so none drops another's.
+  """
 
   def __init__(self, path: pathlib.Path):
     super().__init__(json.loads(path.read_text()) if path.exists() else {})
     self.path = path
 
   def __setitem__(self, name: str, seconds: float) -> None:
-    super().__setitem__(name, seconds)
-    self.path.write_text(json.dumps(self, indent=1) + "\n")
+    with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      self.update(json.loads(self.path.read_text()) if self.path.exists() else {})
+      super().__setitem__(name, seconds)
+      tmp = self.path.with_name(self.path.name + ".tmp")
+      tmp.write_text(json.dumps(self, indent=1) + "\n")
+      os.replace(tmp, self.path)
 
 
 def _pretrain(config, workdir: pathlib.Path, timings: dict, name: str) -> None:

@@ -192,6 +192,17 @@ def test_stage_times_are_saved_after_every_stage_and_reloaded(tmp_path):
   assert list(pc.StageTimes(path)) == ["synthetic_aim_s0/pretrain", "synthetic_aim_s0/evaluate"]
 
 
+def test_stage_times_of_invocations_side_by_side_are_all_kept(tmp_path):
+  path = tmp_path / "timings.json"
+  first, second = pc.StageTimes(path), pc.StageTimes(path)  # Both start before either writes.
+  first["synthetic_aim_s0/pretrain"] = 1.0
+  second["fitabase_aim_s0/pretrain"] = 2.0
+  first["synthetic_aim_s0/evaluate"] = 3.0
+  assert pc.StageTimes(path) == {"synthetic_aim_s0/pretrain": 1.0,
+                                 "fitabase_aim_s0/pretrain": 2.0,
+                                 "synthetic_aim_s0/evaluate": 3.0}
+
+
 @pytest.mark.parametrize("channels, weight, k", [(26, 0.1, 6), (2, 0.1, 1), (1, 0.0, 6)])
 def test_signal_imputation_fits_the_datasets_channels(tmp_path, monkeypatch, channels, weight, k):
   from lsm2.data import metadata
