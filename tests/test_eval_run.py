@@ -11,6 +11,7 @@ from lsm2.data import dataset
 from lsm2.data import metadata as metadata_lib
 from lsm2.eval import discriminative
 from lsm2.eval import fine_tune
+from lsm2.eval import generative
 from lsm2.eval import metrics as metrics_lib
 from lsm2.eval import probe as probe_lib
 from lsm2.eval import report
@@ -186,6 +187,22 @@ def test_generative_errors_match_a_hand_computation(evaluated, pretrained):
   for task in GEN_TASKS:
     model = _one(records, task=task, method="model", metric="mse", masking="natural")
     assert model["value"] > 0 and model["n"] > 0
+
+
+def test_generative_run_records_every_task_and_returns_only_the_kept_outputs(pretrained):
+  """Outputs hold a [n, T, C] prediction per method: only the ones used later are kept."""
+  workdir, data = pretrained
+  model = lsm2.load(str(workdir))
+  test = run.SplitReader(model, str(data), 4).read("test")
+  results = report.Results()
+  outputs = generative.run(
+      results, model, test["z"], test["observed"],
+      generative.select_tasks(model.model_cfg, GEN_TASKS), split="test", seed=0,
+      baseline_names=("channel_mean",), noise=None, keep=("signal_imputation_2ch", "other"))
+  assert list(outputs) == ["signal_imputation_2ch"]
+  assert outputs["signal_imputation_2ch"].predictions["model"].shape == test["z"].shape
+  assert {(r["task"], r["method"]) for r in results.records if r["metric"] == "mse"} == {
+      (task, method) for task in GEN_TASKS for method in ("model", "channel_mean")}
 
 
 @pytest.mark.slow  # Shares one full evaluation (~20 s) of the tiny checkpoint.

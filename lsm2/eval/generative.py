@@ -10,7 +10,7 @@ no predictor of the clean signal can beat the observation noise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -98,9 +98,11 @@ def record(results: report.Results, out: TaskOutput, z: np.ndarray, observed: np
 
 def run(results: report.Results, model: PretrainedModel, z: np.ndarray, observed: np.ndarray,
         task_list, *, split: str, seed: int, baseline_names: Sequence[str],
-        noise: tuple[np.ndarray, np.ndarray] | None, masking: str = report.NATURAL
-        ) -> dict[str, TaskOutput]:
-  """Every task of `task_list` on the given days; returns the outputs by task name."""
+        noise: tuple[np.ndarray, np.ndarray] | None, masking: str = report.NATURAL,
+        keep: Collection[str] = ()) -> dict[str, TaskOutput]:
+  """Records every task of `task_list` on the given days; returns the outputs of the tasks
+  named in `keep`, by name (each holds a [n, T, C] prediction per method: keeping every
+  task's would grow with the test split times the task count)."""
   outputs = {}
   for name, builder in task_list:
     out = run_task(model, z, observed, builder, seed=seed, baseline_names=baseline_names)
@@ -108,7 +110,8 @@ def run(results: report.Results, model: PretrainedModel, z: np.ndarray, observed
       results.skip(f"{name} ({masking})", "no observed minute under the target mask")
       continue
     record(results, out, z, observed, task=name, split=split, masking=masking, noise=noise)
-    outputs[name] = out
+    if name in keep:
+      outputs[name] = out
   return outputs
 
 

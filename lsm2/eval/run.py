@@ -210,10 +210,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
   gen = reader.read(gen_split)
   gen_kwargs = dict(split=gen_split, seed=config.seed,
                     baseline_names=tuple(config.generative.baselines), noise=noise)
+  # Outputs kept for later: the robustness task's (error by missingness) and the plotted ones.
+  keep = {rob_task} if config.robustness.enabled and rob_task else set()
+  keep |= set(config.plots.tasks) if config.plots.enabled else set()
   outputs = {}
   if config.generative.enabled:
     logging.info("Generative tasks: %d on %d days.", len(suite), gen["z"].shape[0])
-    outputs = generative.run(results, model, gen["z"], gen["observed"], suite, **gen_kwargs)
+    outputs = generative.run(results, model, gen["z"], gen["observed"], suite, keep=keep,
+                             **gen_kwargs)
 
   # --- Robustness ---------------------------------------------------------------
   if config.robustness.enabled:
@@ -250,7 +254,8 @@ def _robustness(results, model, meta, config, pool, gen, outputs, rob_tasks, gen
   for note in notes:
     results.skip("robustness", note)
   if gen_task and rcfg.generative_task not in outputs:
-    outputs.update(generative.run(results, model, gen["z"], gen["observed"], gen_task, **gen_kwargs))
+    outputs.update(generative.run(results, model, gen["z"], gen["observed"], gen_task,
+                                  keep=(rcfg.generative_task,), **gen_kwargs))
   for masking, transform in conditions:
     logging.info("Robustness: %s.", masking)
     reduced = pool.with_observed(transform(pool.observed))
