@@ -15,8 +15,9 @@ Plots go to OUT/plots/ and are copied beside the docs file (docs/results/ for
 docs/results.md), which links them by relative path.
 
   # The full run: 3 seeds x 2 schemes x 3 datasets at XS, 5,000 steps, plus the scaling
-  # runs; roughly 6-9 hours on an idle 2-core machine (estimated from the smoke run's
-  # step rates, not measured). Rerun the same command after an interruption.
+  # runs: ~12 hours of one CPU core (from stage times measured at 2,500 steps: a
+  # synthetic XS pretraining ~1,000 s, its evaluation ~1,300-1,650 s). Rerun the same
+  # command after an interruption; see below to use more cores.
   python benchmarks/paper_comparison.py --out /tmp/lsm2_paper --shared DIR
   # Smoke run (tiny model, 60 steps; ~15 min for synthetic with scaling on 2 shared cores):
   python benchmarks/paper_comparison.py --out /tmp/q --quick --seeds 2 \
