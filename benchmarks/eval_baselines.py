@@ -8,13 +8,12 @@ the same imputations.
   python benchmarks/eval_baselines.py --days 576 --against b9c29ba
 """
 import argparse
-import importlib.util
 import pathlib
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+import types
 
 import numpy as np
 
@@ -26,13 +25,11 @@ from lsm2.eval import baselines  # pylint: disable=g-import-not-at-top,wrong-imp
 
 def module_at(rev: str):
   """lsm2/eval/baselines.py as of git revision `rev`, imported under another name."""
-  source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:lsm2/eval/baselines.py"],
+  name = f"{rev}:lsm2/eval/baselines.py"
+  source = subprocess.run(["git", "-C", str(REPO), "show", name],
                           check=True, capture_output=True, text=True).stdout
-  path = pathlib.Path(tempfile.mkdtemp()) / "baselines_at_rev.py"
-  path.write_text(source)
-  spec = importlib.util.spec_from_file_location("baselines_at_rev", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = types.ModuleType("baselines_at_rev")
+  exec(compile(source, name, "exec"), module.__dict__)  # pylint: disable=exec-used
   return module
 
 

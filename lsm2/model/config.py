@@ -170,9 +170,9 @@ _SIZES = {
               dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048),
 }
 SIZES = tuple(_SIZES)
-# The fields a named size sets; run configs may override each (configs/pretrain.py).
-SIZE_FIELDS = ("enc_width", "enc_depth", "enc_heads", "enc_mlp",
-               "dec_width", "dec_depth", "dec_heads", "dec_mlp")
+# The fields a named size sets (every size sets the same); run configs may override each
+# (configs/pretrain.py).
+SIZE_FIELDS = tuple(_SIZES["S"])
 
 
 def get_model_config(size: str, **overrides) -> ModelConfig:
