@@ -58,21 +58,39 @@ def token_any(minutes: Bool[np.ndarray, "n t c"], model_cfg: model_config_lib.Mo
   return x.any(axis=(2, 4)).reshape(minutes.shape[0], n_time * n_signal)
 
 
-def _embed(graphdef, mask_cfg, per_token, state, signals, observed):
+def _embed(graphdef, mask_cfg, per_token, state, signals, observed, *, pack):
   model = nnx.merge(graphdef, state)
-  return model.embed(signals, observed, mask_cfg=mask_cfg, per_token=per_token)
+  return model.embed(signals, observed, mask_cfg=mask_cfg, per_token=per_token, pack=pack)
 
 
-def _reconstruct(graphdef, model_cfg, mask_cfg, state, signals, observed, hidden):
-  """Predictions (normalised) with the `hidden` tokens masked, nothing dropped."""
-  model = nnx.merge(graphdef, state)
+def _embed_visible(model_cfg, mask_cfg, observed):
+  """Each day's visible encoder tokens in `_embed` (the scheme's inherited rule)."""
+  observed = aim.effective_observed(observed, mask_cfg)
+  return aim.inference_masks(observed, model_cfg, mask_cfg).visible_len
+
+
+def _reconstruct_inputs(model_cfg, mask_cfg, signals, observed, hidden):
+  """(signals, observed, masks) the model sees with the `hidden` tokens masked, nothing dropped."""
   visible = observed & ~aim.tokens_to_minutes(hidden, model_cfg)
   signals = jnp.where(visible, signals, 0.0)  # Hidden values never reach the model.
   model_observed = aim.effective_observed(visible, mask_cfg)  # All True for LSM-1.
   # "attention_only" = n_drop 0: the hidden tokens are masked exactly as given, no top-up.
   eval_cfg = dataclasses.replace(mask_cfg, scheme="attention_only")
   masks = aim.masks_from_artificial(model_observed, hidden, jax.random.key(0), eval_cfg, model_cfg)
-  return model(signals, model_observed, masks)
+  return signals, model_observed, masks
+
+
+def _reconstruct(graphdef, model_cfg, mask_cfg, state, signals, observed, hidden, *, pack):
+  """Predictions (normalised); `pack` = (length, groups) packs the encoder (see `_batched`)."""
+  signals, model_observed, masks = _reconstruct_inputs(model_cfg, mask_cfg, signals, observed,
+                                                       hidden)
+  model = nnx.merge(graphdef, state)
+  return model(signals, model_observed, masks if pack is None else aim.pack_visible(masks, *pack))
+
+
+def _reconstruct_visible(model_cfg, mask_cfg, signals, observed, hidden):
+  """Each day's visible encoder tokens in `_reconstruct`."""
+  return _reconstruct_inputs(model_cfg, mask_cfg, signals, observed, hidden)[2].visible_len
 
 
 class PretrainedModel:
@@ -86,12 +104,14 @@ class PretrainedModel:
     channel_groups: each channel's sensor group.
     norm_mean, norm_std: per-channel statistics used to normalise inputs.
     batch_size: days per compiled batch (a multiple of the device count).
+    encoder_buckets: packed encoder lengths compiled per batch size (see `_batched`);
+      1 runs every token of every day.
     step: the training step of the parameters (None when not known).
     graphdef, params: the split NNX model (params replicated on every device).
   """
 
   def __init__(self, model: nnx.Module, description: dict[str, Any], *, batch_size: int = 64,
-               step: int | None = None):
+               step: int | None = None, encoder_buckets: int = 4):
     self.config = description
     self.step = step
     self.model_cfg = model_config_lib.ModelConfig(**description["model"])
@@ -112,12 +132,20 @@ class PretrainedModel:
       raise ValueError(f"batch_size={batch_size} must be positive")
     self.batch_size = self._devices * math.ceil(batch_size / self._devices)
     self.last_channel_report: named_lib.ChannelReport | None = None  # Of the last named input.
+    if encoder_buckets < 1:
+      raise ValueError(f"encoder_buckets={encoder_buckets} must be positive")
+    self.encoder_buckets = encoder_buckets
     self.graphdef, self.params = nnx.split(model)
     self._embed_fn = {
-        per_token: jax.jit(functools.partial(_embed, self.graphdef, self.mask_cfg, per_token))
+        per_token: jax.jit(functools.partial(_embed, self.graphdef, self.mask_cfg, per_token),
+                           static_argnames="pack")
         for per_token in (False, True)}
+    self._embed_visible_fn = jax.jit(functools.partial(_embed_visible, self.model_cfg,
+                                                       self.mask_cfg))
     self._reconstruct_fn = jax.jit(functools.partial(
-        _reconstruct, self.graphdef, self.model_cfg, self.mask_cfg))
+        _reconstruct, self.graphdef, self.model_cfg, self.mask_cfg), static_argnames="pack")
+    self._reconstruct_visible_fn = jax.jit(functools.partial(
+        _reconstruct_visible, self.model_cfg, self.mask_cfg))
 
   # --- Inputs in original units -------------------------------------------------
   def prepare(self, signals, observed=None) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -231,7 +259,8 @@ class PretrainedModel:
     """`embed` on already-normalised inputs (0 at unobserved minutes); `params` overrides weights."""
     fn = self._embed_fn[per_token]
     state = self.params if params is None else params
-    return self._batched(lambda s, o: fn(state, s, o), z, observed)
+    return self._batched(lambda pack, s, o: fn(state, s, o, pack=pack), z, observed,
+                         visible=lambda s, o: self._embed_visible_fn(o))
 
   def reconstruct_normalized(self, z: Float[np.ndarray, "n t c"], observed: Bool[np.ndarray, "n t c"],
                              hidden_tokens: Bool[np.ndarray, "n k"]) -> np.ndarray:
@@ -240,8 +269,9 @@ class PretrainedModel:
     if hidden_tokens.shape != (z.shape[0], self.model_cfg.num_tokens) or hidden_tokens.dtype != bool:
       raise ValueError(f"hidden_tokens must be bool [{z.shape[0]}, {self.model_cfg.num_tokens}], "
                        f"got {hidden_tokens.dtype} {hidden_tokens.shape}")
-    return self._batched(lambda s, o, h: self._reconstruct_fn(self.params, s, o, h),
-                         z, observed, hidden_tokens)
+    return self._batched(
+        lambda pack, s, o, h: self._reconstruct_fn(self.params, s, o, h, pack=pack),
+        z, observed, hidden_tokens, visible=self._reconstruct_visible_fn)
 
   def padded_size(self, n: int) -> int:
     """Compiled batch size for n days: D * 2^k, at most `batch_size` (D = devices)."""
@@ -264,10 +294,24 @@ class PretrainedModel:
     """
     return sharding_lib.mesh_context(self._mesh, (("batch", sharding_lib.BATCH_AXES),))
 
-  def _batched(self, fn: Callable, *arrays: np.ndarray):
-    """Runs fn over fixed-size, zero-padded batches and concatenates the outputs."""
+  def _batched(self, fn: Callable, *arrays: np.ndarray, visible: Callable | None = None):
+    """fn(pack, *batch) over fixed-size, zero-padded batches; the outputs concatenated.
+
+    `visible(*batch)` counts each day's visible encoder tokens. With more than one of
+    `encoder_buckets`, each device's share of a batch is packed (`aim.pack_visible`;
+    pack = (length, groups)) into the smallest of that many compiled lengths that holds
+    its visible tokens: the same outputs, with per-token layers following the tokens the
+    days show (about half on the synthetic data) rather than all of them; attention
+    already skips the masked ones. pack None runs every token (also when a batch needs
+    them all: LSM-1, which trusts every minute, or complete days).
+    """
     n = arrays[0].shape[0]
+    if n == 0:
+      raise ValueError("no days given (N = 0)")
     size = self.padded_size(n)
+    packed = visible is not None and self.encoder_buckets > 1
+    lengths = aim.encoder_buckets(self.encoder_buckets,
+                                  self.model_cfg.num_tokens * size // self._devices)
     outs = []
     for start in range(0, n, size):
       chunk = [a[start:start + size] for a in arrays]
@@ -275,10 +319,14 @@ class PretrainedModel:
       if m < size:
         chunk = [np.concatenate([c, np.zeros((size - m,) + c.shape[1:], c.dtype)]) for c in chunk]
       with self.mesh_context():
-        out = jax.device_get(fn(*self.shard(*chunk)))
+        chunk = self.shard(*chunk)
+        pack = None
+        if packed:  # Devices hold consecutive rows: one packing group each.
+          group = jax.device_get(visible(*chunk)).reshape(self._devices, -1).sum(axis=1)
+          length = next(x for x in lengths if x >= group.max())
+          pack = (length, self._devices) if length < lengths[-1] else None  # None: all tokens.
+        out = jax.device_get(fn(pack, *chunk))
       outs.append(jax.tree.map(lambda a: np.asarray(a)[:m], out))
-    if not outs:
-      raise ValueError("no days given (N = 0)")
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
   def check_dataset(self, meta: metadata_lib.DatasetMetadata, checkpoint: str = "checkpoint") -> None:
@@ -293,12 +341,14 @@ class PretrainedModel:
           f"{list(data_names)}; evaluate on data with the same channels in the same order")
 
 
-def load(path: str | pathlib.Path, step: int | None = None, *, batch_size: int = 64
-         ) -> PretrainedModel:
+def load(path: str | pathlib.Path, step: int | None = None, *, batch_size: int = 64,
+         encoder_buckets: int = 4) -> PretrainedModel:
   """Restores a model from a training workdir (export/ or a checkpoint `step`) or an export/ dir.
 
   Without `step` and an export, the newest readable checkpoint: an unreadable
   newer one is skipped with a warning, as training does (lsm2.pretrained.restore_newest).
+  `encoder_buckets`: how many encoder lengths inference compiles (1: every token of every day).
   """
   model, description, step = pretrained.load_pretrained(path, step)
-  return PretrainedModel(model, description, batch_size=batch_size, step=step)
+  return PretrainedModel(model, description, batch_size=batch_size, step=step,
+                         encoder_buckets=encoder_buckets)

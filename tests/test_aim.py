@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsm2.model.aim import (NO_STRATEGY, aim_masks, inference_masks, masks_from_artificial,
-                            pack_visible, truncate_kept)
+from lsm2.model.aim import (NO_STRATEGY, aim_masks, encoder_buckets, inference_masks,
+                            masks_from_artificial, pack_visible, truncate_kept)
 from lsm2.model.config import STRATEGIES, MaskConfig, ModelConfig, effective_mask_config
 
 PAPER = ModelConfig()  # 1440 x 26, 10-minute patches: 144 x 26 = 3,744 tokens.
@@ -186,6 +186,12 @@ def test_masks_from_artificial_keeps_the_callers_mask(observed):
                             MaskConfig(n_drop=0), PAPER)
   np.testing.assert_array_equal(np.asarray(m.artificial), artificial)
   np.testing.assert_array_equal(np.asarray(m.strategy), NO_STRATEGY)
+
+
+def test_encoder_bucket_lengths():
+  assert encoder_buckets(4, 2262) == (576, 1136, 1712, 2262)
+  assert encoder_buckets(1, 2262) == (2262,)
+  assert encoder_buckets(4, 20) == (16, 20)  # Multiples of 16, capped: fewer distinct lengths.
 
 
 def test_truncate_kept(observed):

@@ -100,7 +100,8 @@ def test_lsm1_scheme_is_also_invariant_to_unobserved_values(setup):
 
 
 def test_batches_are_padded_not_recompiled(setup):
-  _, model, signals, observed = setup
+  workdir, _, signals, observed = setup
+  model = lsm2.load(workdir, encoder_buckets=1)  # One encoder length: only padding varies.
   fn = model._embed_fn[False]  # pylint: disable=protected-access
   # conftest gives 8 devices: 1..5 days all run as one padded batch of 8.
   assert {model.padded_size(n) for n in range(1, 6)} == {8} and model.batch_size == 64
@@ -112,6 +113,39 @@ def test_batches_are_padded_not_recompiled(setup):
   many = model.embed(np.concatenate([signals] * 14), np.concatenate([observed] * 14))  # 64 + 6 days
   assert fn._cache_size() == before + 1  # pylint: disable=protected-access
   np.testing.assert_allclose(many[65:], full, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_encoder_gives_the_same_outputs(setup):
+  """Each device's days packed into a bucket of their visible tokens: exact, fewer rows."""
+  _, model, signals, observed = setup
+  graph = nnx.merge(model.graphdef, model.params)
+  packed = api.PretrainedModel(graph, model.config, batch_size=16, encoder_buckets=4)
+  full = api.PretrainedModel(graph, model.config, batch_size=16, encoder_buckets=1)
+  n_tokens = model.model_cfg.num_tokens
+  # 32 days in 2 batches of 16 (2 per device): the first complete, the second showing
+  # only their first 300 minutes, so its packed length is the shortest bucket.
+  days = np.concatenate([signals] * 7)[:32]
+  seen = np.concatenate([observed] * 7)[:32].copy()
+  days[:16] = np.nan_to_num(days[:16], nan=1.0)
+  seen[:16] = True
+  seen[16:, 300:] = False
+  z, obs, _ = packed.prepare(days, seen)
+  lengths = aim.encoder_buckets(4, n_tokens * 2)
+  assert 2 * np.asarray(packed._embed_visible_fn(obs[16:])).max() <= lengths[0]  # pylint: disable=protected-access
+  np.testing.assert_allclose(packed.embed_normalized(z, obs), full.embed_normalized(z, obs),
+                             rtol=1e-5, atol=1e-6)
+  tokens_p, vis_p = packed.embed_normalized(z, obs, per_token=True)
+  tokens_f, vis_f = full.embed_normalized(z, obs, per_token=True)
+  np.testing.assert_array_equal(vis_p, vis_f)
+  np.testing.assert_allclose(tokens_p, tokens_f, rtol=1e-5, atol=1e-5)
+  hidden = np.zeros((32, n_tokens), bool)
+  hidden[:, 3::7] = True
+  np.testing.assert_allclose(packed.reconstruct_normalized(z, obs, hidden),
+                             full.reconstruct_normalized(z, obs, hidden), rtol=1e-5, atol=1e-5)
+  # Two programs: every token for the complete batch, the shortest packed length for the other.
+  assert packed._embed_fn[False]._cache_size() == 2  # pylint: disable=protected-access
+  assert packed._reconstruct_fn._cache_size() == 2  # pylint: disable=protected-access
+  assert full._embed_fn[False]._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_bad_inputs_name_the_problem(setup):
@@ -152,10 +186,12 @@ def test_batched_functions_split_the_blocked_attention_over_devices(setup):
   size = model.padded_size(z.shape[0])
   arrays = model.shard(*(np.resize(a, (size,) + a.shape[1:]) for a in (z, obs)))
   embed = model._embed_fn[False]
+  packed = (aim.encoder_buckets(4, model.model_cfg.num_tokens * size // model._devices)[1],
+            model._devices)  # One packing group per device.
   with model.mesh_context():
-    inside = embed.lower(model.params, *arrays).compile().as_text()
-  outside = embed.lower(model.params, *arrays).compile().as_text()
-  assert "all-gather" not in inside
+    for pack in (None, packed):
+      assert "all-gather" not in embed.lower(model.params, *arrays, pack=pack).compile().as_text()
+  outside = embed.lower(model.params, *arrays, pack=None).compile().as_text()
   assert "all-gather" in outside  # Without the context GSPMD replicates the kernel's loop.
 
 

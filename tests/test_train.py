@@ -20,6 +20,7 @@ from lsm2 import pretrained
 from lsm2 import sharding
 from lsm2.data import pipeline
 from lsm2.data import synthesize
+from lsm2.model import aim
 from lsm2.train import encoder_layout
 from lsm2.train import train
 
@@ -160,7 +161,7 @@ def test_encoder_buckets_are_exact_and_bounded(data_dir, batches, single_device_
   config = small_config(data_dir)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
-  buckets = encoder_layout.encoder_buckets(4, model_cfg.num_tokens - mask_cfg.n_drop)
+  buckets = aim.encoder_buckets(4, model_cfg.num_tokens - mask_cfg.n_drop)
   losses, _, layout, train_step, _ = _run_steps(config, mesh, batches * 2, buckets=buckets)
   reference = single_device_run[0]
   np.testing.assert_allclose(losses[:3], reference, rtol=1e-5)
@@ -178,7 +179,7 @@ def test_packed_encoder_is_exact_and_bounded(data_dir, batches, single_device_ru
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
   model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
   rows = (model_cfg.num_tokens - mask_cfg.n_drop) * config.batch_size // 2
-  buckets = encoder_layout.encoder_buckets(8, rows)
+  buckets = aim.encoder_buckets(8, rows)
   losses, _, layout, train_step, _ = _run_steps(config, mesh, batches * 2, buckets=buckets,
                                              pack_groups=2)
   reference = single_device_run[0]
@@ -186,11 +187,6 @@ def test_packed_encoder_is_exact_and_bounded(data_dir, batches, single_device_ru
   assert layout.compiled_lengths <= set(buckets)
   assert train_step._cache_size() == len(layout.compiled_lengths)
   assert max(layout.compiled_lengths) < buckets[-1]  # fewer encoder rows than the fixed split
-
-
-def test_encoder_bucket_lengths():
-  assert encoder_layout.encoder_buckets(4, 2262) == (576, 1136, 1712, 2262)
-  assert encoder_layout.encoder_buckets(1, 2262) == (2262,)
 
 
 @pytest.mark.parametrize("buckets,pack,want_groups", [(0, False, 0), (4, False, 0), (4, True, 2)])
@@ -210,9 +206,9 @@ def test_mask_layout_follows_the_config(data_dir, buckets, pack, want_groups):
     assert layout.draw(1, 2, 3) == "masks" and drawn == [(1, 2, 3)]  # The fixed split: as drawn.
     assert not layout.compiled_lengths
   elif pack:  # Up to every kept token of a shard's 4 examples.
-    assert layout.buckets == encoder_layout.encoder_buckets(4, n_keep * config.batch_size // 2)
+    assert layout.buckets == aim.encoder_buckets(4, n_keep * config.batch_size // 2)
   else:
-    assert layout.buckets == encoder_layout.encoder_buckets(4, n_keep)
+    assert layout.buckets == aim.encoder_buckets(4, n_keep)
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Tokens are numbered row-major over the grid (n_time, n_signal):
 token = time_index * n_signal + signal_index.
 """
 import functools
+import math
 
 import flax.struct
 import jax
@@ -265,6 +266,19 @@ def inference_masks(
   artificial = jnp.zeros((b, model_cfg.num_tokens), bool)
   strategy = jnp.full((b,), NO_STRATEGY, jnp.int32)
   return _from_artificial(observed, artificial, strategy, jax.random.key(0), 0, mask_cfg, model_cfg)
+
+
+def encoder_buckets(num_buckets: int, n_keep: int) -> tuple[int, ...]:
+  """Encoder lengths to compile: evenly spaced up to n_keep (multiples of 16).
+
+  n_keep is the most tokens a layout can hold: per example for `truncate_kept`, per
+  group for `pack_visible` (training's encoder layouts and packed inference share it).
+  """
+  if num_buckets <= 1:
+    return (n_keep,)
+  sizes = {min(n_keep, 16 * math.ceil(n_keep * (i + 1) / num_buckets / 16))
+           for i in range(num_buckets)}
+  return tuple(sorted(sizes))
 
 
 def truncate_kept(masks: AimMasks, length: int) -> AimMasks:

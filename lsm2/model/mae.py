@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from lsm2.model.aim import AimMasks, effective_observed, inference_masks, loss_tokens
+from lsm2.model.aim import (AimMasks, effective_observed, inference_masks, loss_tokens,
+                            pack_visible)
 from lsm2.model import matmul
 from lsm2.model.attention import dot_product_attention
 from lsm2.model.config import MaskConfig, ModelConfig
@@ -310,16 +311,21 @@ class LSM2MAE(nnx.Module):
       *,
       mask_cfg: MaskConfig | None = None,
       per_token: bool = False,
+      pack: tuple[int, int] | None = None,
   ) -> Float[Array, "b d"] | tuple[Float[Array, "b n d"], Bool[Array, "b n"]]:
     """Inference embedding: nothing dropped, inherited tokens attention-masked.
 
     Returns the mean of the encoder outputs over visible tokens [b, d] (zeros
     for a day without any), or with `per_token` the outputs on the full grid
     [b, N, d] (zeros at masked tokens) and the visibility mask [b, N].
+    `pack` = (length, groups) packs the visible tokens (`aim.pack_visible`): the
+    same outputs, per-token work on `groups * length` rows.
     """
     mask_cfg = mask_cfg or MaskConfig()
     observed = effective_observed(observed, mask_cfg)
     masks = inference_masks(observed, self.cfg, mask_cfg)
+    if pack is not None:
+      masks = pack_visible(masks, *pack)
     enc = self.encode(signals, observed, masks).astype(jnp.float32)
     enc = jnp.where(masks.keep_visible[:, :, None], enc, 0.0)
     if per_token:

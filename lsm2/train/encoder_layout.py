@@ -18,7 +18,6 @@ length from the drawn masks' visible counts, before the step runs.
 """
 from collections.abc import Callable
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,22 +28,13 @@ from lsm2.model import aim
 from lsm2.model import config as model_config_lib
 
 
-def encoder_buckets(num_buckets: int, n_keep: int) -> tuple[int, ...]:
-  """Encoder lengths to compile: evenly spaced up to n_keep (multiples of 16)."""
-  if num_buckets <= 1:
-    return (n_keep,)
-  sizes = {min(n_keep, 16 * math.ceil(n_keep * (i + 1) / num_buckets / 16))
-           for i in range(num_buckets)}
-  return tuple(sorted(sizes))
-
-
 def layout_buckets(num_buckets: int, n_keep: int, batch_size: int, pack_groups: int
                    ) -> tuple[int, ...] | None:
   """Encoder lengths to compile (None: the fixed split). Packed lengths range up to every
   kept token of a group's examples."""
   if num_buckets <= 0:
     return None
-  return encoder_buckets(num_buckets, n_keep * batch_size // pack_groups if pack_groups else n_keep)
+  return aim.encoder_buckets(num_buckets, n_keep * batch_size // pack_groups if pack_groups else n_keep)
 
 
 def fit_encoder(masks: aim.AimMasks, buckets: tuple[int, ...], pack_groups: int = 0
