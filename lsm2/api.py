@@ -294,7 +294,7 @@ class PretrainedModel:
     """
     return sharding_lib.mesh_context(self._mesh, (("batch", sharding_lib.BATCH_AXES),))
 
-  def _batched(self, fn: Callable, *arrays: np.ndarray, visible: Callable | None = None):
+  def _batched(self, fn: Callable, *arrays: np.ndarray, visible: Callable):
     """fn(pack, *batch) over fixed-size, zero-padded batches; the outputs concatenated.
 
     `visible(*batch)` counts each day's visible encoder tokens. With more than one of
@@ -309,7 +309,6 @@ class PretrainedModel:
     if n == 0:
       raise ValueError("no days given (N = 0)")
     size = self.padded_size(n)
-    packed = visible is not None and self.encoder_buckets > 1
     lengths = aim.encoder_buckets(self.encoder_buckets,
                                   self.model_cfg.num_tokens * size // self._devices)
     outs = []
@@ -321,7 +320,7 @@ class PretrainedModel:
       with self.mesh_context():
         chunk = self.shard(*chunk)
         pack = None
-        if packed:  # Devices hold consecutive rows: one packing group each.
+        if len(lengths) > 1:  # Devices hold consecutive rows: one packing group each.
           group = jax.device_get(visible(*chunk)).reshape(self._devices, -1).sum(axis=1)
           length = next(x for x in lengths if x >= group.max())
           pack = (length, self._devices) if length < lengths[-1] else None  # None: all tokens.
