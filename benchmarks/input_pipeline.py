@@ -13,7 +13,9 @@ writes the best worker setting per format as `records_per_s_tfrecord` and
 and `cpu_us_per_record_{format}_w{workers}`. TFRecord data checksums are verified
 (the training default); `records_per_s_tfrecord_w0_noverify` measures the same
 pipeline without, and `crc_us_per_record` the checksum alone (copy + CRC-32C of
-every record of the TFRecord copy, best of 3). `records_per_s_tfds` reads the
+every record of the TFRecord copy, best of 3), `decode_records_per_s` the record
+decoder alone on the same records, and `protobuf_version` the protobuf it ran
+with (decoding must not depend on it: lsm2/data/example.py). `records_per_s_tfds` reads the
 ArrayRecord copy the TFDS way: `tfds.builder_from_directory(...).as_data_source`
 (TFDS's own decoding) through a Grain MapDataset (shuffle, batch, 0 workers).
 `--pieces` adds each I/O piece's day-records/s, lsm2's own beside the
@@ -36,8 +38,9 @@ import tempfile
 import time
 
 from absl import flags
+import google.protobuf
 
-from lsm2.data import grain_sources, pipeline, synthetic
+from lsm2.data import example, grain_sources, metadata, pipeline, synthetic
 from lsm2.data.crc32c import masked_crc32c
 from lsm2.data.synthesize import write_synthetic_dataset
 
@@ -93,24 +96,39 @@ def measure(data_dir: pathlib.Path, workers: int, batch_size: int, batches: int,
     it.close()
 
 
-def crc_us_per_record(data_dir: pathlib.Path) -> float:
-  """Microseconds per record of the data checksum alone (what verify_checksums adds)."""
-  paths = sorted(data_dir.glob("train-*.tfrecord"))
+def tfrecord_payloads(data_dir: pathlib.Path) -> list[memoryview]:
+  """Every serialized Example of the split `train` of a TFRecord dataset, in file order."""
   views = []
-  for path in paths:
+  for path in sorted(data_dir.glob("train-*.tfrecord")):
     data = memoryview(path.read_bytes())
     pos = 0
     while pos < len(data):
       length = int.from_bytes(data[pos:pos + 8], "little")
       views.append(data[pos + 12:pos + 12 + length])
       pos += 16 + length
+  return views
+
+
+def us_per_record(views: list[memoryview], work) -> float:
+  """Microseconds per record of `work(view)` over all `views`, best of 3 passes."""
   best = float("inf")
   for _ in range(3):
     start = time.perf_counter()
     for v in views:
-      masked_crc32c(v)
+      work(v)
     best = min(best, (time.perf_counter() - start) / len(views) * 1e6)
   return best
+
+
+def decode_records_per_s(data_dir: pathlib.Path, num_channels: int) -> float:
+  """Records/s of the record decoder alone (lsm2.data.example.decode_arrays), one process."""
+  return 1e6 / us_per_record(tfrecord_payloads(data_dir),
+                             lambda v: example.decode_arrays(v, num_channels))
+
+
+def crc_us_per_record(data_dir: pathlib.Path) -> float:
+  """Microseconds per record of the data checksum alone (what verify_checksums adds)."""
+  return us_per_record(tfrecord_payloads(data_dir), masked_crc32c)
 
 
 def tfds_records_per_s(data_dir: pathlib.Path, batch_size: int, batches: int,
@@ -382,7 +400,11 @@ def main() -> None:
         total = sum(meta.record_counts.values())
         print(f"synthesize + write {fmt}: {total / (time.perf_counter() - start):.0f} "
               f"subject-days/s ({total} records)")
-    results: dict[str, float] = {}
+    results: dict[str, float | str] = {"protobuf_version": google.protobuf.__version__}
+    num_channels = metadata.load_metadata(root / "tfrecord").num_channels
+    results["decode_records_per_s"] = decode_records_per_s(root / "tfrecord", num_channels)
+    print(f"record decoder alone: {results['decode_records_per_s']:8.0f} day-records/s "
+          f"(protobuf {results['protobuf_version']})")
     for fmt in ("tfrecord", "array_record"):
       for workers in (0, 2):
         rate, cpu = measure(root / fmt, workers, args.batch_size, args.batches, args.repeats)

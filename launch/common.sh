@@ -12,6 +12,10 @@
 SCRIPT_NAME="$(basename "$0")"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# The exact versions every host installs, relative to the repository root
+# (written by launch/lock.py; see docs/launching.md).
+CONSTRAINTS="launch/constraints.txt"
+
 CONFIG=""
 WORKDIR=""
 DRY_RUN=0
@@ -148,6 +152,11 @@ run_or_print() {
   else
     "$@"
   fi
+}
+
+# note_unpinned: says that --jax-spec installs without the constraints file.
+note_unpinned() {
+  echo "$SCRIPT_NAME: note: --jax-spec given: installing without $CONSTRAINTS, so no version is pinned" >&2
 }
 
 # require_tool NAME: outside --dry-run, NAME must be on PATH.

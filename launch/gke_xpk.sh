@@ -15,7 +15,9 @@ Submits \`xpk workload create\`. The code reaches the pods in one of two ways:
   default                 the committed tree (git archive HEAD) is staged in
                           \${TMPDIR:-/tmp}/lsm2-xpk-NAME, xpk builds it onto
                           --base-docker-image (needs docker), and every pod
-                          pip-installs it (with --jax-spec) before running
+                          pip-installs it with its [tpu] extra, every package
+                          at the version launch/constraints.txt pins, before
+                          running
   --docker-image IMAGE    a prebuilt image (gcr.io / *-docker.pkg.dev) whose
                           working directory holds configs/ and whose Python
                           has lsm2 and JAX installed; nothing is built
@@ -33,7 +35,9 @@ Options:
   --zone ZONE              the cluster's zone (default: gcloud's)
   --docker-image IMAGE     prebuilt image, see above
   --base-docker-image IMG  base for the built image, default python:3.11
-  --jax-spec SPEC          JAX requirement installed with lsm2, default 'jax[tpu]'
+  --jax-spec SPEC          install this JAX requirement with lsm2 instead of its
+                           [tpu] extra, with no version pinned, e.g. to try
+                           another JAX ('' installs none: the image's JAX is used)
   --xpk-flag FLAG          extra flag for xpk workload create (repeatable),
                            e.g. --xpk-flag=--max-restarts=3 --xpk-flag=--spot
   --dry-run                print the commands, run nothing
@@ -50,7 +54,8 @@ PROJECT=""
 ZONE=""
 DOCKER_IMAGE=""
 BASE_DOCKER_IMAGE="python:3.11"
-JAX_SPEC="jax[tpu]"
+JAX_SPEC=""
+PINNED=1
 XPK_FLAGS=()
 
 split_equals "$@"
@@ -65,7 +70,7 @@ while (($#)); do
     --zone) ZONE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --docker-image) DOCKER_IMAGE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --base-docker-image) BASE_DOCKER_IMAGE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
-    --jax-spec) JAX_SPEC="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --jax-spec) JAX_SPEC="$(value_of "$1" "$#" "${2-}")"; PINNED=0; shift 2 ;;
     --xpk-flag) XPK_FLAGS+=("$(flag_value_of "$1" "$#" "${2-}")"); shift 2 ;;
     *)
       parse_common_arg "$@"
@@ -104,7 +109,13 @@ fi
 if [[ -n "$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
   echo "$SCRIPT_NAME: note: uncommitted changes are not shipped, only the commit HEAD" >&2
 fi
-INSTALL="python3 -m pip install --quiet .${JAX_SPEC:+ $(quote "$JAX_SPEC")}"
+# The staged tree is the image's working directory: the constraints file is in it.
+if ((PINNED)); then
+  INSTALL="python3 -m pip install --quiet -c $CONSTRAINTS $(quote ".[tpu]")"
+else
+  note_unpinned
+  INSTALL="python3 -m pip install --quiet .${JAX_SPEC:+ $(quote "$JAX_SPEC")}"
+fi
 run_or_print rm -rf "$STAGE"
 run_or_print mkdir -p "$STAGE"
 if ((DRY_RUN)); then

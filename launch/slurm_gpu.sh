@@ -12,7 +12,9 @@ Usage: launch/slurm_gpu.sh --nodes N --config PATH[:ARG] --workdir DIR [options]
 
 Writes WORKDIR/launch.sbatch and submits it with sbatch (logs: WORKDIR/logs/).
 The script runs on a shared filesystem: this checkout, its Python environment
-(--setup) and WORKDIR must be visible from every node.
+(--setup) and WORKDIR must be visible from every node. Install that environment
+once with \`pip install -c launch/constraints.txt -e '.[cuda12]'\` (the pinned
+versions), or let every job do it with --install.
 
 Process layout:
   default      one process per GPU: --gpus-per-node tasks per node, each task
@@ -36,6 +38,10 @@ Options:
                            e.g. --sbatch-option=--exclusive
   --setup CMD              shell line run before srun (repeatable), e.g.
                            --setup 'source ~/lsm2/.venv/bin/activate'
+  --install                after the --setup lines, pip-install this checkout
+                           with its [cuda12] extra at the versions that
+                           launch/constraints.txt pins (once, on the first
+                           node, which must reach the package index)
   --dry-run                print the batch script and the sbatch command
   --config.KEY=VALUE       config override
   -- FLAGS                 further lsm2.main flags, passed verbatim
@@ -52,6 +58,7 @@ TIME_LIMIT=""
 CPUS_PER_TASK=""
 SBATCH_OPTIONS=()
 SETUP=()
+INSTALL=0
 
 split_equals "$@"
 set -- "${ARGS[@]+"${ARGS[@]}"}"
@@ -67,6 +74,7 @@ while (($#)); do
     --cpus-per-task) CPUS_PER_TASK="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --sbatch-option) SBATCH_OPTIONS+=("$(flag_value_of "$1" "$#" "${2-}")"); shift 2 ;;
     --setup) SETUP+=("$(value_of "$1" "$#" "${2-}")"); shift 2 ;;
+    --install) INSTALL=1; shift ;;
     *)
       parse_common_arg "$@"
       ((SHIFT)) || die "unknown argument '$1'"
@@ -128,6 +136,9 @@ batch_script() {
   echo "set -euo pipefail"
   echo "cd $(quote "$REPO_ROOT")"
   for line in "${SETUP[@]}"; do echo "$line"; done
+  if ((INSTALL)); then
+    echo "python3 -m pip install --quiet -c $CONSTRAINTS -e $(quote ".[cuda12]")"
+  fi
   if ((PER_NODE)); then
     echo "export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((GPUS_PER_NODE - 1)))"
   fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lsm2.main on every worker of a Cloud TPU VM slice: installs the package from
-# a git ref or a wheel on each worker, then starts one process per worker
-# (JAX finds the other workers by itself). See docs/launching.md.
+# a git ref or a wheel on each worker, at the versions of launch/constraints.txt,
+# then starts one process per worker (JAX finds the other workers by itself).
+# See docs/launching.md.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -11,8 +12,9 @@ Usage: launch/tpu_vm.sh --name TPU --zone ZONE (--git-ref REF --repo URL | --whe
                         --config PATH[:ARG] --workdir gs://BUCKET/DIR [options]
                         [--config.KEY=VALUE ...] [-- LSM2_MAIN_FLAGS ...]
 
-Runs over \`gcloud compute tpus tpu-vm ssh --worker=all\`: installs lsm2 on every
-worker, then runs \`python -m lsm2.main\` on all of them at once, in the
+Runs over \`gcloud compute tpus tpu-vm ssh --worker=all\`: installs lsm2 with its
+[tpu] extra on every worker, every package at the version that
+launch/constraints.txt pins (pip install -c), then runs \`python -m lsm2.main\` on all of them at once, in the
 foreground (run it inside tmux/screen; Ctrl-C stops the local ssh sessions).
 
 Required:
@@ -21,15 +23,17 @@ Required:
   --git-ref REF            install this branch, tag or commit of --repo ...
   --repo URL               ... cloned on every worker into --remote-dir
   --wheel WHEEL            ... or this wheel (a local file or gs:// path); the
-                           local configs/ directory is copied beside it
+                           local configs/ and launch/constraints.txt are
+                           copied beside it
   --config PATH[:ARG]      config file, relative to the repository root
   --workdir gs://...       run directory on a bucket (workers share no disk)
 Options:
   --project PROJECT        Google Cloud project (default: gcloud's)
   --remote-dir DIR         directory on the workers, default ~/lsm2
   --python PY              Python (>= 3.11) on the workers, default python3
-  --jax-spec SPEC          JAX requirement installed with lsm2, default 'jax[tpu]'
-                           ('' installs none: the workers' JAX is used)
+  --jax-spec SPEC          install this JAX requirement with lsm2 instead of its
+                           [tpu] extra, with no version pinned, e.g. to try
+                           another JAX ('' installs none: the workers' JAX is used)
   --gcloud-flag FLAG       extra flag for every gcloud call (repeatable),
                            e.g. --gcloud-flag=--internal-ip
   --dry-run                print the gcloud commands, run nothing
@@ -46,7 +50,8 @@ REPO=""
 WHEEL=""
 REMOTE_DIR="~/lsm2"
 REMOTE_PYTHON="python3"
-JAX_SPEC="jax[tpu]"
+JAX_SPEC=""
+PINNED=1
 GCLOUD_FLAGS=()
 
 split_equals "$@"
@@ -61,7 +66,7 @@ while (($#)); do
     --wheel) WHEEL="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --remote-dir) REMOTE_DIR="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --python) REMOTE_PYTHON="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
-    --jax-spec) JAX_SPEC="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --jax-spec) JAX_SPEC="$(value_of "$1" "$#" "${2-}")"; PINNED=0; shift 2 ;;
     --gcloud-flag) GCLOUD_FLAGS+=("$(flag_value_of "$1" "$#" "${2-}")"); shift 2 ;;
     *)
       parse_common_arg "$@"
@@ -87,20 +92,31 @@ if [[ -n "$WHEEL" && "$WHEEL" != gs://* && ! -f "$WHEEL" ]]; then
   die "--wheel file '$WHEEL' does not exist"
 fi
 require_tool gcloud
+((PINNED)) || note_unpinned
 
 GCLOUD_COMMON=("--zone=$ZONE" ${PROJECT:+"--project=$PROJECT"} "--worker=all" "${GCLOUD_FLAGS[@]}")
 DIR_Q="$(quote_remote_path "$REMOTE_DIR")"
-JAX_Q="${JAX_SPEC:+ $(quote "$JAX_SPEC")}"
 PY_Q="$(quote_remote_path "$REMOTE_PYTHON")"
+
+# pip_install TARGET CONSTRAINTS_PATH: the remote pip command that installs
+# TARGET (lsm2's directory or wheel, quoted for the remote shell) with its [tpu]
+# extra at the pinned versions, or, after --jax-spec, with that JAX and no pins.
+pip_install() {
+  if ((PINNED)); then
+    printf '%s -m pip install --quiet -c %s %s%s' "$PY_Q" "$2" "$1" "$(quote "[tpu]")"
+  else
+    printf '%s -m pip install --quiet %s%s' "$PY_Q" "$1" "${JAX_SPEC:+ $(quote "$JAX_SPEC")}"
+  fi
+}
 
 # ssh_all SCRIPT: runs the shell SCRIPT on every worker.
 ssh_all() {
   run_or_print gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_COMMON[@]}" "--command=$1"
 }
 
-# scp_all SRC DEST: copies SRC to DEST (relative to the remote home) on every worker.
+# scp_all DEST SRC...: copies the SRCs into DEST (relative to the remote home) on every worker.
 scp_all() {
-  run_or_print gcloud compute tpus tpu-vm scp --recurse "$1" "$NAME:$2" "${GCLOUD_COMMON[@]}"
+  run_or_print gcloud compute tpus tpu-vm scp --recurse "${@:2}" "$NAME:$1" "${GCLOUD_COMMON[@]}"
 }
 
 main_args
@@ -117,11 +133,12 @@ if [ ! -d $DIR_Q/.git ]; then git clone --quiet $REPO_Q $DIR_Q; fi; \
 git -C $DIR_Q remote set-url origin $REPO_Q; \
 git -C $DIR_Q fetch --quiet origin $(quote "$GIT_REF"); \
 git -C $DIR_Q checkout --quiet --detach FETCH_HEAD; \
-$PY_Q -m pip install --quiet -e $DIR_Q$JAX_Q; \
+$(pip_install "-e $DIR_Q" "$DIR_Q/$CONSTRAINTS"); \
 $RUN"
 else
-  # The wheel holds the package only; configs/ travels beside it. Installing
-  # twice makes a rebuilt wheel with an unchanged version number take effect.
+  # The wheel holds the package only; configs/ and the constraints file travel
+  # beside it. Installing twice makes a rebuilt wheel with an unchanged version
+  # number take effect.
   WHEEL_NAME="$(basename "$WHEEL")"
   ssh_all "mkdir -p $DIR_Q"
   if [[ "$REMOTE_DIR" == "~/"* ]]; then
@@ -129,16 +146,17 @@ else
   else
     REMOTE_SCP_DIR="$REMOTE_DIR"
   fi
-  scp_all "$REPO_ROOT/configs" "$REMOTE_SCP_DIR/"
+  SOURCES=("$REPO_ROOT/configs" "$REPO_ROOT/$CONSTRAINTS")
   if [[ "$WHEEL" == gs://* ]]; then
     FETCH="gcloud storage cp $(quote "$WHEEL") $DIR_Q/; "
   else
-    scp_all "$WHEEL" "$REMOTE_SCP_DIR/"
+    SOURCES+=("$WHEEL")
     FETCH=""
   fi
+  scp_all "$REMOTE_SCP_DIR/" "${SOURCES[@]}"
   WHEEL_Q="$DIR_Q/$(quote "$WHEEL_NAME")"
   ssh_all "set -euo pipefail; \
-${FETCH}$PY_Q -m pip install --quiet $WHEEL_Q$JAX_Q; \
+${FETCH}$(pip_install "$WHEEL_Q" "$DIR_Q/$(basename "$CONSTRAINTS")"); \
 $PY_Q -m pip install --quiet --force-reinstall --no-deps $WHEEL_Q; \
 $RUN"
 fi

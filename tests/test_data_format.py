@@ -491,3 +491,44 @@ def test_shard_names_round_trip():
   assert shards.parse_shard_filename(name) == ("train", 3, 12, "array_record")
   with pytest.raises(ValueError, match="not a shard file name"):
     shards.parse_shard_filename("train-3-of-12.tfrecord")
+
+
+def test_decoder_equals_protobufs_values_under_the_installed_protobuf():
+  """Whatever protobuf pip picked (Beam pins < 7), the packed-bytes decoder returns exactly
+  what protobuf's own repeated fields hold, for encodings other writers use too: unpacked
+  floats and varints, negative int64s, a packed field split in two chunks."""
+  from google.protobuf import __version__ as protobuf_version
+  from tensorflow_datasets.proto import tf_example_pb2
+  rng = np.random.default_rng(11)
+  rec = _record(rng, "pb", "2024-05-06")
+  bouts = rec.labels["bouts"].copy()
+  bouts[:4] = [-(2**63), 2**63 - 1, -2, 300]  # Every varint length, 1 to 10 bytes.
+
+  def tag(field, wire):
+    return example._varint((field << 3) | wire)
+
+  unpacked_floats = b"".join(tag(1, 5) + struct.pack("<f", v) for v in rec.signals.reshape(-1))
+  half = rec.signals.size // 2 * 4
+  raw = rec.signals.astype("<f4").tobytes()
+  split_floats = example._len_field(1, raw[:half]) + example._len_field(1, raw[half:])
+  unpacked_ints = b"".join(tag(1, 0) + example._varint(int(v)) for v in bouts)
+  for floats, ints in ((unpacked_floats, unpacked_ints), (split_floats, unpacked_ints)):
+    entries = [example._entry("signals", example._len_field(2, floats)),
+               example._entry("observed", example._bytes_feature([rec.observed.tobytes()])),
+               example._entry("subject_id", example._bytes_feature([b"pb"])),
+               example._entry("day", example._bytes_feature([b"2024-05-06"])),
+               example._entry("label/bouts", example._len_field(3, ints))]
+    data = example._len_field(1, b"".join(entries))
+    feature = tf_example_pb2.Example.FromString(data).features.feature
+    got = example.decode_record(data, len(CHANNELS), {"bouts": LABELS[3]})
+    reference = np.asarray(feature["signals"].float_list.value, np.float32).reshape(1440, -1)
+    assert got.signals.tobytes() == reference.tobytes() == rec.signals.tobytes(), protobuf_version
+    np.testing.assert_array_equal(got.labels["bouts"],
+                                  np.asarray(feature["label/bouts"].int64_list.value, np.int64))
+    np.testing.assert_array_equal(got.labels["bouts"], bouts)
+    assert got.signals.flags.writeable and got.labels["bouts"].dtype == np.int64
+  # And lsm2's own packed encoding, labels included.
+  ours = example.decode_record(example.encode_record(rec, {s.name: s for s in LABELS}),
+                               len(CHANNELS), {s.name: s for s in LABELS})
+  assert ours.signals.tobytes() == rec.signals.tobytes()
+  np.testing.assert_array_equal(ours.labels["bouts"], rec.labels["bouts"])

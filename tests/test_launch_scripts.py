@@ -1,9 +1,12 @@
-"""launch/*.sh: exact dry-run commands, refused settings, and local.sh's real processes.
+"""launch/*.sh: exact dry-run commands, refused settings, and local.sh's real processes;
+launch/constraints.txt against pyproject.toml, and launch/lock.py that writes it.
 
 The cloud tools (gcloud, sbatch, xpk) are replaced by stubs that record their
 argv, so the real (non-dry-run) paths are checked to run exactly what the dry
 run prints. No real TPU, Slurm or GKE is reachable from the test machine.
 """
+import datetime
+import importlib.util
 import json
 import os
 import pathlib
@@ -15,9 +18,13 @@ import textwrap
 import time
 
 import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO_ROOT / "launch"
+CONSTRAINTS = LAUNCH / "constraints.txt"
 BASH = shutil.which("bash")
 
 
@@ -235,11 +242,15 @@ def test_tpu_vm_git_ref_dry_run():
             "git -C ~/lsm2 remote set-url origin https://github.com/o/lsm2.git; "
             "git -C ~/lsm2 fetch --quiet origin v0.1; "
             "git -C ~/lsm2 checkout --quiet --detach FETCH_HEAD; "
-            "python3 -m pip install --quiet -e ~/lsm2 'jax[tpu]'; " + TPU_RUN)
+            "python3 -m pip install --quiet -c ~/lsm2/launch/constraints.txt -e ~/lsm2'[tpu]'; " + TPU_RUN)
   assert lines(result) == [tpu_ssh(remote)]
+  # The workers find the constraints file in their checkout of the ref.
+  tracked = subprocess.run(["git", "-C", REPO_ROOT, "ls-files", "--error-unmatch", CONSTRAINTS],
+                           capture_output=True)
+  assert tracked.returncode == 0, "launch/constraints.txt is not tracked by git"
 
 
-def test_tpu_vm_local_wheel_dry_run_copies_wheel_and_configs(tmp_path):
+def test_tpu_vm_local_wheel_dry_run_copies_wheel_configs_and_constraints(tmp_path):
   wheel = tmp_path / "dist dir" / "lsm2-0.1.0-py3-none-any.whl"
   wheel.parent.mkdir()
   wheel.write_bytes(b"")
@@ -252,16 +263,12 @@ def test_tpu_vm_local_wheel_dry_run_copies_wheel_and_configs(tmp_path):
   def ssh(command):
     return shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lsm2-v4-32", *common, f"--command={command}"])
 
-  def scp(src):
-    return shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", str(src), "lsm2-v4-32:lsm2/",
-                       *common])
-
   whl = "~/lsm2/lsm2-0.1.0-py3-none-any.whl"
   assert lines(result) == [
       ssh("mkdir -p ~/lsm2"),
-      scp(REPO_ROOT / "configs"),
-      scp(wheel),
-      ssh(f"set -euo pipefail; python3 -m pip install --quiet {whl} 'jax[tpu]'; "
+      shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", str(REPO_ROOT / "configs"),
+                  str(CONSTRAINTS), str(wheel), "lsm2-v4-32:lsm2/", *common]),
+      ssh(f"set -euo pipefail; python3 -m pip install --quiet -c ~/lsm2/constraints.txt {whl}'[tpu]'; "
           f"python3 -m pip install --quiet --force-reinstall --no-deps {whl}; " + TPU_RUN),
   ]
 
@@ -275,6 +282,8 @@ def test_tpu_vm_bucket_wheel_is_fetched_on_the_workers():
   assert len(out) == 3
   assert out[0] == tpu_ssh("mkdir -p /opt/lsm2")
   assert "/opt/lsm2/ " in out[1]  # configs/ copied into the remote dir.
+  # The workers' JAX is kept, so nothing is pinned, and the script says so.
+  assert "--jax-spec given: installing without launch/constraints.txt" in result.stderr
   assert out[2] == tpu_ssh(
       "set -euo pipefail; gcloud storage cp gs://my-bucket/lsm2-0.1.0-py3-none-any.whl /opt/lsm2/; "
       "~/venv/bin/python -m pip install --quiet /opt/lsm2/lsm2-0.1.0-py3-none-any.whl; "
@@ -361,7 +370,7 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path, config_file):
   result = run_script("slurm_gpu.sh", "--nodes", 4, "--config", f"{config_file}:S,aim", "--workdir", workdir,
                       "--job-name", "masking_scheme/scheme=aim", "--partition", "a100", "--time=2-00:00:00",
                       "--sbatch-option=--exclusive", "--setup", "source /opt/venv/bin/activate",
-                      "--config.masking.scheme=aim", "--dry-run")
+                      "--install", "--config.masking.scheme=aim", "--dry-run")
   script = f"{workdir}/launch.sbatch"
   assert lines(result) == [
       f"# {script}:",
@@ -378,6 +387,7 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path, config_file):
       "JAX gives task SLURM_LOCALID its node's GPU SLURM_LOCALID.",
       *SBATCH_NOTE,
       "source /opt/venv/bin/activate",
+      "python3 -m pip install --quiet -c launch/constraints.txt -e '.[cuda12]'",
       "srun --kill-on-bad-exit=1 " + shlex.join(
           ["python3", "-m", "lsm2.main", f"--config={config_file}:S,aim", f"--workdir={workdir}",
            "--config.masking.scheme=aim"]),
@@ -461,9 +471,17 @@ def test_gke_dry_run_builds_the_committed_tree_into_an_image(tmp_path):
       f"mkdir -p {stage}",
       f"git -C {shlex.quote(str(REPO_ROOT))} archive --format=tar HEAD | tar -x -C {stage}",
       shlex.join([*XPK, "--num-slices=2", "--base-docker-image=python:3.11", f"--script-dir={stage}",
-                  f"--command=python3 -m pip install --quiet . 'jax[tpu]' && {GKE_RUN}",
+                  f"--command=python3 -m pip install --quiet -c launch/constraints.txt '.[tpu]' && {GKE_RUN}",
                   "--max-restarts=3"]),
   ]
+
+
+def test_gke_jax_spec_installs_that_jax_unpinned(tmp_path):
+  result = run_script("gke_xpk.sh", *GKE_SETTINGS, "--jax-spec", "jax[tpu]==0.10.1", "--dry-run",
+                      env={"TMPDIR": str(tmp_path)})
+  command = shlex.split(lines(result)[-1])[-1]
+  assert command == f"--command=python3 -m pip install --quiet . 'jax[tpu]==0.10.1' && {GKE_RUN}"
+  assert "--jax-spec given: installing without launch/constraints.txt" in result.stderr
 
 
 def test_gke_dry_run_with_a_prebuilt_image():
@@ -482,6 +500,7 @@ def test_gke_stages_the_repository_and_runs_what_it_prints(tmp_path, stub_bin):
   assert calls() == [shlex.split(printed[-1])]
   stage = tmp_path / "lsm2-xpk-lsm2-s-aim"
   assert (stage / "pyproject.toml").is_file() and (stage / "lsm2" / "__init__.py").is_file()
+  assert (stage / "launch" / "constraints.txt").is_file()
   assert not (stage / ".git").exists() and not (stage / ".venv").exists()
 
 
@@ -504,3 +523,69 @@ def test_gke_refuses_missing_settings(drop, extra, message):
   result = run_script("gke_xpk.sh", *args, *extra, "--dry-run")
   assert result.returncode == 2
   assert f"gke_xpk.sh: error: {message}" in result.stderr
+
+
+# --- launch/constraints.txt and launch/lock.py -----------------------------------------------
+
+# What the TPU and GPU hosts install through the [tpu] and [cuda12] extras' jax[...].
+ACCELERATOR_PACKAGES = ["jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt"]
+
+
+def pinned_versions():
+  pins = {}
+  for line in CONSTRAINTS.read_text().splitlines():
+    if line and not line.startswith("#"):
+      requirement = Requirement(line)
+      (spec,) = requirement.specifier
+      assert spec.operator == "==", f"constraints.txt: {line!r} is not pinned with =="
+      name = canonicalize_name(requirement.name)
+      assert name not in pins, f"constraints.txt: {name} pinned twice"
+      pins[name] = spec.version
+  return pins
+
+
+def test_constraints_pin_every_declared_dependency_within_its_range():
+  project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+  optional = project["optional-dependencies"]
+  pins = pinned_versions()
+  assert "lsm2" not in pins
+  for line in [*project["dependencies"], *optional["tpu"], *optional["cuda12"]]:
+    requirement = Requirement(line)
+    name = canonicalize_name(requirement.name)
+    assert name in pins, f"{name} ({line!r} in pyproject.toml) is not pinned: rerun python launch/lock.py"
+    assert requirement.specifier.contains(pins[name], prereleases=True), (
+        f"constraints.txt pins {name}=={pins[name]}, outside pyproject.toml's {line!r}: "
+        "rerun python launch/lock.py")
+  for name in ACCELERATOR_PACKAGES:
+    assert name in pins, f"{name} is not pinned: rerun python launch/lock.py"
+
+
+def load_lock():
+  spec = importlib.util.spec_from_file_location("lock", LAUNCH / "lock.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_lock_ignores_this_machines_pip_configuration():
+  env = load_lock().pip_env({"PATH": "/bin", "PIP_CERT": "/ca.pem", "PIP_FIND_LINKS": "/opt/wheels",
+                             "PIP_INDEX_URL": "https://mirror/simple", "PIP_CONSTRAINT": "/c.txt",
+                             "PIP_CONFIG_FILE": "/etc/pip.conf"})
+  assert env == {"PATH": "/bin", "PIP_CERT": "/ca.pem", "PIP_CONFIG_FILE": os.devnull}
+
+
+def test_lock_writes_sorted_normalized_pins_without_lsm2():
+  report = {
+      "environment": {"implementation_name": "cpython", "python_full_version": "3.11.7",
+                      "sys_platform": "linux", "platform_machine": "x86_64"},
+      "install": [{"metadata": {"name": name, "version": version}}
+                  for name, version in [("lsm2", "0.1.0"), ("tensorflow_cpu", "2.21.0"), ("jaxlib", "0.10.2"),
+                                        ("jax-cuda12-plugin", "0.10.2"), ("jax", "0.10.2"), ("PyYAML", "6.0.4")]],
+  }
+  text = load_lock().constraints_text(report, datetime.date(2026, 1, 2))
+  header = [l for l in text.splitlines() if l.startswith("#")]
+  assert header[:2] == [
+      "# Generated by `python launch/lock.py` on 2026-01-02 from pyproject.toml:",
+      "# what pip resolves for lsm2[tpu,cuda12] on cpython 3.11.7, linux x86_64."]
+  assert [l for l in text.splitlines() if not l.startswith("#")] == [
+      "jax==0.10.2", "jax-cuda12-plugin==0.10.2", "jaxlib==0.10.2", "pyyaml==6.0.4", "tensorflow-cpu==2.21.0"]
