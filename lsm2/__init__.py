@@ -1,6 +1,10 @@
 """lsm2: LSM-2 wearable foundation models with Adaptive and Inherited Masking, in JAX/Flax."""
 
+from lsm2 import backends
+
 __version__ = "0.1.0"
+
+backends.use_cpu_without_accelerators()
 
 
 def load(path, step=None, **kwargs):
