@@ -14,8 +14,9 @@ Usage: launch/tpu_vm.sh --name TPU --zone ZONE (--git-ref REF --repo URL | --whe
 
 Runs over \`gcloud compute tpus tpu-vm ssh --worker=all\`: installs lsm2 with its
 [tpu] extra on every worker, every package at the version that
-launch/constraints.txt pins (pip install -c), then runs \`python -m lsm2.main\` on all of them at once, in the
-foreground (run it inside tmux/screen; Ctrl-C stops the local ssh sessions).
+launch/constraints.txt pins (pip install -c), then runs \`python -m lsm2.main\`
+on all of them at once, in the foreground (run it inside tmux/screen; Ctrl-C
+stops the local ssh sessions).
 
 Required:
   --name TPU               the TPU VM (slice) name
