@@ -568,10 +568,10 @@ def load_lock():
 
 
 def test_lock_ignores_this_machines_pip_configuration():
-  env = load_lock().pip_env({"PATH": "/bin", "PIP_CERT": "/ca.pem", "PIP_FIND_LINKS": "/opt/wheels",
-                             "PIP_INDEX_URL": "https://mirror/simple", "PIP_CONSTRAINT": "/c.txt",
-                             "PIP_CONFIG_FILE": "/etc/pip.conf"})
-  assert env == {"PATH": "/bin", "PIP_CERT": "/ca.pem", "PIP_CONFIG_FILE": os.devnull}
+  env = load_lock().pip_env({"PATH": "bin", "PIP_CERT": "ca.pem", "PIP_FIND_LINKS": "wheels",
+                             "PIP_INDEX_URL": "https://mirror.example/simple", "PIP_CONSTRAINT": "c.txt",
+                             "PIP_CONFIG_FILE": "pip.conf"})
+  assert env == {"PATH": "bin", "PIP_CERT": "ca.pem", "PIP_CONFIG_FILE": os.devnull}
 
 
 def test_lock_writes_sorted_normalized_pins_without_lsm2():
