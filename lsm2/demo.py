@@ -8,11 +8,13 @@ when no dataset is present (lsm2.data.synthesize.ensure_synthetic_dataset).
 The evaluation (configs/eval.py:synthetic) restores WORKDIR and writes
 WORKDIR/eval.
 """
+import time
 from typing import Any, Sequence
 
 import ml_collections
 
 from lsm2 import storage
+from lsm2.data import synthesize
 from lsm2.eval import report
 from lsm2.eval import run as eval_run
 from lsm2.train import train
@@ -20,15 +22,26 @@ from lsm2.train import train
 
 def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
          eval_config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """Pretrains per `pretrain_config` into `workdir`, then evaluates it into WORKDIR/eval."""
+  """Synthesizes data (if WORKDIR/data has none), pretrains per `pretrain_config` into
+  `workdir`, evaluates it into WORKDIR/eval, and prints the time each stage took."""
+  seconds = {}
+  start = time.perf_counter()
+  # Synthesized here rather than inside training, so that its time is its own.
+  synthesize.ensure_synthetic_dataset(
+      train.resolve_data_dir(pretrain_config, storage.as_path(workdir)))
+  seconds["synthesize"] = time.perf_counter() - start
   train.train_and_evaluate(pretrain_config, workdir)
+  seconds["pretrain"] = time.perf_counter() - start - sum(seconds.values())
   config = ml_collections.ConfigDict(eval_config.to_dict())
   config.init_from = str(workdir)
   out = storage.as_path(workdir) / "eval"
   records = eval_run.evaluate(config, out)
+  seconds["evaluate"] = time.perf_counter() - start - sum(seconds.values())
   print("\n" + "\n".join(summary(records)))
   print(f"\nDemo finished. Results: {out / 'results.md'} and {out / 'results.json'}; "
         f"plots: {out}/*.png; TensorBoard: tensorboard --logdir {workdir}")
+  print("Time: " + ", ".join(f"{stage} {s:.0f} s" for stage, s in seconds.items())
+        + f"; {sum(seconds.values()):.0f} s in all.")
   return records
 
 

@@ -1,6 +1,7 @@
 """The README demo (lsm2.demo): synthesize WORKDIR/data, pretrain, evaluate into WORKDIR/eval."""
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -47,7 +48,10 @@ def test_demo_synthesizes_pretrains_and_evaluates(tmp_path, capsys):
   assert "checkpoint: `" + str(tmp_path) + "` (step 4;" in (out / "results.md").read_text()
   assert any(r["task"] == "random_imputation_80" and r["method"] == "model" for r in records)
   assert any(r["task"] == "age" and r["method"] == "linear_probe" for r in records)
-  assert f"Demo finished. Results: {out / 'results.md'}" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert f"Demo finished. Results: {out / 'results.md'}" in printed
+  assert re.search(r"^Time: synthesize \d+ s, pretrain \d+ s, evaluate \d+ s; \d+ s in all\.$",
+                   printed, re.M), printed
 
 
 def test_summary_names_the_best_and_worst_task_against_the_best_baseline():
