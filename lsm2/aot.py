@@ -93,7 +93,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"--topology={topology!r}: libtpu cannot describe it ({e}); expected e.g. 'v5e:2x2', "
-        "'v5e:16x16', 'v5p:4x4x4', 'v6e:8x8' (libtpu comes with pip install 'jax[tpu]')") from e
+        "'v5e:16x16', 'v5p:4x4x4', 'v6e:8x8' (libtpu comes with pip install 'lsm2[tpu]')") from e
 
 
 def device_spec(devices: Sequence[jax.Device]) -> ChipSpec:
