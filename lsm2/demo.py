@@ -48,16 +48,21 @@ def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
 BASELINES = ("channel_mean", "locf", "linear_interpolation")
 
 
-def summary(records: Sequence[dict[str, Any]]) -> list[str]:
-  """Three lines: on how many generative tasks the model's MSE beats the best classical
-  baseline, and the tasks where it does best and worst against it (model / baseline MSE)."""
+def generative_mse(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+  """{task: {method: MSE}} of the generative tasks on the natural gaps."""
   mse = {}
   for r in records:
     if (r["family"] == "generative" and r["metric"] == "mse" and r["masking"] == report.NATURAL
         and r["value"] is not None):
       mse.setdefault(r["task"], {})[r["method"]] = r["value"]
+  return mse
+
+
+def summary(records: Sequence[dict[str, Any]]) -> list[str]:
+  """Three lines: on how many generative tasks the model's MSE beats the best classical
+  baseline, and the tasks where it does best and worst against it (model / baseline MSE)."""
   rows = []
-  for task, by_method in mse.items():
+  for task, by_method in generative_mse(records).items():
     baselines = {m: v for m, v in by_method.items() if m in BASELINES}
     if "model" in by_method and baselines:
       best = min(baselines, key=baselines.get)
