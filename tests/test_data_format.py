@@ -494,9 +494,10 @@ def test_shard_names_round_trip():
 
 
 def test_decoder_equals_protobufs_values_under_the_installed_protobuf():
-  """Whatever protobuf pip picked (Beam pins < 7), the packed-bytes decoder returns exactly
-  what protobuf's own repeated fields hold, for encodings other writers use too: unpacked
-  floats and varints, negative int64s, a packed field split in two chunks."""
+  """Whatever protobuf pip picked (Beam pins < 7), both decoders (decode_record; the training
+  path's decode_arrays, in place or through protobuf) return exactly what protobuf's own
+  repeated fields hold, for encodings other writers use too: unpacked floats and varints,
+  negative int64s, a packed field split in two chunks."""
   from google.protobuf import __version__ as protobuf_version
   from tensorflow_datasets.proto import tf_example_pb2
   rng = np.random.default_rng(11)
@@ -523,12 +524,39 @@ def test_decoder_equals_protobufs_values_under_the_installed_protobuf():
     got = example.decode_record(data, len(CHANNELS), {"bouts": LABELS[3]})
     reference = np.asarray(feature["signals"].float_list.value, np.float32).reshape(1440, -1)
     assert got.signals.tobytes() == reference.tobytes() == rec.signals.tobytes(), protobuf_version
+    # Not the layout the in-place reader takes: the training decoder falls back to protobuf.
+    assert example._canonical_payloads(data) is None
+    signals, observed = example.decode_arrays(data, len(CHANNELS))
+    assert signals.tobytes() == reference.tobytes() and np.array_equal(observed, rec.observed)
     np.testing.assert_array_equal(got.labels["bouts"],
                                   np.asarray(feature["label/bouts"].int64_list.value, np.int64))
     np.testing.assert_array_equal(got.labels["bouts"], bouts)
     assert got.signals.flags.writeable and got.labels["bouts"].dtype == np.int64
-  # And lsm2's own packed encoding, labels included.
-  ours = example.decode_record(example.encode_record(rec, {s.name: s for s in LABELS}),
-                               len(CHANNELS), {s.name: s for s in LABELS})
+  # And lsm2's own packed encoding, labels included: the training decoder reads it in place.
+  data = example.encode_record(rec, {s.name: s for s in LABELS})
+  ours = example.decode_record(data, len(CHANNELS), {s.name: s for s in LABELS})
   assert ours.signals.tobytes() == rec.signals.tobytes()
   np.testing.assert_array_equal(ours.labels["bouts"], rec.labels["bouts"])
+  assert example._canonical_payloads(data) is not None
+  signals, observed = example.decode_arrays(memoryview(data), len(CHANNELS))
+  assert signals.tobytes() == rec.signals.tobytes() and np.array_equal(observed, rec.observed)
+  # Truncated or trailing bytes: protobuf's parser names the damage.
+  for bad in (data[:-3], data + b"\x0a"):
+    assert example._canonical_payloads(bad) is None
+    with pytest.raises(example.RecordDecodeError, match="not a tf.train.Example"):
+      example.decode_arrays(bad, len(CHANNELS))
+
+
+def test_in_place_reader_takes_what_tensorflow_writes():
+  """TensorFlow's serializer (map entries key first, packed floats) is read in place too."""
+  tf = pytest.importorskip("tensorflow")
+  rec = _record(np.random.default_rng(12), "tf", "2024-06-07")
+  feature = {
+      "label/kind": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),
+      "signals": tf.train.Feature(float_list=tf.train.FloatList(value=rec.signals.reshape(-1))),
+      "observed": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rec.observed.tobytes()])),
+  }
+  data = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  assert example._canonical_payloads(data) is not None
+  signals, observed = example.decode_arrays(data, len(CHANNELS))
+  assert signals.tobytes() == rec.signals.tobytes() and np.array_equal(observed, rec.observed)

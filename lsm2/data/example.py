@@ -1,4 +1,4 @@
-"""tf.train.Example encoding of a day record: written at the protobuf wire level, read by protobuf.
+"""tf.train.Example encoding of a day record: written at the protobuf wire level; read in place or by protobuf.
 
 Features (the names other tools see):
   signals     float_list, packed: 1440*C float32, row-major [minute, channel].
@@ -13,13 +13,17 @@ Features (the names other tools see):
               1440 class indices (minute order, -1 = no label) for minute labels.
 
 This is the layout of the TFDS features lsm2.data.tfds_info declares, so tfds
-decodes these records too. Decoding uses protobuf's own tf.train.Example (the
-TensorFlow-free copy TFDS ships), then checks each field. Its numeric lists reach
-numpy through their packed wire payload (`_floats`, `_int64s`), never value by
-value: protobuf 6 converts a repeated field to numpy one Python float at a time
-(~5 ms per 26-channel day, against ~15 us in protobuf 7), and apache-beam pins
-protobuf < 7, so the speed would otherwise depend on which extras are installed.
-Encoding stays at the
+decodes these records too. The training path (`decode_arrays`) reads `signals`
+and `observed` in place off the wire when a record has the layout that lsm2,
+TensorFlow and TFDS write (one packed float run, one bytes value; other
+features, e.g. a day's 1,440 minute labels, are skipped unread); any other
+layout, and every damaged record, goes through protobuf's own tf.train.Example
+(the TensorFlow-free copy TFDS ships), which also names what is wrong.
+`decode_record` always uses protobuf. Numeric lists reach numpy through their
+packed bytes (`_floats`, `_int64s`), never value by value: protobuf 6 turns a
+repeated field into numpy one Python float at a time (~5 ms per 26-channel
+day, against ~15 us in protobuf 7), and apache-beam pins protobuf < 7, so the
+speed would otherwise depend on which extras are installed. Encoding stays at the
 wire level: a packed float list is a length prefix and raw little-endian
 float32, and int64 lists are packed varints written with numpy (a minute label
 is 1440 of them). That is ~5x faster than filling the protobuf message
@@ -180,19 +184,76 @@ def _single_bytes(features, key: str) -> bytes:
   return _list(features, key, "bytes", 1, " with one value").value[0]
 
 
-def decode_arrays(buf: bytes | memoryview, num_channels: int
-                  ) -> tuple[np.ndarray, np.ndarray, Any]:
-  """Decodes signals float32[1440, C] and observed bool[1440, C].
+def _varint_at(buf, pos: int) -> tuple[int, int]:
+  """The varint at buf[pos] and the position after it (IndexError past the end)."""
+  value = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
 
-  Also returns the Example's feature map for further fields.
+
+def _only_field(buf, start: int, end: int, tag: int) -> tuple[int, int] | None:
+  """The span of buf[start:end] when it is exactly one length-delimited field `tag`."""
+  if start >= end or buf[start] != tag:
+    return None
+  size, pos = _varint_at(buf, start + 1)
+  return (pos, end) if pos + size == end else None
+
+
+_WANTED = {b"signals": 0x12, b"observed": 0x0A}  # Key -> tag of its list (float, bytes).
+
+
+def _canonical_payloads(buf) -> tuple[memoryview, memoryview] | None:
+  """The packed floats of 'signals' and the one value of 'observed', read off the wire in
+  place, when the record is laid out as lsm2, TensorFlow and TFDS write it; otherwise None
+  (the caller then decodes with protobuf, which also names what is wrong).
+
+  Other features are skipped unread, so a day's labels cost nothing here.
   """
-  features = parse(buf).features.feature
+  buf = memoryview(buf)
+  try:
+    outer = _only_field(buf, 0, len(buf), 0x0A)  # Example.features
+    if outer is None:
+      return None
+    pos, end = outer
+    found = {}
+    while pos < end:
+      if buf[pos] != 0x0A:  # Features.feature: map entries only.
+        return None
+      size, pos = _varint_at(buf, pos + 1)
+      entry_end = pos + size
+      if buf[pos] != 0x0A:  # The entry's key comes first in every writer we read.
+        return None
+      key_size, key_start = _varint_at(buf, pos + 1)
+      key = bytes(buf[key_start:key_start + key_size])
+      if key in _WANTED:
+        if key in found:
+          return None
+        value = _only_field(buf, key_start + key_size, entry_end, 0x12)  # The Feature.
+        values = value and _only_field(buf, *value, _WANTED[key])  # Its float/bytes list.
+        payload = values and _only_field(buf, *values, 0x0A)  # One packed run / one value.
+        if payload is None:
+          return None
+        found[key] = buf[payload[0]:payload[1]]
+      pos = entry_end
+    if pos != end or len(found) != 2:
+      return None
+    return found[b"signals"], found[b"observed"]
+  except IndexError:  # Truncated: protobuf's parser says so.
+    return None
+
+
+def _arrays(signals: np.ndarray, stored: bytes | memoryview, num_channels: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Checks the decoded `signals` values and the stored `observed` bytes against the shape."""
   expected = MINUTES_PER_DAY * num_channels
-  signals = _floats(_list(features, "signals", "float"))
   if signals.size != expected:
     raise RecordDecodeError(f"feature 'signals' has {signals.size} values, expected "
                             f"{expected} = {MINUTES_PER_DAY} x {num_channels} channels")
-  stored = _single_bytes(features, "observed")
   if len(stored) == expected:
     values = np.frombuffer(stored, np.uint8)
     if values.max(initial=0) > 1:
@@ -204,7 +265,24 @@ def decode_arrays(buf: bytes | memoryview, num_channels: int
     raise RecordDecodeError(f"feature 'observed' has {len(stored)} bytes, expected {expected} "
                             f"(one per value of {MINUTES_PER_DAY} x {num_channels})")
   return (signals.reshape(MINUTES_PER_DAY, num_channels),
-          observed.reshape(MINUTES_PER_DAY, num_channels), features)
+          observed.reshape(MINUTES_PER_DAY, num_channels))
+
+
+def _feature_arrays(features, num_channels: int) -> tuple[np.ndarray, np.ndarray]:
+  return _arrays(_floats(_list(features, "signals", "float")),
+                 _single_bytes(features, "observed"), num_channels)
+
+
+def decode_arrays(buf: bytes | memoryview, num_channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes signals float32[1440, C] and observed bool[1440, C] (read-only views of `buf`
+  where the layout allows: the training pipeline normalises them into its batch)."""
+  payloads = _canonical_payloads(buf)
+  if payloads is None:
+    return _feature_arrays(parse(buf).features.feature, num_channels)
+  floats, stored = payloads
+  if len(floats) % 4:
+    raise RecordDecodeError(f"feature 'signals' holds {len(floats)} bytes, not whole float32s")
+  return _arrays(np.frombuffer(floats, "<f4"), stored, num_channels)
 
 
 def decode_subject_id(buf: bytes | memoryview) -> str:
@@ -213,7 +291,8 @@ def decode_subject_id(buf: bytes | memoryview) -> str:
 
 def decode_record(buf: bytes, num_channels: int, labels: Mapping[str, LabelSpec]) -> DayRecord:
   """Decodes every field, and the `labels`, into a DayRecord (fresh, writable arrays)."""
-  signals, observed, features = decode_arrays(buf, num_channels)
+  features = parse(buf).features.feature
+  signals, observed = _feature_arrays(features, num_channels)
   values_of: dict[str, float | int | np.ndarray] = {}
   for name, spec in labels.items():
     want = "float" if spec.kind == "regression" else "int64"

@@ -302,7 +302,7 @@ class DecodeBatch:
       for row, element in enumerate(elements):
         data, name, index = element if self.read is None else self.read(element)
         try:
-          x, o, _ = example.decode_arrays(data, self.num_channels)
+          x, o = example.decode_arrays(data, self.num_channels)
         except example.RecordDecodeError as e:
           raise CorruptShardError(name, index, str(e)) from None
         z = signals[row]
