@@ -9,7 +9,8 @@ evaluate with the sibling configs/eval.py:synthetic into WORKDIR/eval).
 
 Exit status: 0 finished, 1 failed, config.preemption_exit_code (75) after a
 preemption checkpoint (train.Preempted is a SystemExit with that code), so
-that launchers can requeue. An error the user can fix (lsm2.errors.Error: a
+that launchers can requeue, 3 when training diverged (train.Diverged: a
+non-finite loss, gradient or parameter; nothing of it saved or exported). An error the user can fix (lsm2.errors.Error: a
 path that cannot be used, a workdir of another run or writer, an invalid
 config field, a checkpoint of another model) is printed as its message alone,
 without a traceback; any other exception is a bug and keeps its traceback.
@@ -80,7 +81,7 @@ def main(argv):
     _main(argv)
   except errors.Error as e:  # Its message says what is wrong and what to do.
     print(f"lsm2: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(getattr(e, "EXIT_CODE", 1))
 
 
 def _main(argv):

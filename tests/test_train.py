@@ -75,12 +75,35 @@ def data_dir(tmp_path_factory):
     ({"mesh.data": 3}, "config.mesh"),
     ({"masking.scheme": "nope"}, "scheme"),
     ({"masking.pack_encoder": True}, "pack_encoder needs config.masking.encoder_buckets > 0"),
+    ({"keep_checkpoints": 0}, "config.keep_checkpoints=0 must be >= 1"),
+    ({"lr": float("nan")}, "config.lr=nan must be a finite number > 0"),
+    ({"lr": -1.0}, "config.lr=-1.0 must be a finite number > 0"),
+    ({"optim.b2": 1.5}, r"config.optim.b2=1.5 must be in \[0, 1\)"),
+    ({"optim.weight_decay": -1e-4}, "config.optim.weight_decay=-0.0001 must be a finite number >= 0"),
+    ({"optim.grad_clip_norm": -1.0}, "config.optim.grad_clip_norm=-1.0 must be a finite number > 0"),
 ])
 def test_invalid_config_fails_before_compiling(data_dir, tmp_path, overrides, message):
   config = small_config(data_dir, **overrides)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_divergence_stops_before_saving_or_exporting_it(data_dir, tmp_path):
+  """A learning rate that blows the parameters up: the run stops at the first non-finite
+  step, every checkpoint it kept is finite, and no model is exported."""
+  config = small_config(data_dir, lr=1e30, total_steps=20, checkpoint_every=1, log_every=1,
+                        keep_checkpoints=100)
+  with pytest.raises(train.Diverged, match=r"training diverged at step (\d+)") as raised:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert raised.value.EXIT_CODE == 3 and 1 < raised.value.step < 20
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < raised.value.step
+  assert f"the newest checkpoint, step {saved[-1]}, is from before it" in str(raised.value)
+  assert not (tmp_path / "export").exists()
+  model, _, step = pretrained.load_pretrained(tmp_path)
+  assert step == saved[-1]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 # ---------------------------------------------------------------------------

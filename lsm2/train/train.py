@@ -11,6 +11,7 @@ Sections, top to bottom: configs, optimizer, state, steps, validation, the loop.
 from collections.abc import Mapping
 import dataclasses
 import logging
+import math
 import signal
 from typing import Any
 
@@ -120,6 +121,11 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
                      f"{jax.process_count()} processes")
   if config.total_steps <= 0:
     raise errors.ConfigError(f"config.total_steps={config.total_steps} must be positive")
+  if config.keep_checkpoints < 1:
+    raise errors.ConfigError(
+        f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1: with none kept, "
+        "the preemption and final checkpoints would be deleted as soon as they are written")
+  _validate_optimizer(config)
   for field in ("checkpoint_every", "eval_every", "log_every"):
     if config[field] <= 0:
       raise errors.ConfigError(f"config.{field}={config[field]} must be positive")
@@ -142,6 +148,24 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
 # ----------------------------------------------------------------------------
 # Optimizer: AdamW + global-norm clipping, linear warm-up then cosine decay.
 # ----------------------------------------------------------------------------
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+  """Settings with which AdamW diverges or does nothing are refused, naming the field."""
+  checks = (
+      ("lr", config.lr, math.isfinite(config.lr) and config.lr > 0, "a finite number > 0"),
+      ("optim.b1", config.optim.b1, 0 <= config.optim.b1 < 1, "in [0, 1)"),
+      ("optim.b2", config.optim.b2, 0 <= config.optim.b2 < 1, "in [0, 1)"),
+      ("optim.weight_decay", config.optim.weight_decay,
+       math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0,
+       "a finite number >= 0"),
+      ("optim.grad_clip_norm", config.optim.grad_clip_norm,
+       math.isfinite(config.optim.grad_clip_norm) and config.optim.grad_clip_norm > 0,
+       "a finite number > 0"),
+  )
+  for field, value, ok, allowed in checks:
+    if not ok:
+      raise errors.ConfigError(f"config.{field}={value} must be {allowed}")
+
+
 def make_optimizer(config: ml_collections.ConfigDict
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   warmup = int(config.warmup_fraction * config.total_steps)
@@ -244,9 +268,13 @@ def make_train_step(setup: Setup, strategy_names: tuple[str, ...]):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(grads)
     outputs = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
+        # Whether this step and the state it leaves are finite (Diverged).
+        "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                   & jnp.isfinite(optax.global_norm(params))),
         "learning_rate": setup.schedule(state["step"]),
         "inherited_fraction": jnp.mean(masks.inherited.astype(jnp.float32)),
         **_sum_count_outputs(aux, strategy_names),
@@ -305,6 +333,24 @@ class Preempted(SystemExit):
 
   def __init__(self, step: int, exit_code: int):
     super().__init__(exit_code)
+    self.step = step
+
+
+class Diverged(errors.Error, RuntimeError):
+  """A non-finite loss, gradient or parameter: training stopped before saving or
+  exporting it; the newest checkpoint is from before. `python -m lsm2.main`
+  exits with EXIT_CODE (not 1, a plain failure, nor the preemption status)."""
+
+  EXIT_CODE = 3
+
+  def __init__(self, step: int, config: ml_collections.ConfigDict, last_saved: int | None):
+    kept = (f"the newest checkpoint, step {last_saved}, is from before it" if last_saved else
+            "no checkpoint was saved")
+    super().__init__(
+        f"training diverged at step {step} (a non-finite loss, gradient norm or parameter): "
+        f"{kept}, and nothing was exported. Lower config.lr (now {config.lr}) or "
+        f"config.optim.grad_clip_norm (now {config.optim.grad_clip_norm}) and start again in "
+        "a new workdir")
     self.step = step
 
 
@@ -464,7 +510,8 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
   preemption = _Preemption(ckpt)
-  preempted_at = None
+  preempted_at = diverged_at = None
+  finite = []  # (step, device bool) since the last check: read only where it must be.
   acc = train_collection.empty()
   last = {}
 
@@ -475,9 +522,21 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
         batch = pipeline.to_global_batch(next(train_iter), setup.batch_sharding)
         masks = layout.draw(state["rng"], state["step"], batch["observed"])
         state, outputs = train_step(state, batch, masks)
+      finite.append((step, outputs.pop("finite")))
       acc = acc.merge(train_collection.single_from_model_output(**outputs))
       for hook in hooks:
         hook(step)
+      stop = preemption.should_stop(step)
+
+      # Diverged? Checked before anything is logged or saved (one host read of the flags).
+      if (stop or step % config.log_every == 0 or step % config.checkpoint_every == 0
+          or step == config.total_steps):
+        flags = jax.device_get([f for _, f in finite])
+        bad = [s for (s, _), ok in zip(finite, flags) if not ok]
+        finite = []
+        if bad:
+          diverged_at = bad[0]
+          break
 
       # Log.
       if step % config.log_every == 0 or step == config.total_steps:
@@ -498,16 +557,18 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
 
       # Checkpoint (async), or save and stop on preemption.
       lease.check()  # Another process took the workdir over: stop before writing.
-      stop = preemption.should_stop(step)
       ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps)
       if stop:
         preempted_at = step
         break
 
   ckpt.wait()
+  last_saved = ckpt.manager.latest_step()
   ckpt.close()
   writer.flush()
   preemption.close()
+  if diverged_at is not None:
+    raise Diverged(diverged_at, config, last_saved)
   if preempted_at is not None:
     logging.warning("Preempted at step %d: checkpoint saved, exiting with status %d (resume by "
                     "running the same command again).", preempted_at, config.preemption_exit_code)
