@@ -294,6 +294,15 @@ class GcsEmulator:
   def create_bucket(self, name: str) -> None:
     self._json("POST", "/storage/v1/b", {"name": name})
 
+  def upload(self, bucket: str, name: str, data: bytes) -> None:
+    """Writes object `name` as given (clients normalise names such as 'a/../b'; this does not)."""
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    request = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{bucket}/o?{query}",
+                                     method="POST", data=data,
+                                     headers={"Content-Type": "application/octet-stream"})
+    with _NO_PROXY.open(request, timeout=30):
+      pass
+
   def objects(self, bucket: str, prefix: str = "") -> list[str]:
     """Object names under `prefix`, asked of the emulator directly (no client caches)."""
     query = urllib.parse.urlencode({"prefix": prefix})

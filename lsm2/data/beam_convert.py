@@ -159,25 +159,27 @@ def _units(fmt: str, input_path) -> list[tuple[int, str | None, Any]]:
 
 
 def _download(remote, local_dir: pathlib.Path, names_only: bool = False) -> pathlib.Path:
-  """Copies a file or directory tree from a bucket to local_dir/NAME (empty files: names_only)."""
+  """Copies a file or directory tree from a bucket to local_dir/NAME (empty files: names_only).
+
+  Every object name is checked before anything is written: one that would land outside
+  local_dir/NAME (a '..' part, an absolute name) is refused, naming it.
+  """
   local = local_dir / remote.name
   if remote.is_dir():
-    for directory, _, files in remote.walk():
-      target = local / pathlib.PurePosixPath(os.fspath(directory)).relative_to(
-          pathlib.PurePosixPath(os.fspath(remote)))
-      target.mkdir(parents=True, exist_ok=True)
-      for f in files:
-        _fetch(directory / f, target / f, names_only)
+    base = pathlib.PurePosixPath(os.fspath(remote))
+    copies = [(directory / f, pathlib.PurePosixPath(os.fspath(directory)).relative_to(base) / f)
+              for directory, _, files in remote.walk() for f in files]
+    for source, relative in copies:
+      if relative.is_absolute() or ".." in relative.parts:
+        raise storage.StorageError(
+            f"{source}: an object name that leads outside {remote} (a '..' part or a leading "
+            f"'/'); refusing the input, nothing was written")
+    for source, relative in copies:
+      (local / relative).parent.mkdir(parents=True, exist_ok=True)
+      _fetch(source, local / relative, names_only)
   elif remote.exists():
     _fetch(remote, local, names_only)
   return local  # Missing: the converter says so, naming `remote` (_named_as).
-
-
-def _fetch(remote, local: pathlib.Path, names_only: bool) -> None:
-  if names_only:
-    local.touch()
-  else:
-    remote.copy(local)
 
 
 @contextlib.contextmanager
