@@ -182,6 +182,13 @@ def _download(remote, local_dir: pathlib.Path, names_only: bool = False) -> path
   return local  # Missing: the converter says so, naming `remote` (_named_as).
 
 
+def _fetch(remote, local: pathlib.Path, names_only: bool) -> None:
+  if names_only:
+    local.touch()
+  else:
+    remote.copy(local)
+
+
 @contextlib.contextmanager
 def _named_as(local: pathlib.Path, remote):
   """Converter errors about a downloaded copy name the bucket path it came from."""
