@@ -40,6 +40,19 @@ def test_load_and_embed_on_a_cpu_host_print_nothing_from_libtpu(tmp_path_factory
     assert trace not in proc.stderr, proc.stderr
 
 
+def test_import_lsm2_stays_cheap_on_a_host_without_accelerators():
+  """The check reads sysfs: `import lsm2` (every CLI) imports no JAX to make it."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (the [tpu] extra): there is nothing to keep off")
+  if backends._may_have_accelerators():  # pylint: disable=protected-access
+    pytest.skip("this host has a PCI device of an accelerator vendor: JAX's probes decide")
+  code = "import os, sys, lsm2; print('jax' in sys.modules, os.environ.get('JAX_PLATFORMS'))"
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, env=_env_without_platform_choice())
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["False", "cpu"]
+
+
 def test_a_users_platform_choice_is_kept(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert not backends.use_cpu_without_accelerators()
