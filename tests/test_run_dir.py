@@ -175,11 +175,12 @@ def test_a_second_writer_is_refused_before_any_write(finished, data_dirs, tmp_pa
 def test_init_from_starts_from_another_runs_parameters_and_is_recorded(finished, data_dirs,
                                                                        tmp_path):
   workdir = tmp_path / "finetune"
-  # lr 0: training leaves the parameters as they start, so the export shows where.
-  config = _config(data_dirs[1], init_from=str(finished), lr=0.0, total_steps=2)
+  # lr 1e-30 (0 is refused): two steps move no parameter by more than ~1e-29, so the
+  # export shows where training started (a fresh model differs by ~1e-2 and more).
+  config = _config(data_dirs[1], init_from=str(finished), lr=1e-30, total_steps=2)
   train.train_and_evaluate(config, str(workdir))
   for a, b in zip(_export_params(finished), _export_params(workdir)):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-20)
   record = json.loads((workdir / run_dir.RUN_FILE).read_text())
   assert record["config"]["init_from"] == str(finished) and record["init_from_step"] == "export"
   assert pretrained.read_description(workdir)["run_config"]["init_from"] == str(finished)
