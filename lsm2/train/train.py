@@ -344,7 +344,7 @@ class Diverged(errors.Error, RuntimeError):
   EXIT_CODE = 3
 
   def __init__(self, step: int, config: ml_collections.ConfigDict, last_saved: int | None):
-    kept = (f"the newest checkpoint, step {last_saved}, is from before it" if last_saved else
+    kept = (f"the newest checkpoint, step {last_saved}, is from before it" if last_saved is not None else
             "no checkpoint was saved")
     super().__init__(
         f"training diverged at step {step} (a non-finite loss, gradient norm or parameter): "
