@@ -231,6 +231,40 @@ def test_a_live_holder_on_another_host_is_seen_renewing_and_refused(tmp_path):
     holder.release()
 
 
+def test_a_taker_with_a_shorter_timeout_waits_for_the_holders_own(tmp_path):
+  """The holder renews every quarter of its own timeout (0.5 s here): a taker started with
+  a shorter config.lease_timeout_s (0.2 s) must judge it by the holder's recorded 2 s, see
+  a renewal and refuse, not take a live lease between two renewals."""
+  holder = run_dir.Lease(tmp_path, timeout_s=2.0)
+  holder.me["host"] = "elsewhere"
+  holder.acquire()
+  try:
+    assert _lock(tmp_path)["timeout_s"] == 2.0
+    with pytest.raises(run_dir.WorkdirLockedError,
+                       match=r"host elsewhere.*taken over after 2 s without a heartbeat"):
+      run_dir.Lease(tmp_path, timeout_s=0.2, poll_s=0.05).acquire()
+    assert _lock(tmp_path)["token"] == holder.me["token"]
+    holder.check()  # Still the only writer.
+  finally:
+    holder.release()
+
+
+def test_a_lease_is_stale_after_its_holders_timeout(tmp_path, caplog):
+  """A holder that stopped renewing is taken over once its own timeout (1 s) has passed,
+  not before, whatever the taker's (0.1 s)."""
+  (tmp_path / run_dir.LOCK_FILE).write_text(json.dumps(
+      {"host": "elsewhere", "pid": 1, "token": "x", "timeout_s": 1.0,
+       "heartbeat": time.time()}))
+  lease = run_dir.Lease(tmp_path, timeout_s=0.1, poll_s=0.05)
+  start = time.time()
+  with caplog.at_level(logging.WARNING):
+    lease.acquire()
+  assert time.time() - start >= 1.0
+  assert "no heartbeat for more than 1 s" in caplog.text
+  assert _lock(tmp_path)["token"] == lease.me["token"]
+  lease.release()
+
+
 def test_a_lease_whose_pid_now_runs_another_process_is_taken_over(tmp_path, caplog):
   """After a crash the holder's pid may be reused: the start time recorded beside the pid
   tells the new process from the holder (a pid alone would block the workdir for good)."""

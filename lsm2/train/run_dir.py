@@ -3,9 +3,10 @@
   WORKDIR/run.json    the config fields that decide what is trained and the
                       dataset's fingerprint, written when the run starts afresh;
                       a restart with other values is refused before anything is written
-  WORKDIR/lock.json   host, pid (and its start time) and heartbeat of the process that writes the
-                      workdir (process 0 of a job): a second writer is refused
-                      while the heartbeat is fresh, a stale lease is taken over
+  WORKDIR/lock.json   host, pid (and its start time), lease timeout and heartbeat of the process
+                      that writes the workdir (process 0 of a job): a second writer is
+                      refused while the heartbeat is fresh by the holder's timeout, a
+                      stale lease is taken over
 
 Both are small JSON files written through etils.epath, to a temporary name and
 then renamed, so they work the same on a local disk and on a gs:// bucket.
@@ -175,10 +176,12 @@ def _pid_alive(pid: int) -> bool:
 class Lease:
   """The right to write a workdir, held by process 0 as WORKDIR/lock.json.
 
-  The file holds host, pid, the pid's start time, a token and a heartbeat
-  (time.time() of the last renewal), renewed every `timeout_s / 4` by a
-  background thread. acquire() takes a missing or stale lease (no renewal for
-  `timeout_s`, or a pid on this host that is gone or, by its start time, now
+  The file holds host, pid, the pid's start time, a token, the holder's
+  `timeout_s` and a heartbeat (time.time() of the last renewal), renewed every
+  `timeout_s / 4` by a background thread. acquire() takes a missing or stale
+  lease (no renewal for the holder's recorded timeout, not the taker's own: a
+  taker started with a shorter one would otherwise take a live lease between two
+  renewals; or a pid on this host that is gone or, by its start time, now
   another process's) - the latter with a warning - and refuses a live one with
   WorkdirLockedError: at once when its pid runs on this host, else once a
   renewal shows its holder is alive (so a job restarted on a new host after a
@@ -210,7 +213,15 @@ class Lease:
       return None
 
   def _write(self) -> None:
-    storage.write_text_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
+    storage.write_text_atomic(self.path, json.dumps(
+        {**self.me, "timeout_s": self.timeout_s, "heartbeat": time.time()}))
+
+  def _timeout_of(self, lock: dict[str, Any]) -> float:
+    """The holder's lease timeout, as it recorded it; this process's own for a lease file
+    from before the timeout was recorded."""
+    timeout = lock.get("timeout_s")
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+    return float(timeout) if ok else self.timeout_s
 
   def _holder(self, lock: dict[str, Any]) -> str:
     age = time.time() - lock.get("heartbeat", 0)
@@ -219,8 +230,9 @@ class Lease:
 
   def _stale(self, lock: dict[str, Any]) -> str | None:
     """Why `lock` is stale, or None while its holder may be alive."""
-    if time.time() - lock.get("heartbeat", 0) > self.timeout_s:
-      return f"no heartbeat for more than {self.timeout_s:.0f} s"
+    timeout = self._timeout_of(lock)
+    if time.time() - lock.get("heartbeat", 0) > timeout:
+      return f"no heartbeat for more than {timeout:g} s (its config.lease_timeout_s)"
     if lock.get("host") == self.me["host"]:
       pid = int(lock.get("pid", -1))
       if not _pid_alive(pid):
@@ -275,8 +287,8 @@ class Lease:
     return WorkdirLockedError(
         f"{self.path.parent} is being written by another process: {self._holder(lock)}. Two "
         "runs must not write one workdir. Wait for it to finish or stop it, or use another "
-        f"--workdir. If it is gone, its lease is taken over after {self.timeout_s:.0f} s "
-        f"without a heartbeat (config.lease_timeout_s), or delete {self.path}.")
+        f"--workdir. If it is gone, its lease is taken over after {self._timeout_of(lock):g} s "
+        f"without a heartbeat (its config.lease_timeout_s), or delete {self.path}.")
 
   def _renew(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
