@@ -15,9 +15,12 @@ Named inputs (lsm2.data.named) need no channel order: a pandas DataFrame with
 a minute DatetimeIndex (one column per channel, one or many days) or a dict of
 named `[1440]` / `[N, 1440]` arrays. Columns go to the model's channels by name
 or documented alias ("heart_rate" -> "hr"); names the model lacks are ignored,
-model channels without a column stay unobserved (AIM masks them), and what was
-used and ignored is logged (a warning when anything was left out) and kept in
-`model.last_channel_report`; `model.match_channels(names)` tells beforehand.
+model channels without a column stay unobserved (AIM masks them), values
+outside a channel's validity range are unobserved as in the pretraining data
+(counted per column), a DataFrame must hold minute rows (daily or hourly rows
+are refused), and what was used, ignored and masked is logged (a warning when
+anything was left out) and kept in `model.last_channel_report`;
+`model.match_channels(names)` tells beforehand.
 
   emb = model.embed(df)              # DataFrame of embeddings, one row per day
   filled = model.reconstruct(df)     # DataFrame: every minute of those days, all model channels
@@ -43,6 +46,7 @@ from jaxtyping import Bool, Float
 
 from lsm2 import pretrained
 from lsm2 import sharding as sharding_lib
+from lsm2.data import channels as channels_lib
 from lsm2.data import metadata as metadata_lib
 from lsm2.data import named as named_lib
 from lsm2.model import aim
@@ -247,9 +251,11 @@ class PretrainedModel:
     if observed is not None:
       raise ValueError("with named inputs, unobserved minutes are the NaN or absent values; "
                        "pass observed=None")
-    named = named_lib.place(data, self.channel_names, self.model_cfg.time_steps)
+    # The dataset's channels with their validity ranges: inputs are checked as its records were.
+    channels = [channels_lib.Channel.from_json(c) for c in self.config["channels"]]
+    named = named_lib.place(data, channels, self.model_cfg.time_steps)
     self.last_channel_report = named.report
-    left_out = named.report.ignored or named.report.unobserved
+    left_out = named.report.ignored or named.report.unobserved or named.report.out_of_range
     logging.log(logging.WARNING if left_out else logging.INFO, "Named input:\n%s", named.report)
     return named
 

@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import socket
+import urllib.parse
 
 from etils import epath
 
@@ -128,6 +129,46 @@ def check_writable(path: str | os.PathLike, what: str) -> epath.Path:
   except Exception as e:  # pylint: disable=broad-except
     raise _failure(p, what, "cannot write to it", e) from None
   return p
+
+
+def _escape(name: str) -> str | None:
+  """Why relative `name` would lead outside its directory, or None.
+
+  Read as written and percent-decoded (`%2e%2e%2f` is `../` to any layer that
+  decodes it), with a backslash as a separator (Windows tools read it so). A
+  trailing '/' (a directory's name) is allowed; an empty part is not: 'p//x'
+  under prefix 'p/' is the absolute name '/x'.
+  """
+  for text in dict.fromkeys((name, urllib.parse.unquote(name))):
+    parts = text.replace("\\", "/").split("/")
+    if not text or not parts[0]:
+      return "a leading '/'" if text else "an empty name"
+    if ".." in parts:
+      return "a '..' part"
+    if "" in parts[:-1]:
+      return "an empty part ('//')"
+  return None
+
+
+def contained(root: str | os.PathLike, name: str, what: str) -> epath.Path:
+  """root/name once `name`, a relative name from outside (an object, zip member or file name
+  inside an export), is proven to stay inside directory `root`; else StorageError naming it.
+
+  Refused: an absolute name, a '..' or empty part, also percent-encoded or written
+  with backslashes (see _escape); below a local `root` also a name whose resolved
+  path (symlinks followed) leaves the resolved `root`. Callers check every name
+  before they write anything, so a refused input leaves nothing behind.
+  """
+  reason = _escape(name)
+  target = as_path(root) / name
+  if reason is None and not is_remote(root):
+    base = pathlib.Path(root).resolve()
+    if not pathlib.Path(target).resolve().is_relative_to(base):
+      reason = f"it resolves to {pathlib.Path(target).resolve()}"
+  if reason is not None:
+    raise StorageError(f"{what} {name!r} leads outside {root} ({reason}): refused, nothing "
+                       "was written")
+  return target
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 
 import lsm2
+from lsm2 import errors
+from lsm2.data import channels as channels_lib
 from lsm2.data import dataset
 from lsm2.data import named
 from tiny_checkpoint import tiny_pretrained
@@ -107,7 +109,7 @@ def test_names_that_collide_or_fit_nothing_are_errors(setup):
 
 
 def test_dataframe_placement_by_wall_clock():
-  channels = ("hr", "steps")
+  channels = tuple(channels_lib.get_channel(n) for n in ("hr", "steps"))
   index = pd.DatetimeIndex(["2024-03-10 01:59:20", "2024-03-10 01:59:50", "2024-03-10 03:00:10"],
                            tz="America/Los_Angeles")
   df = pd.DataFrame({"bpm": [60.0, 70.0, 80.0], "note": ["a", "b", "c"]}, index=index)
@@ -121,3 +123,54 @@ def test_dataframe_placement_by_wall_clock():
     named.place(df.reset_index(drop=True), channels)
   with pytest.raises(ValueError, match="column 'bpm' holds non-numeric value 'x'"):
     named.place(df.assign(bpm=["x", "1", "2"]), channels)
+
+
+def test_values_outside_the_valid_range_are_unobserved_and_counted(setup, caplog):
+  """hr 1e6 or -50 (valid 25..220 bpm) is masked as pretraining data masks it, with a warning."""
+  model, signals, observed = setup
+  hr = model.channel_names.index("hr")
+  valid = model.config["channels"][hr]
+  assert (valid["valid_min"], valid["valid_max"]) == (25.0, 220.0)
+  day = np.where(observed[0, :, hr], signals[0, :, hr], np.nan)
+  at = np.flatnonzero(np.isfinite(day))[:2]
+  bad = day.copy()
+  bad[at] = [1e6, -50.0]
+  masked = day.copy()
+  masked[at] = np.nan
+  with caplog.at_level(logging.WARNING):
+    out = model.embed({"heart_rate": bad})
+  np.testing.assert_array_equal(out, model.embed({"heart_rate": masked}))
+  assert model.last_channel_report.out_of_range == {}  # Of the last call, the NaN one.
+  model.embed({"heart_rate": bad})
+  assert model.last_channel_report.out_of_range == {"heart_rate": 2}
+  assert "valid range (unobserved, masked): heart_rate 2 (of hr)" in caplog.text
+  filled = model.reconstruct({"heart_rate": bad})["hr"]
+  assert not np.isin(filled[at], [1e6, -50.0]).any()  # Filled in, not passed through.
+
+
+def test_an_out_of_range_reading_is_dropped_before_its_minute_is_averaged():
+  channels = tuple(channels_lib.get_channel(n) for n in ("hr", "steps"))
+  index = pd.DatetimeIndex(["2024-01-01 08:00:10", "2024-01-01 08:00:40", "2024-01-01 08:01:00",
+                            "2024-01-01 08:02:00"])
+  df = pd.DataFrame({"hr": [60.0, 1e6, -50.0, 70.0], "steps": [10.0, 10.0, 301.0, np.inf]},
+                    index=index)
+  placed = named.place(df, channels)
+  assert placed.report.out_of_range == {"hr": 2, "steps": 1}  # inf is unobserved, not counted.
+  np.testing.assert_array_equal(placed.signals[0, 480:483, 0], [60.0, np.nan, 70.0])
+  np.testing.assert_array_equal(placed.observed[0, 480:483, 1], [True, False, False])
+  assert df["hr"].tolist() == [60.0, 1e6, -50.0, 70.0]  # The caller's frame is untouched.
+
+
+@pytest.mark.parametrize("freq, spacing", [("D", "1 days 00:00:00"), ("h", "0 days 01:00:00"),
+                                           ("2min", "0 days 00:02:00")])
+def test_a_frame_coarser_than_minutes_is_refused_naming_the_spacing(freq, spacing):
+  channels = (channels_lib.get_channel("steps"),)
+  daily = pd.DataFrame({"steps": [100.0, 120.0, 90.0]},
+                       index=pd.date_range("2024-01-01", periods=3, freq=freq))
+  with pytest.raises(named.NamedInputError,
+                     match=rf"rows are at least {spacing} apart \(e\.g\. 2024-01-01 00:00:00 and ") as e:
+    named.place(daily, channels)
+  assert isinstance(e.value, errors.Error)
+  # Sparse minute readings stated as minutes (the message's way out) are placed as they are.
+  placed = named.place(daily.resample("min").mean(), channels)
+  assert np.count_nonzero(placed.observed) == 3

@@ -161,19 +161,22 @@ def _units(fmt: str, input_path) -> list[tuple[int, str | None, Any]]:
 def _download(remote, local_dir: pathlib.Path, names_only: bool = False) -> pathlib.Path:
   """Copies a file or directory tree from a bucket to local_dir/NAME (empty files: names_only).
 
-  Every object name is checked before anything is written: one that would land outside
-  local_dir/NAME (a '..' part, an absolute name) is refused, naming it.
+  Every object name is checked before anything is written (storage.contained): one that
+  would land outside local_dir/NAME (a '..' part, an absolute name, also percent-encoded)
+  is refused, naming it.
   """
-  local = local_dir / remote.name
+  local = storage.contained(local_dir, remote.name, "--input")
   if remote.is_dir():
-    base = pathlib.PurePosixPath(os.fspath(remote))
-    copies = [(directory / f, pathlib.PurePosixPath(os.fspath(directory)).relative_to(base) / f)
-              for directory, _, files in remote.walk() for f in files]
-    for source, relative in copies:
-      if relative.is_absolute() or ".." in relative.parts:
-        raise storage.StorageError(
-            f"{source}: an object name that leads outside {remote} (a '..' part or a leading "
-            f"'/'); refusing the input, nothing was written")
+    base = len(os.fspath(remote).rstrip("/")) + 1
+    copies = []
+    for directory, dirs, files in remote.walk():
+      prefix = os.fspath(directory)[base:]
+      prefix += "/" if prefix else ""
+      for name in dirs:  # Listed with their '/': '../' and '/' ('p//x') are caught here.
+        storage.contained(remote, prefix + name, "object name")
+      for name in files:
+        storage.contained(remote, prefix + name, "object name")
+        copies.append((directory / name, prefix + name))
     for source, relative in copies:
       (local / relative).parent.mkdir(parents=True, exist_ok=True)
       _fetch(source, local / relative, names_only)

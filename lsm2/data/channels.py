@@ -14,8 +14,10 @@ DEVICE_PROFILES list the channels a device records.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 SENSOR_GROUPS = ("ppg", "eda", "accel", "temp", "other")
 
@@ -234,6 +236,21 @@ def get_channel(name: str, extra: Mapping[str, Channel] | None = None) -> Channe
   raise ValueError(f"unknown channel {name!r}; known channels: {', '.join(known)}. "
                    "Declare a new one as NAME:GROUP:UNIT:MIN:MAX "
                    f"(groups: {', '.join(SENSOR_GROUPS)}).")
+
+
+def outside_valid_range(values: np.ndarray, channels: Sequence[Channel]) -> np.ndarray:
+  """bool like `values` (channels on the last axis): True where a value lies outside its
+  channel's [valid_min, valid_max].
+
+  The one validity rule for every path into a model: `record.sanitize` (what
+  datasets store) and named inference (lsm2.data.named) mask these values
+  alike, so a model never sees at inference what its training data excluded.
+  NaN is never outside (it is unobserved already); infinities are.
+  """
+  lo = np.array([c.valid_min for c in channels], np.float32)
+  hi = np.array([c.valid_max for c in channels], np.float32)
+  with np.errstate(invalid="ignore"):
+    return (values < lo) | (values > hi)
 
 
 def check_channel_set(channels: Iterable[Channel]) -> tuple[Channel, ...]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from lsm2.data.channels import Channel
+from lsm2.data.channels import Channel, outside_valid_range
 
 MINUTES_PER_DAY = 1440
 
@@ -97,10 +97,7 @@ def sanitize(record: DayRecord, channels: Sequence[Channel],
   bad = observed & ~finite
   counts.nonfinite = int(np.count_nonzero(bad))
   observed &= finite
-  lo = np.array([ch.valid_min for ch in channels], np.float32)
-  hi = np.array([ch.valid_max for ch in channels], np.float32)
-  with np.errstate(invalid="ignore"):
-    outside = observed & ((signals < lo) | (signals > hi))
+  outside = observed & outside_valid_range(signals, channels)
   counts.out_of_range = int(np.count_nonzero(outside))
   observed &= ~outside
   signals[~observed] = 0.0

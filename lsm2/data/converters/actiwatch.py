@@ -18,6 +18,7 @@ import pathlib
 
 import numpy as np
 
+from lsm2 import storage
 from lsm2.data.channels import ACTIWATCH_CHANNELS
 from lsm2.data.converters.common import (DayStats, NonWearRule, SubjectTimeline,
                                          empty_timeline, minute_index, read_table,
@@ -68,6 +69,8 @@ def load(input_dir: str | pathlib.Path, stats: DayStats, rule: NonWearRule | Non
   if not root.is_dir():
     raise ValueError(f"--input {root} is not a directory")
   files = sorted(p for p in root.rglob("*.csv") if p.name != "scores.csv")
+  for p in files:  # A symlink to outside the folder is refused.
+    storage.contained(root, p.relative_to(root).as_posix(), "file")
   if not files:
     raise ValueError(f"{root}: no subject CSV files (expected e.g. condition/condition_1.csv)")
   scores = None

@@ -68,6 +68,7 @@ from xml.parsers import expat
 
 import numpy as np
 
+from lsm2 import storage
 from lsm2.data.channels import get_channel
 from lsm2.data.converters import device
 from lsm2.data.converters.common import DayStats, SubjectTimeline
@@ -335,8 +336,10 @@ class _Export:
 def _open_export(path: pathlib.Path) -> Iterator:
   """A binary stream of the export.xml in `path` (a .xml file, a .zip or an unzipped folder)."""
   if path.is_dir():
-    for candidate in (path / EXPORT_XML, path / "apple_health_export" / EXPORT_XML):
+    for name in (EXPORT_XML, f"apple_health_export/{EXPORT_XML}"):
+      candidate = path / name
       if candidate.is_file():
+        storage.contained(path, name, "file")  # Not a symlink to outside the folder.
         with open(candidate, "rb") as f:
           yield f
         return
@@ -348,6 +351,8 @@ def _open_export(path: pathlib.Path) -> Iterator:
     except zipfile.BadZipFile as e:
       raise ValueError(f"{path}: not a zip archive: {e}") from None
     with archive:
+      for member in archive.namelist():  # A crafted archive is refused as a whole.
+        storage.contained(path, member, "zip member")
       members = [m for m in archive.namelist()
                  if m == EXPORT_XML or m.endswith("/" + EXPORT_XML)]
       if len(members) != 1:

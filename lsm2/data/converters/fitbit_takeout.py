@@ -61,6 +61,7 @@ import zoneinfo
 
 import numpy as np
 
+from lsm2 import storage
 from lsm2.data.channels import FITBIT_TAKEOUT_CHANNELS
 from lsm2.data.converters import device
 from lsm2.data.converters.common import DayStats, SubjectTimeline
@@ -80,7 +81,11 @@ HR, STEPS, CALORIES = 0, 1, 2  # Quantity (= channel) indices.
 
 
 class _Source:
-  """An export as a folder or a zip: lists its files and opens them by relative name."""
+  """An export as a folder or a zip: lists its files and opens them by relative name.
+
+  Every name must stay inside the export (storage.contained): a zip member named
+  '../x' or '/x', or a file that is a symlink to outside the folder, refuses the export.
+  """
 
   def __init__(self, path: pathlib.Path):
     self.path = path
@@ -91,8 +96,12 @@ class _Source:
       except zipfile.BadZipFile as e:
         raise ValueError(f"{path}: not a zip archive or folder: {e}") from None
       self.names = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
+      what = "zip member"
     else:
       self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+      what = "file"
+    for name in self.names:
+      storage.contained(path, name, what)
 
   def read(self, name: str) -> bytes:
     if self._zip is not None:
