@@ -198,12 +198,12 @@ def test_apple_spring_forward_keeps_real_durations_and_sleep_stages(tmp_path):
   path.write_text(_export(records))
   (tl,), _, _ = _load_apple(path)
   got = _day_values(tl, "2024-03-10")
-  want = {"01:50": {"hr": 55.0, "steps": 0.0, "active_energy": 0.0}}
-  want |= {f"01:{m}": {"steps": 0.0, "active_energy": 0.0} for m in range(51, 55)}
-  want |= {f"01:{m}": {"steps": 10.0, "active_energy": 0.0} for m in range(55, 60)}
-  want |= {f"03:0{m}": {"steps": 10.0, "active_energy": 0.0} for m in range(5)}
-  want |= {f"03:0{m}": {"steps": 0.0, "active_energy": 0.0} for m in range(5, 10)}
-  want["03:10"] = {"hr": 58.0, "steps": 0.0, "active_energy": 0.0}
+  want = {"01:50": {"hr": 55.0, "steps": 0.0}}  # No active energy recorded: never 0.
+  want |= {f"01:{m}": {"steps": 0.0} for m in range(51, 55)}
+  want |= {f"01:{m}": {"steps": 10.0} for m in range(55, 60)}
+  want |= {f"03:0{m}": {"steps": 10.0} for m in range(5)}
+  want |= {f"03:0{m}": {"steps": 0.0} for m in range(5, 10)}
+  want["03:10"] = {"hr": 58.0, "steps": 0.0}
   assert got == want  # 02:00-02:59 does not exist that day: unobserved.
   labels = _day_labels(tl, "2024-03-10")
   want_labels = {f"00:{m}": "in_bed" for m in range(30, 60)}
@@ -226,12 +226,12 @@ def test_apple_fall_back_keeps_the_first_pass(tmp_path):
   path.write_text(_export(records))
   (tl,), _, _ = _load_apple(path)
   got = _day_values(tl, "2024-11-03")
-  zero = {"steps": 0.0, "active_energy": 0.0}
+  zero = {"steps": 0.0}  # No active energy recorded: never 0.
   want = {f"01:{m}": dict(zero) for m in range(30, 58)}  # First pass 08:30-08:57 UTC, worn.
   want["01:30"] = {"hr": 60.0, **zero}  # Not the second pass's 90.
   want["01:50"] = {"hr": 70.0, **zero}
-  want["01:58"] = want["01:59"] = {"steps": 10.0, "active_energy": 0.0}
-  want["01:00"] = want["01:01"] = {"steps": 10.0, "active_energy": 0.0}  # Second pass, 09:00Z.
+  want["01:58"] = want["01:59"] = {"steps": 10.0}
+  want["01:00"] = want["01:01"] = {"steps": 10.0}  # Second pass, 09:00Z.
   want |= {f"01:0{m}": dict(zero) for m in range(2, 5)}
   want["01:05"] = {"hr": 75.0, **zero}
   assert got == want
@@ -297,8 +297,9 @@ def test_apple_zip_directory_and_convert(tmp_path):
 
   meta, stats = convert("apple_health", archive, tmp_path / "single", max_missing=1.0)
   assert meta.record_counts == {"train": 1, "validation": 0, "test": 0}
-  assert [c.name for c in meta.channels] == ["hr", "steps", "active_energy"]
-  assert "channels the input never records, left out: ['hrv_sdnn', 'respiratory_rate']" in stats.notes
+  assert [c.name for c in meta.channels] == ["hr", "steps"]
+  assert ("channels the input never records, left out: ['active_energy', 'hrv_sdnn', "
+          "'respiratory_rate']") in stats.notes
   (rec,) = dataset.iter_records(meta, "train")
   assert rec.day == "2024-03-05" and rec.signals[12 * 60, 1] == 42 and rec.observed[12 * 60, 1]
   stages = rec.labels["sleep_stage"]
@@ -437,6 +438,97 @@ def test_fitbit_takeout_directory_of_exports_converts(tmp_path):
   assert [c.name for c in meta.channels] == FITBIT_NAMES
   assert sorted(s for v in meta.subjects.values() for s in v) == ["ann", "bob", "cy"]
   assert meta.labels["sleep_stage"].classes == device.SLEEP_STAGES
+
+
+# --------------------------------------------------------------------------- Single-type exports
+# Each importer writes only what the input records: a channel it never records is left out
+# (device exports) or unobserved everywhere (tables naming it), and a recorded channel's
+# minutes without a value are unobserved, never 0.
+
+
+def _apple_single(tmp_path, kind):
+  t = lambda m: f"2024-03-09 {m // 60:02d}:{m % 60:02d}:00 -0800"  # noqa: E731
+  records = {  # Heart rate every 10 minutes: worn all day by the 20-minute rule.
+      "hr": [_hr(WATCH, t(m), 60 + m % 7) for m in range(0, 1440, 10)],
+      "steps": [_steps(PHONE, t(m), t(m + 1), n) for m, n in ((600, 5), (601, 0), (720, 9))],
+      "active_energy": [_rec(f"{HK}ActiveEnergyBurned", WATCH, t(m), t(m + 1), 2, "kcal")
+                        for m in (600, 610)],
+  }[kind]
+  (tmp_path / "export.xml").write_text(_export(records))
+  return tmp_path / "export.xml", {}
+
+
+def _fitbit_single(tmp_path, kind):
+  data = tmp_path / "ann" / "Takeout" / "Fitbit" / "Global Export Data"
+  data.mkdir(parents=True)
+  file, entries = {
+      "hr": ("heart_rate", [{"dateTime": f"03/10/24 10:0{m}:10", "value": {"bpm": 60,
+                                                                          "confidence": 3}}
+                            for m in (0, 1, 5)]),
+      "steps": ("steps", [{"dateTime": f"03/10/24 10:0{m}:00", "value": v}
+                          for m, v in ((0, "5"), (1, "0"), (2, "7"))]),
+      "total_energy": ("calories", [{"dateTime": "03/10/24 10:00:00", "value": "1.1"}]),
+  }[kind]
+  (data / f"{file}-2024-03-10.json").write_text(json.dumps(entries))
+  return tmp_path / "ann", {"device_options": {"timezone": "UTC"}}
+
+
+SINGLE_TYPE = [  # (format, channel, the minutes it records, those recorded as 0)
+    ("apple_health", "hr", 144, 0), ("apple_health", "steps", 3, 1),
+    ("apple_health", "active_energy", 2, 0),
+    ("fitbit_takeout", "hr", 3, 0), ("fitbit_takeout", "steps", 3, 1),
+    ("fitbit_takeout", "total_energy", 1, 0)]
+
+
+def _observed(meta):
+  """{channel: (observed minutes, minutes observed as 0)} over every split."""
+  observed = zeros = 0
+  for split, n in meta.record_counts.items():
+    for rec in dataset.iter_records(meta, split) if n else ():
+      observed = observed + rec.observed.sum(axis=0)
+      zeros = zeros + (rec.observed & (rec.signals == 0)).sum(axis=0)
+  return {c.name: (int(o), int(z)) for c, o, z in zip(meta.channels, observed, zeros)}
+
+
+@pytest.mark.parametrize("fmt,channel,minutes,recorded_zeros", SINGLE_TYPE)
+def test_single_type_exports_hold_only_what_was_recorded(tmp_path, fmt, channel, minutes,
+                                                         recorded_zeros):
+  """An export of one record type converts to that one channel, observed at its recorded
+  minutes alone (an Apple export of heart rate only once had steps and active energy
+  observed as 0 all day); the channels it never records are noted as left out."""
+  make = _apple_single if fmt == "apple_health" else _fitbit_single
+  path, kwargs = make(tmp_path, channel)
+  meta, stats = convert(fmt, path, tmp_path / "out", max_missing=1.0, **kwargs)
+  assert _observed(meta) == {channel: (minutes, recorded_zeros)}
+  (note,) = [n for n in stats.notes if n.startswith("channels the input never records")]
+  assert repr(channel) not in note
+
+
+def test_table_importers_leave_unrecorded_minutes_unobserved(tmp_path):
+  """Fitabase with steps for two hours and intensity for one, a long table with a part-empty
+  column: the minutes a channel lacks are unobserved, never 0. A channel recorded nowhere is
+  refused by name (its normalization is undefined), not filled."""
+  root = tmp_path / "fitabase"
+  root.mkdir()
+  def wide(prefix, hours):
+    rows = "".join(f"1503960366,4/13/2016 {h}:00:00 AM," + ",".join(
+        str(m % 3 + 1) for m in range(60)) + "\n" for h in hours)
+    return "Id,ActivityHour," + ",".join(f"{prefix}{m:02d}" for m in range(60)) + "\n" + rows
+  (root / "minuteStepsWide_merged.csv").write_text(wide("Steps", (1, 2)))
+  (root / "minuteIntensitiesWide_merged.csv").write_text(wide("Intensity", (2,)))
+  one_split = {"max_missing": 1.0, "split_fractions": (1.0, 0.0, 0.0)}
+  meta, _ = convert("fitabase", root, tmp_path / "fitabase_out", **one_split)
+  assert _observed(meta) == {"steps": (120, 0), "intensity": (60, 0)}
+
+  table = tmp_path / "t.csv"
+  table.write_text("subject,timestamp,hr,steps,activity\n" + "".join(
+      f"ann,2024-03-10 10:0{m}:00,{60 + m},{'' if m % 2 else m + 1},\n" for m in range(4)))
+  meta, _ = convert("long_csv", table, tmp_path / "long_out",
+                    long_options={"channels": ["hr", "steps"]}, **one_split)
+  assert _observed(meta) == {"hr": (4, 0), "steps": (2, 0)}
+  with pytest.raises(ValueError, match=r"channels \['activity'\] have no observed minute"):
+    convert("long_csv", table, tmp_path / "activity_out", **one_split)
+  assert not [p for p in (tmp_path / "activity_out").rglob("*") if p.is_file()]  # Nothing written.
 
 
 # --------------------------------------------------------------------------- Shared pieces

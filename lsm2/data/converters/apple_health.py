@@ -38,9 +38,11 @@ converters.device for the repeated and the skipped hour).
 Non-wear (converters.device.HeartRateWearRule, default: gaps up to 20
 minutes between heart-rate samples are worn): a watch measures heart rate
 every few minutes while worn. At worn minutes a count without a sample
-(steps, active energy) is 0; elsewhere it is unobserved unless a sample
-(e.g. the phone's steps) covers it. Rates are observed only where sampled.
-Without the rule (--no-nonwear) counts are observed only where sampled.
+(steps, active energy) is 0 when the export records that count at all; elsewhere
+it is unobserved unless a sample (e.g. the phone's steps) covers it. A count
+the export never records stays unobserved everywhere (and is left out of the
+dataset). Rates are observed only where sampled. Without the rule
+(--no-nonwear) counts are observed only where sampled.
 
 Sleep (`sleep_stage` minute label, the value covering the middle of each
 minute): InBed -> in_bed, Asleep/AsleepUnspecified -> asleep, Awake -> awake,
@@ -293,9 +295,10 @@ class _Export:
     for q in range(len(QUANTITIES)):
       values[:, q] = self.acc.values(q)
     for q, quantity in enumerate(QUANTITIES.values()):
-      if quantity.semantics == device.COUNT:
-        zero = worn & ~self.acc.covered(q)
-        values[zero, q] = 0.0
+      covered = self.acc.covered(q)
+      # Only a quantity the export records: a never-recorded count stays unobserved (left out).
+      if quantity.semantics == device.COUNT and covered.any():
+        values[worn & ~covered, q] = 0.0
     worn_minutes = int(worn.sum())
     self.acc = None  # Its memory is free for the wall-clock mapping.
     labels = {}
