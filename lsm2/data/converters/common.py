@@ -169,9 +169,19 @@ def read_table(path, *, text_columns: Sequence[str] = (), **kwargs):
 
   `text_columns` (subject ids) are read as text exactly as written: no number
   parsing (`01` stays `01`) and no missing-value markers (`NA` stays `NA`); the
-  other columns as pandas reads them by default.
+  other columns as pandas reads them by default. A column named twice in the
+  header is an error: pandas would rename the second `hr` to `hr.1`.
   """
   import pandas as pd  # pylint: disable=g-import-not-at-top
+  try:
+    names = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+  except (ValueError, pd.errors.ParserError) as e:
+    raise ValueError(f"{path}: cannot parse as CSV: {e}") from None
+  counts = names.value_counts()
+  if (counts > 1).any():
+    raise ValueError(f"{path}: the header names column " + ", ".join(
+        f"{n!r} {'twice' if k == 2 else f'{k} times'}" for n, k in counts[counts > 1].items())
+        + "; give each column once")
   try:
     if text_columns:
       header = pd.read_csv(path, nrows=0, **kwargs).columns
