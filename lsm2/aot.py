@@ -11,7 +11,9 @@ the shardings training gives them. The compiled train step's memory analysis
 says what one device holds (arguments, outputs, temporaries) against the chip's
 HBM; its cost analysis gives the FLOPs and bytes of one step, and with the chip
 specs below a roofline estimate of the step time and MFU. Exits 1, naming the
-knobs to turn, when the step does not fit. This is how maxtext's
+knobs to turn, when the step does not fit. Arguments it cannot use (an empty or
+unknown --topology, a --json path that cannot be written) are refused before
+anything compiles, as one `lsm2: error: ...` line. This is how maxtext's
 train_compile.py catches out-of-memory and sharding errors before a job
 reaches the cluster.
 
@@ -35,7 +37,9 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from lsm2 import errors
 from lsm2 import sharding as sharding_lib
+from lsm2 import storage
 from lsm2.model import flops as flops_lib
 from lsm2.model.config import ModelConfig
 from lsm2.train import preflight
@@ -85,26 +89,41 @@ _AVAILABLE = re.compile(r"available HBM \(([0-9.]+)([KMGT]?)\)|of ([0-9.]+)([KMG
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+_TOPOLOGY_EXAMPLES = "expected e.g. 'v5e:2x2', 'v5e:16x16', 'v5p:4x4x4', 'v6e:8x8'"
+
+
+class TopologyError(errors.Error, ValueError):
+  """A --topology that names no TPU slice this tool can analyze."""
+
+
+def check_topology(topology: str) -> None:
+  """Refuses an empty --topology, which libtpu would take as its default slice (a TPU v2)."""
+  if not topology.strip():
+    raise TopologyError(f"--topology={topology!r} is empty: name the TPU slice, "
+                        f"{_TOPOLOGY_EXAMPLES}")
+
+
 def topology_devices(topology: str) -> list[jax.Device]:
   """The devices of a TPU slice such as "v5e:16x16" or "v5p:4x4x4", described by libtpu."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  check_topology(topology)
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
-        f"--topology={topology!r}: libtpu cannot describe it ({e}); expected e.g. 'v5e:2x2', "
-        "'v5e:16x16', 'v5p:4x4x4', 'v6e:8x8' (libtpu comes with pip install 'lsm2[tpu]')") from e
+    raise TopologyError(
+        f"--topology={topology!r}: libtpu cannot describe it ({e}); {_TOPOLOGY_EXAMPLES} "
+        "(libtpu comes with pip install 'lsm2[tpu]')") from e
 
 
 def device_spec(devices: Sequence[jax.Device]) -> ChipSpec:
   """The chip spec of a slice's devices (one JAX device per chip)."""
   kind = devices[0].device_kind
   if kind not in CHIPS:
-    raise ValueError(f"no chip spec for device kind {kind!r}; known: {sorted(CHIPS)}")
+    raise TopologyError(f"no chip spec for device kind {kind!r}; known: {sorted(CHIPS)}")
   if len({tuple(d.coords) for d in devices}) != len(devices):
     # libtpu describes v4 slices per TensorCore; JAX meshes need megacore devices.
-    raise ValueError(f"this libtpu describes {kind} with one device per TensorCore, and JAX "
-                     "meshes need one per chip (megacore): not supported")
+    raise TopologyError(f"this libtpu describes {kind} with one device per TensorCore, and JAX "
+                        "meshes need one per chip (megacore): not supported")
   return CHIPS[kind]
 
 
@@ -239,13 +258,35 @@ _NUM_CHANNELS = flags.DEFINE_integer("num_channels", 26, "Signals per minute of 
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON here.")
 
 
+def check_json_path(path: str) -> epath.Path:
+  """--json as a path that can be written, proven before a compile of minutes.
+
+  The report is written beside it and renamed into place (storage.write_text_atomic),
+  so what must be writable is its directory.
+  """
+  out = storage.as_path(path)
+  if out.is_dir():
+    raise storage.StorageError(f"--json={path} is a directory; name a file, e.g. {out / 'aot.json'}")
+  storage.check_writable(out.parent, f"--json={path}: its directory")
+  return out
+
+
 def main(argv):
+  try:
+    _main(argv)
+  except errors.Error as e:  # Its message says what is wrong and what to do.
+    print(f"lsm2: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  out = check_json_path(_JSON.value) if _JSON.value else None
   report = analyze(_CONFIG.value, _TOPOLOGY.value, _NUM_CHANNELS.value)
   print(format_report(report))
-  if _JSON.value:
-    epath.Path(_JSON.value).write_text(json.dumps(report, indent=2) + "\n")
+  if out is not None:
+    storage.write_text_atomic(out, json.dumps(report, indent=2) + "\n")
   if not report["fits"]:
     knobs = preflight.knobs(report["batch_size"], report["mesh"], report["attention"])
     print(f"\nThe train step does not fit in {report['hbm_capacity_bytes'] / GiB:.2f} GiB per "

@@ -23,6 +23,7 @@ import sys
 import pytest
 
 from lsm2 import aot
+from lsm2 import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5e:2x2"
@@ -183,3 +184,36 @@ def test_splash_flops_count_every_padded_tile():
   cfg = get_model_config("S")  # 3,744 tokens, 2,262 kept: padded to 3,840 and 2,304.
   per_example = 12 * 2 * 2304**2 * 384 + 4 * 2 * 3840**2 * 256
   assert aot.splash_flops(cfg, 2262, 8) == 8 * 9 * per_example
+
+
+@pytest.mark.slow  # Two interpreter starts (~15 s each alone), in parallel.
+def test_unusable_arguments_are_one_error_line_before_any_compile(tmp_path):
+  """An empty --topology (libtpu's default would be a TPU v2) and a --json that cannot be
+  written are refused up front, as one `lsm2: error:` line, not a traceback after the compile."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  config = f"--config={REPO / 'configs' / 'pretrain.py'}:tiny,runlocal"
+  cases = {
+      "--topology=": "--topology='' is empty: name the TPU slice, expected e.g. 'v5e:2x2'",
+      f"--json={blocker}/r.json": f"--json={blocker}/r.json: its directory {blocker}: cannot "
+                                  "write to it",
+  }
+
+  def run(arg):
+    topology = [] if arg.startswith("--topology") else [f"--topology={TOPOLOGY}"]
+    return subprocess.run([sys.executable, "-m", "lsm2.aot", config, *topology, arg], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = dict(zip(cases, pool.map(run, cases)))
+  for arg, proc in results.items():
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lsm2: error: ")]
+    assert len(errors) == 1 and cases[arg] in errors[0], proc.stderr[-3000:]
+  assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_an_existing_directory_is_not_a_json_path(tmp_path):
+  with pytest.raises(storage.StorageError, match=f"--json={tmp_path} is a directory"):
+    aot.check_json_path(str(tmp_path))
