@@ -1,6 +1,9 @@
 """The evaluation driver end to end on a tiny checkpoint, and its parts on real model outputs."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -403,3 +406,19 @@ def test_pearson_r_of_a_constant_prediction_is_undefined():
   y = np.random.default_rng(0).normal(size=80)
   assert metrics_lib.pearson_r(y, np.full(80, 0.1 + 0.2)) is None
   assert metrics_lib.regression_metrics(y, np.full(80, 3.3))["pearson_r"] is None
+
+
+@pytest.mark.slow  # One interpreter start of `python -m lsm2.main`.
+def test_a_missing_step_is_one_error_line_naming_it(pretrained, tmp_path):
+  workdir, _ = pretrained  # Checkpoints at steps 5 and 10.
+  result = subprocess.run(
+      [sys.executable, "-m", "lsm2.main", f"--config={REPO}/configs/eval.py:synthetic",
+       f"--workdir={tmp_path / 'eval'}", f"--config.init_from={workdir}", "--config.step=7"],
+      cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("lsm2: error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert errors[0].startswith(f"lsm2: error: config.init_from={workdir}, config.step=7: ")
+  assert "step 7" in errors[0], errors[0]

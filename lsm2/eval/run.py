@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from lsm2 import api
+from lsm2 import errors
 from lsm2 import storage
 from lsm2.data import channels as channels_lib
 from lsm2.data import dataset as dataset_lib
@@ -168,7 +169,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
   # Storage that cannot be used (no bucket, no credentials) stops here, naming the path.
   out = storage.check_writable(workdir, "--workdir")
   step = None if config.step < 0 else config.step
-  model = api.load(config.init_from, step, batch_size=config.batch_size)
+  try:
+    model = api.load(config.init_from, step, batch_size=config.batch_size)
+  except FileNotFoundError as e:  # No such workdir or step: named by the fields that chose them.
+    chosen = f"config.init_from={config.init_from}"
+    if step is not None:
+      chosen += f", config.step={step}"
+    raise errors.ConfigError(f"{chosen}: {e}") from None
   data_dir = config.data.dir or model.config["data_dir"]
   storage.check_reachable(data_dir, "config.data.dir")
   meta = metadata_lib.load_metadata(data_dir)
