@@ -241,7 +241,33 @@ def test_cli_reports_a_bad_sweep_file(tmp_path):
   bad.write_text("def get_sweep():\n  return []\n")
   result = run_sweep(bad, "--launcher", "local", "--dry-run")
   assert result.returncode == 2
-  assert f"sweep: error: sweep file {bad} does not define BASE_CONFIG" in result.stderr
+  assert f"lsm2: error: sweep file {bad} does not define BASE_CONFIG" in result.stderr
+
+
+BASE = "from lsm2.sweeps.sweep import axis, product\nBASE_CONFIG = 'configs/pretrain.py:S,aim'\n"
+MALFORMED_SWEEPS = {  # File text -> what the error line says after "sweep file PATH".
+    BASE + "def get_sweep(:\n  return []\n": " line 3: SyntaxError: ",
+    "BASE_CONFIG = PRETRAIN\n": " line 1: NameError: name 'PRETRAIN' is not defined",
+    "BASE_CONFIG = None\ndef get_sweep():\n  return []\n":
+        ": BASE_CONFIG must name a config such as 'configs/pretrain.py:S,aim', got None",
+    BASE + "def get_sweep():\n  return product(axis('config.seed', [0]), axis('model.depth', [1]))\n":
+        " line 4: get_sweep() raised ValueError: sweep key 'model.depth' must look like ",
+    BASE + "def get_sweep():\n  return [('config.seed', 1)]\n":
+        ": get_sweep() must return a non-empty list of override dicts (built with axis, product, "
+        "zip_axes), got [('config.seed', 1)]",
+    BASE + "def get_sweep():\n  return [{'config.seed': 1}, {'config.seed': 1}]\n":
+        ": sweep points 0 and 1 are both named 'seed=1'",
+}
+
+
+@pytest.mark.parametrize("text", MALFORMED_SWEEPS, ids=range(len(MALFORMED_SWEEPS)))
+def test_a_malformed_sweep_file_is_one_error_line_naming_it(text, tmp_path, capsys):
+  bad = tmp_path / "bad.py"
+  bad.write_text(text)
+  assert sw.main([str(bad), "--launcher", "local", "--dry-run"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and len(err.splitlines()) == 1, err
+  assert err.startswith(f"lsm2: error: sweep file {bad}{MALFORMED_SWEEPS[text]}"), err
 
 
 FAKE_MAIN = '''
@@ -287,7 +313,7 @@ def test_cli_refuses_an_unknown_eval_task_set():
                      "configs/eval.py:probe", "--dry-run", "--", "1")
   assert result.returncode == 2
   assert result.stdout == ""
-  assert ("sweep: error: --eval 'configs/eval.py:probe' is not a task set of configs/eval.py: "
+  assert ("lsm2: error: --eval 'configs/eval.py:probe' is not a task set of configs/eval.py: "
           "it takes one of synthetic, depresjon, fitabase") in result.stderr
 
 

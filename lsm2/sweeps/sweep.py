@@ -30,10 +30,12 @@ import re
 import shlex
 import subprocess
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lsm2 import config_files
+from lsm2 import errors
 
 Overrides = dict[str, Any]
 
@@ -162,19 +164,53 @@ def name_points(points: Sequence[Mapping[str, Any]]) -> tuple[Point, ...]:
   return tuple(named)
 
 
+class SweepFileError(errors.Error, ValueError):
+  """A sweep file that does not give a sweep: the message names the file and what is wrong."""
+
+
+def _line_in(e: BaseException, path: pathlib.Path) -> str:
+  """' line N': where in the sweep file `e` was raised (its innermost frame there), or ''."""
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f" line {e.lineno}"
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if pathlib.Path(f.filename) == path]
+  return f" line {lines[-1]}" if lines else ""
+
+
 def load_sweep(path: str | pathlib.Path) -> Sweep:
-  """Imports a sweep file and expands its `get_sweep()`."""
+  """Imports a sweep file and expands its `get_sweep()`.
+
+  Whatever keeps the file from giving a sweep (a syntax error, an exception in
+  its code, points that are not override dicts) is a SweepFileError naming the
+  file and line: the file is the user's code, so its faults are not lsm2 bugs.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"sweep file {path} does not exist")
-  module = config_files.load_module(path)
+  try:
+    module = config_files.load_module(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepFileError(f"sweep file {path}{_line_in(e, path)}: {type(e).__name__}: {e}") from None
   for attr in ("BASE_CONFIG", "get_sweep"):
     if not hasattr(module, attr):
-      raise ValueError(f"sweep file {path} does not define {attr}")
-  points = module.get_sweep()
-  if not points:
-    raise ValueError(f"sweep file {path}: get_sweep() returned no points")
-  return Sweep(name=path.stem, base_config=module.BASE_CONFIG, points=name_points(points))
+      raise SweepFileError(f"sweep file {path} does not define {attr}")
+  if not isinstance(module.BASE_CONFIG, str) or not module.BASE_CONFIG:
+    raise SweepFileError(f"sweep file {path}: BASE_CONFIG must name a config such as "
+                         f"'configs/pretrain.py:S,aim', got {module.BASE_CONFIG!r}")
+  try:
+    points = module.get_sweep()
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepFileError(f"sweep file {path}{_line_in(e, path)}: get_sweep() raised "
+                         f"{type(e).__name__}: {e}") from None
+  if (not isinstance(points, (list, tuple)) or not points
+      or not all(isinstance(p, Mapping) for p in points)):
+    raise SweepFileError(f"sweep file {path}: get_sweep() must return a non-empty list of "
+                         f"override dicts (built with axis, product, zip_axes), got {points!r:.200}")
+  try:
+    named = name_points(points)
+  except ValueError as e:
+    raise SweepFileError(f"sweep file {path}: {e}") from None
+  return Sweep(name=path.stem, base_config=module.BASE_CONFIG, points=named)
 
 
 def eval_tasksets() -> tuple[str, ...]:
@@ -280,12 +316,12 @@ def main(argv: Sequence[str]) -> int:
     all_jobs = jobs(sweep, args.launcher, args.workdir_root, launcher_args, args.config, args.eval,
                     args.dry_run)
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"sweep: error: {e}", file=sys.stderr)
+    print(f"lsm2: error: {e}", file=sys.stderr)
     return 2
   names = [j.point.name for j in all_jobs]
   unknown = sorted(set(args.only or ()) - set(names))
   if unknown:
-    print(f"sweep: error: --only {', '.join(unknown)}: not a point of {sweep.name} "
+    print(f"lsm2: error: --only {', '.join(unknown)}: not a point of {sweep.name} "
           f"(its points: {', '.join(names)})", file=sys.stderr)
     return 2
   selected = [j for j in all_jobs if not args.only or j.point.name in args.only]
