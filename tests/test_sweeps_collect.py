@@ -134,3 +134,19 @@ def test_empty_or_missing_roots_are_errors(tmp_path):
     collect.collect(tmp_path)
   with pytest.raises(FileNotFoundError, match="is not a directory"):
     collect.collect(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_result_is_one_error_line_naming_the_run_and_field(tmp_path, capsys, value):
+  """JSON readers take NaN and Infinity; lsm2.eval never writes them, so the table refuses them."""
+  run = tmp_path / "root" / "scheme=aim" / "eval" / "probe"
+  run.mkdir(parents=True)
+  entries = [result("hypertension", "f1", 0.6), result("imputation", "mse", 0.0)]
+  (run / "results.json").write_text(json.dumps(entries).replace("0.0", value))
+  assert collect.main([str(tmp_path / "root"), "--out", str(tmp_path / "t")]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err == (
+      f"lsm2: error: {run / 'results.json'}: run 'scheme=aim/eval/probe' entry 1 (imputation mse) "
+      f"value {value} is not a finite number: lsm2.eval writes null for a metric it cannot "
+      "define, so this file was written or edited by something else\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # No table written.

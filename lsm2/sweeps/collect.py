@@ -4,7 +4,8 @@ r"""Collects the results.json of every run under a sweep root into one table.
 
 finds ROOT/**/results.json (each a list of {task, metric, value, split,
 masking, n} and, as `lsm2.eval` writes them, method and level; a null value is
-a metric the evaluation could not define, shown as n/a) and writes
+a metric the evaluation could not define, shown as n/a; NaN or Infinity, which
+lsm2.eval never writes, is refused naming the run and entry) and writes
   PREFIX.csv  one row per result: the run's directory (relative to ROOT), the
               sweep axes read from its `key=value,...` path components, and
               the result's fields;
@@ -17,12 +18,14 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 
 from etils import epath
 
+from lsm2 import errors
 from lsm2 import storage
 
 RESULT_FIELDS = ("task", "metric", "value", "split", "masking", "n")
@@ -70,27 +73,36 @@ def parse_axes(run: str) -> dict[str, str]:
   return axes
 
 
+class ResultsFileError(errors.Error, ValueError):
+  """A results.json that is not what lsm2.eval writes: the message names the file and entry."""
+
+
 def read_results(path: epath.Path, run: str) -> list[Result]:
   """Parses one results.json, naming the file and entry on any malformed field."""
   try:
     entries = json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise ResultsFileError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(entries, list):
-    raise ValueError(f"{path}: expected a list of results, got {type(entries).__name__}")
+    raise ResultsFileError(f"{path}: expected a list of results, got {type(entries).__name__}")
   axes = parse_axes(run)
   results = []
   for i, entry in enumerate(entries):
     if not isinstance(entry, dict):
-      raise ValueError(f"{path}: entry {i} is not an object: {entry!r}")
+      raise ResultsFileError(f"{path}: entry {i} is not an object: {entry!r}")
     missing = [f for f in RESULT_FIELDS if f not in entry]
     if missing:
-      raise ValueError(f"{path}: entry {i} lacks {', '.join(missing)}: {entry!r}")
+      raise ResultsFileError(f"{path}: entry {i} lacks {', '.join(missing)}: {entry!r}")
     value, n = entry["value"], entry["n"]
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-      raise ValueError(f"{path}: entry {i} value {value!r} is not a number")
+      raise ResultsFileError(f"{path}: entry {i} value {value!r} is not a number")
+    if value is not None and not math.isfinite(value):
+      raise ResultsFileError(
+          f"{path}: run {run!r} entry {i} ({entry['task']} {entry['metric']}) value "
+          f"{json.dumps(value)} is not a finite number: lsm2.eval writes null for a metric it "
+          "cannot define, so this file was written or edited by something else")
     if isinstance(n, bool) or not isinstance(n, int):
-      raise ValueError(f"{path}: entry {i} n {n!r} is not an integer")
+      raise ResultsFileError(f"{path}: entry {i} n {n!r} is not an integer")
     results.append(Result(run=run, axes=axes, task=str(entry["task"]), metric=str(entry["metric"]),
                           value=None if value is None else float(value), split=str(entry["split"]),
                           masking=str(entry["masking"]), n=n,
@@ -172,7 +184,7 @@ def main(argv: Sequence[str]) -> int:
     out = storage.as_path(args.out)
     storage.check_writable(out.parent, "--out")  # Creates a local parent directory.
   except (ValueError, OSError) as e:  # OSError: a missing root, unusable storage.
-    print(f"collect: error: {e}", file=sys.stderr)
+    print(f"lsm2: error: {e}", file=sys.stderr)
     return 2
   table = markdown(results)
   out.with_name(out.name + ".md").write_text(table)
