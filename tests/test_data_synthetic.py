@@ -8,6 +8,7 @@ import pytest
 
 from lsm2.data import dataset, metadata, synthetic
 from lsm2.data.channels import DEFAULT_CHANNELS
+from lsm2.data import synthesize
 from lsm2.data.synthesize import ensure_synthetic_dataset, write_synthetic_dataset
 
 CH = synthetic.CHANNEL_INDEX
@@ -216,6 +217,21 @@ def test_cli_writes_a_dataset(tmp_path):
                           "--subjects", "3", "--days", "1", "--seed", "2"], capture_output=True,
                          text=True, timeout=120, check=False)
   assert again.returncode == 2 and "already holds a dataset" in again.stderr
+
+
+def test_cli_to_a_missing_bucket_is_one_error_line_naming_it(tmp_path, capsys):
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  (tmp_path / "gcs").mkdir()
+  with gcs_emulator.serving(tmp_path / "gcs", "lsm2-test") as gcs:
+    code = synthesize.main(["--out", "gs://lsm2-no-such-bucket/data", "--subjects", "4",
+                            "--days", "1", "--seed", "0"])
+    assert gcs.objects("lsm2-test") == []
+  out, err = capsys.readouterr()
+  assert code == 2 and out == ""
+  lines = err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "lsm2: error: --out gs://lsm2-no-such-bucket/data: bucket gs://lsm2-no-such-bucket does "
+      "not exist"), err
 
 
 def test_runs_synthesize_their_data_only_where_there_is_none(tmp_path):

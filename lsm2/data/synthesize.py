@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.experimental import multihost_utils
 
+from lsm2 import errors
 from lsm2 import storage
 from lsm2.data import splits as splits_lib
 from lsm2.data import synthetic
@@ -100,8 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    seed=args.seed, fmt=args.format, shards=args.shards,
                                    split_fractions=args.split_fractions,
                                    overwrite=args.overwrite, progress=True)
-  except (ValueError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  # One line, no traceback: a bad argument, a dataset already there, or storage that cannot
+  # be written (StorageError: e.g. a missing bucket, named by the probe before any shard).
+  except (ValueError, FileExistsError, errors.Error) as e:
+    print(f"lsm2: error: {e}", file=sys.stderr)
     return 2
   seconds = time.perf_counter() - start
   total = sum(meta.record_counts.values())
