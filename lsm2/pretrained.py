@@ -4,10 +4,12 @@ Layout under a training workdir:
   lsm2.json                       the description: model + masking config, dataset
                                   channels and normalisation statistics, run config
   checkpoints/<step>/state/       training state; its "params" are read from here
+  checkpoints/<step>/checksums/   a checksum of every array of the state (array_checksums)
   export/params/                  model parameters only (no optimizer state)
   export/lsm2.json                the description again, beside the exported params
-  export/manifest.json            every file of the export with its size, written last:
-                                  an export is complete when all of them are there
+  export/manifest.json            every file of the export with its size and SHA-256,
+                                  written last: an export is complete when all of them
+                                  are there, and intact when their contents hash alike
   export.tmp/, export.old/        only while a new export is swapped in (export_params)
 
 This module reads (and writes) exactly that, with Orbax alone: inference and
@@ -17,6 +19,7 @@ state) are written by lsm2/train/checkpoint.py.
 """
 from collections.abc import Callable, Iterable
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +30,7 @@ from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -39,10 +43,13 @@ from lsm2.model import mae
 DESCRIPTION_FILE = "lsm2.json"
 CHECKPOINTS_DIR = "checkpoints"
 STATE = "state"  # The train-state item of each checkpoint step.
+CHECKSUMS = "checksums"  # {"arrays": {key: [c1, c2]}}: array_checksums of the state, saved with it.
+RUN_FILE = "run.json"  # The run record of a workdir (lsm2/train/run_dir.py writes it).
 EXPORT_DIR = "export"
 EXPORT_PARAMS = "params"
-# Written last into an export: {"files": {relative path: size}}. One object, so
-# on a bucket too it is there whole or not at all (see export_problem).
+# Written last into an export: {"files": {relative path: {"bytes": n, "sha256": hex}}}.
+# One object, so on a bucket too it is there whole or not at all (see export_problem).
+# Manifests written before lsm2 hashed files list sizes only ({path: n}).
 EXPORT_MANIFEST = "manifest.json"
 # An export is written to EXPORT_TMP, then swapped in with two moves (the
 # previous export goes to EXPORT_OLD meanwhile); see export_params.
@@ -90,6 +97,102 @@ def mask_config_from_description(masking: dict[str, Any]) -> model_config_lib.Ma
   fields = dict(masking)
   fields["strategy_weights"] = tuple((str(n), float(w)) for n, w in fields["strategy_weights"])
   return model_config_lib.MaskConfig(**fields)
+
+
+# ----------------------------------------------------------------------------
+# Integrity: a checksum of every array of a checkpoint, a SHA-256 of every exported file.
+# ----------------------------------------------------------------------------
+class IntegrityError(errors.Error, OSError):
+  """Data whose content differs from what was saved or exported (changed or damaged since)."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 words, one per element (two for 64-bit values and RNG keys)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """Two position-weighted sums of the words of `x`, modulo 2**32 (uint32[2]).
+
+  Each word is multiplied by an odd weight that depends on its position, so any
+  change of a single word (a flipped bit, a swapped value) changes both sums,
+  and several changes cancel in both only by chance (~2**-64). A reduction:
+  the same for any sharding of `x`, computed where `x` lives, never gathered.
+  """
+  words = _words(x)
+  index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+  for axis in reversed(range(words.ndim)):
+    index += jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= words.shape[axis]
+  first = index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+  second = (index + jnp.uint32(0x7F4A7C15)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+  rotated = (words << 13) | (words >> 19)
+  return jnp.stack([jnp.sum(words * first, dtype=jnp.uint32),
+                    jnp.sum(rotated * second, dtype=jnp.uint32)])
+
+
+_checksums = jax.jit(lambda leaves: jnp.stack([_checksum(x) for x in leaves]))
+
+
+def array_checksums(tree: Any) -> dict[str, list[int]]:
+  """{"params/.../kernel/value": [c1, c2]} for every array of `tree` (see _checksum).
+
+  Computed on the arrays' devices in one jitted pass (about one read of the
+  tree: cheap next to the save it goes with); every process gets the same
+  values, also when the arrays span several processes.
+  """
+  flat = _flat(tree)
+  if not flat:
+    return {}
+  sums = _checksums(list(flat.values()))
+  sums = np.asarray(sums.addressable_data(0))  # Replicated: any one copy is all of it.
+  return {key: [int(a), int(b)] for key, (a, b) in zip(flat, sums)}
+
+
+def check_checksums(tree: Any, saved: dict[str, list[int]], where: str) -> None:
+  """Raises IntegrityError naming the arrays of `tree` whose checksums differ from `saved`'s.
+
+  Arrays `saved` does not list (a partial restore lists more, never fewer) are
+  an error too: the checksums were saved for another tree.
+  """
+  have = array_checksums(tree)
+  bad = [key for key in have if saved.get(key) != have[key]]
+  if bad:
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise IntegrityError(
+        f"{where}: the values of {', '.join(bad[:3])}{more} differ from the ones saved (their "
+        f"checksums, in {CHECKSUMS}/, do not match): its files were changed or damaged after "
+        "they were written.")
+
+
+def verify_checksums(manager: ocp.CheckpointManager, step: int, restored: Any, where: str
+                     ) -> None:
+  """check_checksums of `restored` (all or part of step `step`'s state) against the
+  checksums saved with it; a step saved before lsm2 saved them is not verified (logged).
+
+  Every process reads and checks alike (`agreed`): an IntegrityError on one is
+  raised by all, so that restore_newest falls back to the same older step everywhere.
+  """
+  if not (epath.Path(manager.directory) / str(step) / CHECKSUMS).exists():
+    logging.info("%s has no %s (saved before lsm2 saved them): its arrays are not verified.",
+                 where, CHECKSUMS)
+    return
+  saved = agreed(lambda: manager.restore(step, args=ocp.args.Composite(**{
+      CHECKSUMS: ocp.args.JsonRestore()})), orbax_restore=True)[CHECKSUMS]["arrays"]
+  agreed(lambda: check_checksums(restored, saved, where))
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -308,17 +411,23 @@ def _swap_in(workdir: epath.Path) -> None:
 
 
 def write_manifest(directory: str | os.PathLike) -> None:
-  """Writes DIRECTORY/manifest.json, listing every file below it with its size.
+  """Writes DIRECTORY/manifest.json, listing every file below it with its size and SHA-256.
 
   export_params calls it once the export is written. By hand, only for an
-  export known to be complete that has none (written before lsm2 wrote
-  manifests, on a bucket): find_export refuses it until then.
+  export known to be intact that has none or lists sizes only (written before
+  lsm2 wrote manifests or hashes): find_export refuses or does not verify it.
   """
   directory = storage.as_path(directory)
-  files = {name: size for name, size in storage.list_files(directory).items()
+  files = {name: {"bytes": size, "sha256": _sha256(directory / name)}
+           for name, size in storage.list_files(directory).items()
            if not name.startswith(EXPORT_MANIFEST)}  # Nor a leftover temporary name of it.
   storage.write_text_atomic(directory / EXPORT_MANIFEST,
                             json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def _listed_files(directory: epath.Path) -> dict[str, Any]:
+  """The manifest's {name: {"bytes", "sha256"} or size}; FileNotFoundError without one."""
+  return json.loads((directory / EXPORT_MANIFEST).read_text())["files"]
 
 
 _UNMARKED = (f"it has no {EXPORT_MANIFEST}, so it may be part of an interrupted copy (on a "
@@ -329,7 +438,7 @@ def export_problem(directory: str | os.PathLike) -> str | None:
   """Why `directory` is not a complete export, or None when it is one.
 
   Complete: its manifest is there and every file it lists is there with its
-  size. Without a manifest (written before lsm2 wrote them) a local directory
+  size (verify_export then checks their contents). Without a manifest (written before lsm2 wrote them) a local directory
   with lsm2.json and params/ is complete too: local renames are atomic and the
   description was written after the arrays. On a bucket a directory rename is a
   copy and a delete object by object, so there such a directory may be half of
@@ -337,7 +446,7 @@ def export_problem(directory: str | os.PathLike) -> str | None:
   """
   directory = epath.Path(directory)
   try:
-    listed = json.loads((directory / EXPORT_MANIFEST).read_text())["files"]
+    listed = _listed_files(directory)
   except FileNotFoundError:
     missing = [n for n in (DESCRIPTION_FILE, EXPORT_PARAMS) if not (directory / n).exists()]
     if missing:
@@ -345,7 +454,12 @@ def export_problem(directory: str | os.PathLike) -> str | None:
     return None if storage.renames_atomically(directory) else _UNMARKED
   except (ValueError, KeyError, TypeError) as e:
     return f"its {EXPORT_MANIFEST} is unreadable ({type(e).__name__}: {e})"
-  for name, size in sorted(listed.items()):
+  if not isinstance(listed, dict) or not all(
+      isinstance(e, int) or (isinstance(e, dict) and isinstance(e.get("bytes"), int))
+      for e in listed.values()):
+    return f"its {EXPORT_MANIFEST} is unreadable (not a list of files with their sizes)"
+  for name, entry in sorted(listed.items()):
+    size = entry["bytes"] if isinstance(entry, dict) else entry
     try:
       have = (directory / name).stat().length
     except FileNotFoundError:
@@ -353,6 +467,38 @@ def export_problem(directory: str | os.PathLike) -> str | None:
     if have != size:
       return f"{name} has {have} bytes, its {EXPORT_MANIFEST} lists {size}"
   return None
+
+
+def verify_export(export: epath.Path) -> None:
+  """Raises IntegrityError unless every file of complete export `export` hashes as its
+  manifest lists (every process reads every file once more: benchmarks/integrity.py).
+
+  A manifest that lists sizes only (written before lsm2 hashed files) is
+  trusted with a warning. An export without a manifest is local and predates
+  manifests (export_problem): nothing to check it against, also said in the log.
+  """
+  try:
+    listed = _listed_files(export)
+  except FileNotFoundError:
+    logging.warning("%s has no %s (written before lsm2 wrote them): its contents are not "
+                    "verified.", export, EXPORT_MANIFEST)
+    return
+  if not all(isinstance(e, dict) and "sha256" in e for e in listed.values()):
+    logging.warning("%s lists no content hashes (written before lsm2 hashed exports): its "
+                    "contents are not verified. Re-export or run write_manifest to add them.",
+                    export / EXPORT_MANIFEST)
+    return
+  bad = [name for name, entry in sorted(listed.items())
+         if _sha256(export / name) != entry["sha256"]]
+  if bad:
+    root = export.parent if export.name in (EXPORT_DIR, EXPORT_OLD, EXPORT_TMP) else export
+    raise IntegrityError(
+        f"{export}: the content of {', '.join(bad[:3])}"
+        f"{f' and {len(bad) - 3} more files' if len(bad) > 3 else ''} differs from the one "
+        f"exported (SHA-256 in {EXPORT_MANIFEST}): changed or damaged since; nothing was "
+        f"loaded. To recover, run the training command on {root} again (a finished run "
+        f"exports anew from its newest checkpoint), or read a checkpoint with "
+        f"lsm2.load('{root}', step=N).")
 
 
 def _delete_export(directory: epath.Path) -> None:
@@ -416,14 +562,16 @@ def recover_export(workdir: str | os.PathLike) -> None:
 
 
 def find_export(path: str | os.PathLike) -> epath.Path | None:
-  """The complete export (export_problem) that `path`, a workdir or an export directory, holds.
+  """The complete, verified export (export_problem, verify_export) that `path`, a workdir
+  or an export directory, holds.
 
   During a swap (export_params) WORKDIR/export may be missing or, on a bucket,
   half moved: then a complete EXPORT_OLD or EXPORT_TMP is returned, with a
   warning. None when `path` holds no export at all (a workdir before its
   export: callers read its checkpoints). IncompleteExportError when `path` or
   WORKDIR/export is an export that is not complete and no complete copy is
-  left: it is never read, nor silently replaced by a checkpoint.
+  left: it is never read, nor silently replaced by a checkpoint. IntegrityError
+  when the export found has a file whose content differs from its manifest's hash.
   """
   path = epath.Path(path)
   root = path.parent if path.name == EXPORT_DIR else path
@@ -440,6 +588,7 @@ def find_export(path: str | os.PathLike) -> epath.Path | None:
       if export not in own:
         logging.warning("Using %s: an export swap was interrupted (the next training start "
                         "completes it).", export)
+      verify_export(export)
       return export
     if export in own:
       problems.append((export, problem))
@@ -476,7 +625,8 @@ def restore_checkpoint_params(workdir: str | os.PathLike, abstract_params: Any,
       directory, options=ocp.CheckpointManagerOptions(
           read_only=True, create=False, save_interval_steps=0,
           multiprocessing_options=ORBAX_PROCESSES),
-      item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                     CHECKSUMS: ocp.JsonCheckpointHandler()})
   try:
     steps = reader.all_steps()
     if not steps:
@@ -489,10 +639,12 @@ def restore_checkpoint_params(workdir: str | os.PathLike, abstract_params: Any,
       saved = agreed(lambda: reader.item_metadata(s)[STATE])
       agreed(lambda: check_fits(getattr(saved, "tree", saved), item,
                                 f"checkpoint step {s} in {directory}", exact=False))
-      return agreed(lambda: reader.restore(s, args=ocp.args.Composite(**{
+      restored = agreed(lambda: reader.restore(s, args=ocp.args.Composite(**{
           STATE: ocp.args.PyTreeRestore(
               item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-              partial_restore=True)})), orbax_restore=True)[STATE]["params"]
+              partial_restore=True)})), orbax_restore=True)[STATE]
+      verify_checksums(reader, s, restored, f"checkpoint step {s} in {directory}")
+      return restored["params"]
 
     return restore_newest(steps if step is None else [step], restore, str(directory))
   finally:
@@ -520,6 +672,8 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None
   path = storage.check_reachable(path, "pretrained model")  # No bucket, no credentials: said here.
   export = find_export(path) if step is None else None
   description = read_description(path if export is None else export)  # The params' own.
+  if export is None:
+    check_description(path, description)
   # A model trained with a TPU- or GPU-only attention kernel runs here with this platform's.
   model_cfg = model_config_lib.for_platform(
       model_config_lib.ModelConfig(**description["model"]), jax.default_backend())
@@ -530,6 +684,61 @@ def load_pretrained(path: str | os.PathLike, step: int | None = None
   if export is not None:
     params = restore_params(export / EXPORT_PARAMS, abstract_params)
     step = int(description.get("run_config", {}).get("total_steps", 0))
+    _say_what_is_served(export, step)
   else:
     step, params = restore_checkpoint_params(path, abstract_params, step)
+    logging.info("Loaded the parameters of checkpoint step %d of %s.", step, path)
   return nnx.merge(graphdef, params), description, step
+
+
+def _say_what_is_served(export: epath.Path, step: int) -> None:
+  """Logs the step an export serves, with a warning when its workdir has newer checkpoints
+  (a finished run resumed with more steps and not finished again)."""
+  workdir = export.parent if export.name in (EXPORT_DIR, EXPORT_OLD, EXPORT_TMP) else None
+  steps = sorted(int(d.name) for d in checkpoint_dir(workdir).iterdir()
+                 if d.name.isdigit()) if workdir and checkpoint_dir(workdir).exists() else []
+  newer = [s for s in steps if s > step]
+  if newer:
+    logging.warning("Serving %s, the export of step %d; %s has newer checkpoints (steps %s) "
+                    "that the run has not exported yet: lsm2.load('%s', step=%d) reads the "
+                    "newest.", export, step, checkpoint_dir(workdir), newer, workdir, newer[-1])
+  else:
+    logging.info("Serving %s, the export of step %d.", export, step)
+
+
+def check_description(workdir: epath.Path, description: dict[str, Any]) -> None:
+  """Raises IntegrityError when WORKDIR/lsm2.json disagrees with WORKDIR/run.json.
+
+  run.json records the config fields that decide what is trained and the
+  dataset's channels and normalisation (lsm2/train/run_dir.py), written when
+  the run started; the description must say the same, or a checkpoint would be
+  read with another normalisation or channel order. Workdirs from before
+  run.json existed have nothing to compare with.
+  """
+  path = workdir / RUN_FILE
+  if not path.exists():
+    return
+  try:
+    record = json.loads(path.read_text())
+    recorded, dataset = record["config"], record["dataset"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise IntegrityError(f"{path} is unreadable ({type(e).__name__}: {e}); the checkpoints' "
+                         "description cannot be checked against it, nothing was loaded.") from None
+  run_config = {}
+  stack = [("", description.get("run_config", {}))]
+  while stack:  # Flattened like run.json's fields ("model.size", "masking.ratio").
+    prefix, d = stack.pop()
+    for k, v in d.items():
+      if isinstance(v, dict):
+        stack.append((f"{prefix}{k}.", v))
+      else:
+        run_config[f"{prefix}{k}"] = v
+  differ = [k for k in ("channels", "norm_mean", "norm_std")
+            if k in dataset and description.get(k) != dataset[k]]
+  differ += [f"run_config.{k}" for k in sorted(recorded)
+             if k in run_config and run_config[k] != recorded[k]]
+  if differ:
+    raise IntegrityError(
+        f"{workdir / DESCRIPTION_FILE} disagrees with {path} on {', '.join(differ[:5])}: the "
+        "description was changed after the run wrote it; nothing was loaded. Training writes it "
+        f"again when it resumes (run the training command on {workdir} once more).")

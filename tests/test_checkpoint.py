@@ -3,6 +3,7 @@
 processes of a job agree on the step; params export (complete only with its manifest,
 swapped in so that one complete copy always exists) and restore (lsm2.pretrained, the
 format inference reads)."""
+import hashlib
 import json
 import logging
 import os
@@ -356,7 +357,9 @@ def test_an_export_lists_its_files_in_a_manifest_written_last(tmp_path):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   export = _export(tmp_path, mesh, 1.0)
   listed = json.loads((export / pretrained.EXPORT_MANIFEST).read_text())["files"]
-  files = {str(f.relative_to(export)): f.stat().st_size for f in export.rglob("*") if f.is_file()}
+  files = {str(f.relative_to(export)): {"bytes": f.stat().st_size,
+                                        "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+           for f in export.rglob("*") if f.is_file()}
   assert listed == {k: v for k, v in files.items() if k != pretrained.EXPORT_MANIFEST}
   assert pretrained.DESCRIPTION_FILE in listed
   assert any(k.startswith(f"{pretrained.EXPORT_PARAMS}/") for k in listed)

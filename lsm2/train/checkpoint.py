@@ -5,10 +5,13 @@ the params of these steps and the export):
   checkpoints/<step>/state/       params, optimizer state, step, RNG (sharded arrays)
   checkpoints/<step>/data_iter/   Grain iterator state, one file per process
   checkpoints/<step>/layout/      {"process_count": P}
+  checkpoints/<step>/checksums/   a checksum of every array of the state
+                                  (pretrained.array_checksums), verified on restore
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a save killed half-way never shows up as a step. A step that exists but
-cannot be read (truncated files) is skipped with a loud warning in favour of
+cannot be read (truncated files) or whose arrays differ from their checksums
+(changed or damaged files) is skipped with a loud warning in favour of
 the previous one and moved aside to checkpoints_corrupt/<step>.<time>/, so that
 it neither counts toward `keep` nor blocks later saves of its step; a readable
 step that does not fit the model stops the run (pretrained.restore_newest).
@@ -37,8 +40,9 @@ class Checkpointer:
   """A CheckpointManager for (train state, data iterator) pairs."""
 
   def __init__(self, workdir: str | pathlib.Path, *, save_every: int, keep: int,
-               async_save: bool = True):
+               async_save: bool = True, checksums: bool = True):
     self.directory = pretrained.checkpoint_dir(workdir)
+    self.checksums = checksums
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every,
         max_to_keep=keep,
@@ -50,17 +54,24 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={pretrained.STATE: ocp.StandardCheckpointHandler(),
                        DATA_ITER: grain.checkpoint.CheckpointHandler(),
-                       LAYOUT: ocp.JsonCheckpointHandler()})
+                       LAYOUT: ocp.JsonCheckpointHandler(),
+                       pretrained.CHECKSUMS: ocp.JsonCheckpointHandler()})
 
   def maybe_save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
-    """Saves when `step` is on the save interval (or `force`); returns whether it did."""
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            pretrained.STATE: ocp.args.StandardSave(state),
-            DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
-            LAYOUT: ocp.args.JsonSave({"process_count": jax.process_count()})}),
-        force=force)
+    """Saves when `step` is on the save interval (or `force`); returns whether it did.
+
+    The checksums of the state's arrays are saved with them, in the same step,
+    unless `checksums` is off (config.checkpoint_checksums: a pass over the
+    state at each save, benchmarks/integrity.py); restores verify them where saved.
+    """
+    if not (force or self.manager.should_save(step)):
+      return False
+    items = {pretrained.STATE: ocp.args.StandardSave(state),
+             DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+             LAYOUT: ocp.args.JsonSave({"process_count": jax.process_count()})}
+    if self.checksums:
+      items[pretrained.CHECKSUMS] = ocp.args.JsonSave({"arrays": pretrained.array_checksums(state)})
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore_latest(self, abstract_state: Any, data_iter: Any | None
                      ) -> tuple[int, Any, bool] | None:
@@ -93,6 +104,8 @@ class Checkpointer:
       restored = pretrained.agreed(
           lambda: self.manager.restore(step, args=ocp.args.Composite(**items)),
           orbax_restore=True)
+      pretrained.verify_checksums(self.manager, step, restored[pretrained.STATE],
+                                  f"checkpoint step {step} in {self.directory}")
       return restored, layout, DATA_ITER in items
 
     found = pretrained.restore_newest(self.manager.all_steps(), restore, str(self.directory),
