@@ -143,6 +143,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Checkpoints, evaluation, logging.
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
+  # Save a checksum of every array with each checkpoint, verified on restore (bit rot, bad
+  # copies). Costs a pass over the train state per save (benchmarks/integrity.py).
+  config.checkpoint_checksums = True
   config.eval_every = 1000
   config.eval_batches = 8
   config.log_every = 50

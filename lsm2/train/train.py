@@ -465,7 +465,8 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   if jax.process_index() == 0:
     pretrained.recover_export(workdir)  # A kill during the last export: finish or undo it.
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
-                                     keep=config.keep_checkpoints)
+                                     keep=config.keep_checkpoints,
+                                     checksums=config.checkpoint_checksums)
   # Unreadable steps fall back (moved aside); another model's checkpoint raises.
   restored = ckpt.restore_latest(abstract_state(setup), train_iter)
   if restored is None:
