@@ -152,6 +152,21 @@ def test_resume_may_change_steps_and_cadence_and_takes_over_a_dead_writers_lease
   assert steps[-2:] == [4, 6]  # Every checkpoint_every=3 steps from the resume at 4.
 
 
+def test_a_total_steps_below_the_newest_checkpoint_is_refused_before_any_write(
+    finished, data_dirs, tmp_path):
+  """The finished run is at step 4: with total_steps=2 it would re-export step 4's
+  parameters labelled step 2."""
+  workdir = _copy(finished, tmp_path)
+  before = _snapshot(workdir)
+  with pytest.raises(train.errors.ConfigError) as e:
+    train.train_and_evaluate(_config(data_dirs[0], total_steps=2), str(workdir))
+  message = str(e.value)
+  assert "config.total_steps=2 is below step 4, the newest checkpoint" in message
+  assert "--config.total_steps=4 or more" in message and "a new --workdir" in message
+  assert _snapshot(workdir) == before
+  assert lsm2.load(workdir).step == 4
+
+
 def test_a_second_writer_is_refused_before_any_write(finished, data_dirs, tmp_path):
   workdir = _copy(finished, tmp_path)
   alive = subprocess.Popen(["sleep", "60"])

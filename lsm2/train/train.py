@@ -479,6 +479,14 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
                  f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
   else:
     step, state, data_restored = restored
+    if step > config.total_steps:
+      # Training would stop at once and export step `step`'s parameters labelled total_steps.
+      ckpt.close()
+      raise errors.ConfigError(
+          f"config.total_steps={config.total_steps} is below step {step}, the newest checkpoint "
+          f"in {ckpt.directory}: this run has already trained past it. Nothing was written. To "
+          f"go on with this run, pass --config.total_steps={step} or more; to train "
+          f"{config.total_steps} steps, pass a new --workdir.")
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     if not data_restored:  # Another process count wrote it: a fresh, step-dependent order.
       train_iter = make_iterator(config.seed + step)
