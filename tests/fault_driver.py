@@ -8,6 +8,8 @@ kills from these), "PAUSED POINT" when it holds at POINT, "DONE" at the end. POI
   save:N         checkpoint step N is written, Orbax's rename of it is pending
   export_write   the new export's arrays are written, its description not
   export_swap    between the two renames that swap the new export in
+  lease          the lease is taken, nothing restored yet (start-up)
+  preflight      the state is restored or initialised, the pre-flight compile is due
 """
 import json
 import logging
@@ -21,6 +23,8 @@ from orbax.checkpoint._src.path import atomicity
 from lsm2 import config_files
 from lsm2 import pretrained
 from lsm2.train import checkpoint
+from lsm2.train import preflight
+from lsm2.train import run_dir
 from lsm2.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,6 +63,15 @@ def _hold_at(point: str) -> None:
         _hold(point)
       return rename(self, target)
     path_type.rename = held_rename
+  elif point == "lease":
+    acquire = run_dir.Lease.acquire
+
+    def held_acquire(self):
+      acquire(self)
+      _hold(point)
+    run_dir.Lease.acquire = held_acquire
+  elif point == "preflight":
+    preflight.check_train_step = lambda *args, **kwargs: _hold(point)
   elif point:
     raise ValueError(f"unknown point {point!r}")
 

@@ -1,4 +1,6 @@
-"""Fault soak: a tiny run SIGKILLed at random moments, during a checkpoint save and during
+"""SIGTERM during start-up exits with the preemption status and releases the lock.
+
+Fault soak: a tiny run SIGKILLed at random moments, during a checkpoint save and during
 the export (twice: the first export, and a re-export over an existing one), with its latest
 checkpoint corrupted once, resumes each time and ends bit-identical to an uninterrupted run,
 with a loadable export throughout.
@@ -11,6 +13,7 @@ import os
 import pathlib
 import queue
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -147,3 +150,38 @@ def test_sigkill_anywhere_and_a_corrupt_checkpoint_resume_bit_exact(tmp_path):
   assert (json.loads((faulty / pretrained.DESCRIPTION_FILE).read_text())
           == json.loads((reference / pretrained.DESCRIPTION_FILE).read_text()))
   assert list((faulty / checkpoint.CORRUPT_DIR).iterdir()) == [moved]
+
+
+@pytest.mark.parametrize("point,kept", [
+    ("lease", "this start wrote no checkpoint"),
+    ("preflight", "no checkpoint was written yet; rerun the same command to start"),
+])
+def test_sigterm_during_start_up_exits_with_the_preemption_status_and_releases_the_lock(
+    tmp_path, point, kept):
+  """Before the loop a SIGTERM killed the process with status 143 and left lock.json, so a
+  requeue saw a failure and a live-looking lease; now: status 75, no lock, no checkpoint."""
+  data, workdir = tmp_path / "data", tmp_path / "run"
+  synthesize.write_synthetic_dataset(data, subjects=12, days=2, seed=0)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  overrides = {**OVERRIDES, "data.dir": str(data)}
+  proc = subprocess.Popen([sys.executable, str(DRIVER), str(workdir), json.dumps(overrides),
+                           point], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      if line.strip() == f"PAUSED {point}":
+        break
+    assert proc.poll() is None, proc.stderr.read()
+    assert (workdir / "lock.json").exists()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 75, err
+  assert "SIGTERM during start-up, before training: stopping with status 75" in err
+  assert kept in err and "Traceback" not in err and "DONE" not in out
+  assert not (workdir / "lock.json").exists()
+  assert not (workdir / "checkpoints").exists() or _steps(workdir) == []

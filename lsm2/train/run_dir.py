@@ -310,12 +310,12 @@ class Lease:
       raise WorkdirLockedError(f"{self.lost}; this run stops without writing anything more.")
 
   def release(self) -> None:
-    """Stops renewing and deletes the lease file if it is still this process's."""
-    if self._thread is None:
-      return
-    self._stop.set()
-    self._thread.join()
-    self._thread = None
+    """Stops renewing and deletes the lease file if it is still this process's (also when
+    acquire() was interrupted after writing it, before renewing began)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
     lock = self._read()
     if lock is not None and lock.get("token") == self.me["token"]:
       self.path.unlink()

@@ -129,10 +129,7 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
   for field in ("checkpoint_every", "eval_every", "log_every"):
     if config[field] <= 0:
       raise errors.ConfigError(f"config.{field}={config[field]} must be positive")
-  if not 2 <= config.preemption_exit_code <= 255:
-    raise errors.ConfigError(
-        f"config.preemption_exit_code={config.preemption_exit_code} must be in "
-        "[2, 255]: 0 means finished and 1 failed")
+  _check_preemption_exit_code(config)
   if config.lease_timeout_s <= 0:
     raise errors.ConfigError(f"config.lease_timeout_s={config.lease_timeout_s} must be positive")
   if not 0.0 <= config.warmup_fraction < 1.0:
@@ -327,11 +324,12 @@ def validation_losses(setup: Setup, eval_step, layout: encoder_layout.MaskLayout
 # The loop.
 # ----------------------------------------------------------------------------
 class Preempted(SystemExit):
-  """Raised once the preemption checkpoint is saved; the interpreter exits with
-  config.preemption_exit_code (default 75, EX_TEMPFAIL), which launchers and
+  """Raised on SIGTERM once the preemption checkpoint is saved, or at once during start-up
+  (`step` None: before training, nothing of this start to save); the interpreter exits
+  with config.preemption_exit_code (default 75, EX_TEMPFAIL), which launchers and
   requeue loops read as "resume me", unlike 0 (finished) and 1 (failed)."""
 
-  def __init__(self, step: int, exit_code: int):
+  def __init__(self, step: int | None, exit_code: int):
     super().__init__(exit_code)
     self.step = step
 
@@ -355,26 +353,60 @@ class Diverged(errors.Error, RuntimeError):
 
 
 class _Preemption:
-  """Whether to save and stop before the end: Orbax's preemption sync point, or SIGTERM.
+  """Whether to stop before the end: Orbax's preemption sync point, or SIGTERM.
 
   With a JAX distributed runtime (every multi-process job, and one process
   started with --distributed=on), JAX's preemption sync manager receives the
   SIGTERM of any process and the checkpoint manager's reached_preemption(step)
   turns True at the same step on all of them (it must be asked every step).
   A plain single process has no sync manager, so reached_preemption is always
-  False there: it catches SIGTERM itself, and alone it needs no agreement.
+  False there: it catches SIGTERM itself, from the first instruction of
+  train_and_evaluate. During start-up (before the loop: storage checks, lease,
+  restore, pre-flight compile) there is no new state to save, so the handler
+  raises Preempted at once and every `finally` releases what it holds (the lease);
+  in the loop it only sets `requested`, and the loop saves and stops; from
+  hold() on (the clean-up) it only sets `requested`, so the clean-up runs to its end.
   """
 
-  def __init__(self, ckpt: checkpoint_lib.Checkpointer):
-    self._ckpt = ckpt
+  def __init__(self, exit_code: int):
+    self.exit_code = exit_code
     self.requested = False
+    self.restored_step: int | None = None  # The checkpoint this start resumed from.
+    self._restore_known = False
+    self._ckpt: checkpoint_lib.Checkpointer | None = None
+    self._starting = True
     self._own_handler = not jax.distributed.is_initialized()
     if self._own_handler:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
+  def restored(self, step: int | None) -> None:
+    """Records the checkpoint step this start resumed from (None: a fresh start)."""
+    self.restored_step, self._restore_known = step, True
+
+  def start_loop(self, ckpt: checkpoint_lib.Checkpointer) -> None:
+    """From here a SIGTERM saves a checkpoint and stops at the next step."""
+    self._ckpt, self._starting = ckpt, False
+
+  def hold(self) -> None:
+    """From here a SIGTERM no longer interrupts (the clean-up must finish)."""
+    self._starting = False
+
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
+    if not self._starting:
+      logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+      return
+    self._starting = False  # A second SIGTERM must not interrupt the unwinding.
+    if not self._restore_known:
+      kept = "this start wrote no checkpoint; rerun the same command to start (or resume)"
+    elif self.restored_step is None:
+      kept = "no checkpoint was written yet; rerun the same command to start"
+    else:
+      kept = (f"the newest checkpoint is still step {self.restored_step}; rerun the same "
+              "command to resume from it")
+    logging.warning("SIGTERM during start-up, before training: stopping with status %d (%s).",
+                    self.exit_code, kept)
+    raise Preempted(None, self.exit_code)
 
   def should_stop(self, step: int) -> bool:
     if not self._own_handler:
@@ -401,28 +433,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the last logged training metrics (for tests and sweeps).
   """
-  # Storage that cannot be used (no bucket, no credentials, a URL that lost a
-  # slash) stops the run here, naming the path and the reason.
-  workdir = storage.check_writable(workdir, "--workdir")
-  config = resolve_data_dir(config, workdir)
-  storage.check_reachable(config.data.dir, "config.data.dir")
-  synthesize.ensure_synthetic_dataset(config)  # The demo/runlocal data, if data.dir has none.
-
-  # --- Data and configs -----------------------------------------------------
-  meta = metadata_lib.load_metadata(config.data.dir)
-  model_cfg, mask_cfg = model_and_mask_configs(config, num_channels=len(meta.channels))
-  mesh = sharding_lib.make_mesh(config.mesh)
-  validate_config(config, model_cfg, mask_cfg, mesh)
-
-  # --- The workdir: owned by one run, written by one process -----------------
-  record = run_dir.run_record(config, meta)
-  run_dir.check_record(workdir, record)  # Another run's workdir: refused before any write.
-  lease = run_dir.Lease(workdir, timeout_s=config.lease_timeout_s)
-  lease.acquire()
+  _check_preemption_exit_code(config)
+  # From here a SIGTERM exits with the preemption status, whatever the run is doing.
+  preemption = _Preemption(config.preemption_exit_code)
   try:
-    return _train(config, workdir, meta, model_cfg, mask_cfg, mesh, record, lease)
+    # Storage that cannot be used (no bucket, no credentials, a URL that lost a
+    # slash) stops the run here, naming the path and the reason.
+    workdir = storage.check_writable(workdir, "--workdir")
+    config = resolve_data_dir(config, workdir)
+    storage.check_reachable(config.data.dir, "config.data.dir")
+    synthesize.ensure_synthetic_dataset(config)  # The demo/runlocal data, if data.dir has none.
+
+    # --- Data and configs -----------------------------------------------------
+    meta = metadata_lib.load_metadata(config.data.dir)
+    model_cfg, mask_cfg = model_and_mask_configs(config, num_channels=len(meta.channels))
+    mesh = sharding_lib.make_mesh(config.mesh)
+    validate_config(config, model_cfg, mask_cfg, mesh)
+
+    # --- The workdir: owned by one run, written by one process -----------------
+    record = run_dir.run_record(config, meta)
+    run_dir.check_record(workdir, record)  # Another run's workdir: refused before any write.
+    lease = run_dir.Lease(workdir, timeout_s=config.lease_timeout_s)
+    try:
+      lease.acquire()  # Inside: a SIGTERM just after its write still releases the lease.
+      return _train(config, workdir, meta, model_cfg, mask_cfg, mesh, record, lease, preemption)
+    finally:
+      preemption.hold()
+      lease.release()
   finally:
-    lease.release()
+    preemption.close()
+
+
+def _check_preemption_exit_code(config: ml_collections.ConfigDict) -> None:
+  if not 2 <= config.preemption_exit_code <= 255:
+    raise errors.ConfigError(
+        f"config.preemption_exit_code={config.preemption_exit_code} must be in "
+        "[2, 255]: 0 means finished and 1 failed")
 
 
 def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainState, meta
@@ -451,7 +497,8 @@ def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainStat
 
 
 def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg, mesh,
-           record: dict[str, Any], lease: run_dir.Lease) -> dict[str, float]:
+           record: dict[str, Any], lease: run_dir.Lease, preemption: _Preemption
+           ) -> dict[str, float]:
   """Restores or initialises the state, trains, checkpoints and exports, holding `lease`."""
   strategy_names = mask_cfg.strategy_names
   make_iterator = lambda seed: pipeline.make_train_iterator(
@@ -469,6 +516,7 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
                                      checksums=config.checkpoint_checksums)
   # Unreadable steps fall back (moved aside); another model's checkpoint raises.
   restored = ckpt.restore_latest(abstract_state(setup), train_iter)
+  preemption.restored(None if restored is None else restored[0])
   if restored is None:
     state = create_state(setup)
     if config.init_from:
@@ -518,7 +566,7 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
                                            every_steps=config.log_every)]
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
-  preemption = _Preemption(ckpt)
+  preemption.start_loop(ckpt)
   preempted_at = diverged_at = None
   finite = []  # (step, device bool) since the last check: read only where it must be.
   acc = train_collection.empty()
@@ -575,7 +623,6 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   last_saved = ckpt.manager.latest_step()
   ckpt.close()
   writer.flush()
-  preemption.close()
   if diverged_at is not None:
     raise Diverged(diverged_at, config, last_saved)
   if preempted_at is not None:
