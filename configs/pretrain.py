@@ -13,7 +13,7 @@ Examples:
   python -m lsm2.main --config=configs/pretrain.py:S,aim --workdir=gs://bucket/run1 \
       --config.data.dir=gs://bucket/data
   python -m lsm2.main --config=configs/pretrain.py:tiny,lsm1,runlocal --workdir=/tmp/run \
-      --config.data.dir=/tmp/data --config.total_steps=50
+      --config.total_steps=50    # Synthetic data in /tmp/run/data.
   python -m lsm2.main --config=configs/pretrain.py:XS,aim,cpu --workdir=/tmp/xs
 
 Model and masking defaults are the frozen dataclasses' own (lsm2/model/config.py),
@@ -61,7 +61,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.val_split = "validation"
   config.data.worker_count = 0
   config.data.max_train_subjects = 0  # 0 = all; the data-size sweep lowers it.
-  # When data.dir does not exist, synthesize this many subjects x days into it.
+  # Synthesize this many subjects x days into WORKDIR/data when data.dir is left empty
+  # and WORKDIR/data is missing or empty; a data.dir that is set must hold a dataset
+  # (a misspelt path is an error, never filled with synthetic data).
   config.data.synthesize_subjects = 0
   config.data.synthesize_days = 0
 

@@ -4,7 +4,7 @@ r"""The README's demo: pretrain a tiny model, then evaluate it downstream.
 
 The pretraining config (configs/demo.py) leaves data.dir empty, so the data is
 WORKDIR/data, and asks for synthetic subjects: pretraining writes them there
-when no dataset is present (lsm2.data.synthesize.ensure_synthetic_dataset).
+when no dataset is present (lsm2.train.train.synthesize_if_asked).
 The evaluation (configs/eval.py:synthetic) restores WORKDIR and writes
 WORKDIR/eval.
 """
@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import ml_collections
 
 from lsm2 import storage
-from lsm2.data import synthesize
 from lsm2.eval import report
 from lsm2.eval import run as eval_run
 from lsm2.train import train
@@ -27,8 +26,7 @@ def demo(pretrain_config: ml_collections.ConfigDict, workdir: str,
   seconds = {}
   start = time.perf_counter()
   # Synthesized here rather than inside training, so that its time is its own.
-  synthesize.ensure_synthetic_dataset(
-      train.resolve_data_dir(pretrain_config, storage.as_path(workdir)))
+  train.synthesize_if_asked(pretrain_config, storage.as_path(workdir))
   seconds["synthesize"] = time.perf_counter() - start
   train.train_and_evaluate(pretrain_config, workdir)
   seconds["pretrain"] = time.perf_counter() - start - sum(seconds.values())

@@ -12,8 +12,9 @@ preemption checkpoint (train.Preempted is a SystemExit with that code), so
 that launchers can requeue, 3 when training diverged (train.Diverged: a
 non-finite loss, gradient or parameter; nothing of it saved or exported). An error the user can fix (lsm2.errors.Error: a
 path that cannot be used, a workdir of another run or writer, an invalid
-config field, a checkpoint of another model) is printed as its message alone,
-without a traceback; any other exception is a bug and keeps its traceback.
+config field, a checkpoint of another model, a --config.FIELD override of a field
+the config lacks) is printed as its message alone, without a traceback; any
+other exception is a bug and keeps its traceback.
 """
 import logging as std_logging
 import os
@@ -118,5 +119,19 @@ def _sibling_config(filename: str, arg: str):
   return config_files.load_config(path, arg)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing; a --config.FIELD override of a field the config does not have is
+  one `lsm2: error:` line naming the flag (ml_collections raises AttributeError/KeyError)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    missing = str(e).strip("\"'")
+    named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+             and missing in a.split("=")[0][len("--config."):].split(".")]
+    print(f"lsm2: error: {named[0] if named else '--config'}: the config has no field "
+          f"{missing!r}; check its spelling against the config file", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -167,6 +167,19 @@ def test_a_total_steps_below_the_newest_checkpoint_is_refused_before_any_write(
   assert lsm2.load(workdir).step == 4
 
 
+def test_a_truncated_run_json_is_refused_naming_it_before_any_write(finished, data_dirs,
+                                                                    tmp_path):
+  workdir = _copy(finished, tmp_path)
+  record = workdir / run_dir.RUN_FILE
+  record.write_text(record.read_text()[:40])
+  before = _snapshot(workdir)
+  with pytest.raises(run_dir.WorkdirMismatchError,
+                     match=rf"{record} is not valid JSON .*Nothing was written. If the workdir "
+                           rf"is this run's, delete {record}"):
+    train.train_and_evaluate(_config(data_dirs[0]), str(workdir))
+  assert _snapshot(workdir) == before
+
+
 def test_a_second_writer_is_refused_before_any_write(finished, data_dirs, tmp_path):
   workdir = _copy(finished, tmp_path)
   alive = subprocess.Popen(["sleep", "60"])

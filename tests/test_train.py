@@ -81,12 +81,71 @@ def data_dir(tmp_path_factory):
     ({"optim.b2": 1.5}, r"config.optim.b2=1.5 must be in \[0, 1\)"),
     ({"optim.weight_decay": -1e-4}, "config.optim.weight_decay=-0.0001 must be a finite number >= 0"),
     ({"optim.grad_clip_norm": -1.0}, "config.optim.grad_clip_norm=-1.0 must be a finite number > 0"),
+    ({"seed": -1}, r"config.seed=-1 must be in \[0, 2\*\*31\)"),
 ])
 def test_invalid_config_fails_before_compiling(data_dir, tmp_path, overrides, message):
   config = small_config(data_dir, **overrides)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_data_dir_without_a_dataset_is_refused_never_filled_with_synthetic_data(tmp_path):
+  """runlocal asks for synthetic subjects: a misspelt data.dir was filled with them and
+  trained on; now it is an error naming it, and nothing is written there."""
+  misspelt = tmp_path / "dtaa"
+  config = small_config(misspelt, **{"data.synthesize_subjects": 3, "data.synthesize_days": 1})
+  with pytest.raises(train.errors.ConfigError,
+                     match=rf"config.data.dir={misspelt}: .* is not an lsm2 dataset directory"
+                           r".*written only into WORKDIR/data"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not misspelt.exists()
+
+
+def test_synthetic_data_goes_only_into_a_missing_or_empty_workdir_data(tmp_path):
+  config = small_config("", **{"data.synthesize_subjects": 3, "data.synthesize_days": 1})
+  data = tmp_path / "run" / "data"
+  data.mkdir(parents=True)
+  (data / "notes.txt").write_text("mine")
+  with pytest.raises(train.errors.ConfigError, match=rf"{data} holds files but no dataset"):
+    train.synthesize_if_asked(config, tmp_path / "run")
+  assert [p.name for p in data.iterdir()] == ["notes.txt"]
+  (data / "notes.txt").unlink()
+  resolved = train.synthesize_if_asked(config, tmp_path / "run")
+  assert resolved.data.dir == str(data)
+  assert sum(train.metadata_lib.load_metadata(data).record_counts.values()) == 3
+
+
+@pytest.mark.parametrize("case", ["not_a_dataset", "missing_init_from", "truncated_run_json",
+                                  "negative_seed", "unknown_masking_weight"])
+def test_user_fixable_errors_are_one_line_without_a_traceback(data_dir, tmp_path, case):
+  workdir, flags = tmp_path / "run", cli_overrides(data_dir, total_steps=2)
+  want = {"not_a_dataset": f"config.data.dir={tmp_path}: ",
+          "missing_init_from": f"config.init_from={tmp_path / 'nothing'}: ",
+          "truncated_run_json": f"{workdir / 'run.json'} is not valid JSON",
+          "negative_seed": "config.seed=-1 must be in",
+          "unknown_masking_weight": "--config.masking.weights.bogus: the config has no field "
+                                    "'bogus'"}[case]
+  if case == "not_a_dataset":
+    flags.append(f"--config.data.dir={tmp_path}")
+  elif case == "missing_init_from":
+    flags.append(f"--config.init_from={tmp_path / 'nothing'}")
+  elif case == "truncated_run_json":
+    workdir.mkdir()
+    (workdir / "run.json").write_text('{"config": {"seed"')
+  elif case == "negative_seed":
+    flags.append("--config.seed=-1")
+  else:
+    flags.append("--config.masking.weights.bogus=1.0")
+  proc = subprocess.run(
+      [sys.executable, "-m", "lsm2.main", "--config=configs/pretrain.py:tiny,aim,runlocal",
+       f"--workdir={workdir}", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}, check=False)
+  assert proc.returncode == 1, proc.stderr
+  assert "Traceback" not in proc.stderr
+  [line] = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+  assert line.startswith(f"lsm2: error: {want}"), proc.stderr
 
 
 def test_divergence_stops_before_saving_or_exporting_it(data_dir, tmp_path):

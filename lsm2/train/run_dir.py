@@ -128,7 +128,17 @@ def check_record(workdir: epath.Path, record: dict[str, Any]) -> bool:
   path = workdir / RUN_FILE
   if not path.exists():
     return False
-  recorded = json.loads(path.read_text())
+  try:
+    recorded = json.loads(path.read_text())
+  except ValueError as e:  # Written atomically: only damage or another program truncates it.
+    raise WorkdirMismatchError(
+        f"{path} is not valid JSON ({e}): the record of the run that owns {workdir} is "
+        "damaged. Nothing was written. If the workdir is this run's, delete "
+        f"{path} (the run records it again once its checkpoint restores); else pass a new "
+        "--workdir.") from None
+  if not isinstance(recorded, dict):
+    raise WorkdirMismatchError(f"{path} is not a run record (a JSON object); delete it if "
+                               f"{workdir} is this run's, else pass a new --workdir.")
   diff = differences(recorded, record)
   if diff:
     raise WorkdirMismatchError(

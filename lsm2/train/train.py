@@ -121,6 +121,8 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
                      f"{jax.process_count()} processes")
   if config.total_steps <= 0:
     raise errors.ConfigError(f"config.total_steps={config.total_steps} must be positive")
+  if not 0 <= config.seed < 2**31:  # Grain's shuffle seeds and the PRNG keys derive from it.
+    raise errors.ConfigError(f"config.seed={config.seed} must be in [0, 2**31)")
   if config.keep_checkpoints < 1:
     raise errors.ConfigError(
         f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1: with none kept, "
@@ -428,6 +430,43 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: epath.Path
   return config.lock()
 
 
+def synthesize_if_asked(config: ml_collections.ConfigDict, workdir: epath.Path
+                        ) -> ml_collections.ConfigDict:
+  """`config` with data.dir resolved (resolve_data_dir), after writing synthetic data there
+  if the config asks for it (data.synthesize_subjects > 0) and data.dir holds no dataset.
+
+  Synthetic data goes only into WORKDIR/data, the directory an empty config.data.dir
+  names, and only while it is missing or empty: a data.dir that is set but holds no
+  dataset (a misspelt path) is an error at load_data_metadata, never filled with
+  synthetic data and trained on.
+  """
+  resolved = resolve_data_dir(config, workdir)
+  if config.data.synthesize_subjects <= 0 or config.data.dir:
+    return resolved
+  data_dir = storage.as_path(resolved.data.dir)
+  if (jax.process_index() == 0 and data_dir.is_dir()
+      and not (data_dir / metadata_lib.METADATA_FILE).exists()
+      # Hidden entries are a dataset writer's own (the staging of a killed write).
+      and any(not p.name.startswith(".") for p in data_dir.iterdir())):
+    raise errors.ConfigError(
+        f"{data_dir} holds files but no dataset ({metadata_lib.METADATA_FILE}): synthetic data "
+        "(config.data.synthesize_subjects) is written only into a missing or empty "
+        "WORKDIR/data. Move those files away, or pass a dataset as --config.data.dir.")
+  synthesize.ensure_synthetic_dataset(resolved)
+  return resolved
+
+
+def load_data_metadata(config: ml_collections.ConfigDict):
+  """The metadata of config.data.dir; a directory that is not a dataset is a ConfigError."""
+  try:
+    return metadata_lib.load_metadata(config.data.dir)
+  except metadata_lib.MetadataError as e:
+    hint = ("" if config.data.synthesize_subjects <= 0 else
+            " Synthetic data (config.data.synthesize_subjects) is written only into WORKDIR/data, "
+            "when config.data.dir is left empty.")
+    raise errors.ConfigError(f"config.data.dir={config.data.dir}: {e}.{hint}") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains per `config`, resuming from `workdir` if it holds checkpoints.
 
@@ -440,12 +479,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Storage that cannot be used (no bucket, no credentials, a URL that lost a
     # slash) stops the run here, naming the path and the reason.
     workdir = storage.check_writable(workdir, "--workdir")
-    config = resolve_data_dir(config, workdir)
-    storage.check_reachable(config.data.dir, "config.data.dir")
-    synthesize.ensure_synthetic_dataset(config)  # The demo/runlocal data, if data.dir has none.
+    storage.check_reachable(resolve_data_dir(config, workdir).data.dir, "config.data.dir")
+    config = synthesize_if_asked(config, workdir)  # The demo/runlocal data, if asked for.
 
     # --- Data and configs -----------------------------------------------------
-    meta = metadata_lib.load_metadata(config.data.dir)
+    meta = load_data_metadata(config)
     model_cfg, mask_cfg = model_and_mask_configs(config, num_channels=len(meta.channels))
     mesh = sharding_lib.make_mesh(config.mesh)
     validate_config(config, model_cfg, mask_cfg, mesh)
@@ -475,7 +513,10 @@ def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainStat
                ) -> tuple[TrainState, int | str]:
   """`state` with the parameters of run config.init_from (fine-tuning), and their step."""
   source = config.init_from
-  description = pretrained.read_description(source)
+  try:
+    description = pretrained.read_description(source)
+  except (FileNotFoundError, ValueError) as e:  # Missing, or not JSON.
+    raise errors.ConfigError(f"config.init_from={source}: {e}") from None
   if [c["name"] for c in description["channels"]] != list(meta.channel_names):
     raise errors.ConfigError(f"config.init_from={source} was pretrained on channels "
                      f"{[c['name'] for c in description['channels']]}, but dataset "
