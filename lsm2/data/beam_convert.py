@@ -26,7 +26,8 @@ writer.encode_checked) and spreads their work:
 Workers write shards to a staging directory (under --temp_location, else a
 local temporary one) that is moved into --out only when the whole pipeline
 succeeded: bad input fails with the single-process error and leaves --out
-untouched.
+untouched. The move goes through DatasetWriter, which stages in --out and
+swaps the new dataset in only once it is complete, as without Beam.
 """
 from __future__ import annotations
 
@@ -407,7 +408,8 @@ def _build(beam, p, units, plan: _Plan) -> None:
 
 
 def _finish(summary, plan: _Plan, input_path, out_dir, overwrite: bool, staging):
-  """Moves the staged shards into --out and writes the metadata, as DatasetWriter.finish does."""
+  """Hands the workers' shards to a DatasetWriter for --out, which writes the metadata and
+  swaps the dataset in (DatasetWriter.finish)."""
   channels, labels, stats = summary["header"]
   _add_stats(stats, summary["stats"])
   layout = summary["layout"]
@@ -418,20 +420,22 @@ def _finish(summary, plan: _Plan, input_path, out_dir, overwrite: bool, staging)
   if plan.device and summary["train_seen"] is not None:
     channels = convert_lib.keep_channels(channels, summary["train_seen"], stats,
                                          "channels without an observed minute in the train split")
-  writer = DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=plan.out_format,
-                         overwrite=overwrite)
   per_shard = {(split, i): n for split, i, n in summary["shards"]}
-  for split in splits_lib.SPLIT_NAMES:
-    n = layout["shards"][split]
-    files = [shard_filename(split, i, n, plan.out_format) for i in range(n)]
-    for f in files:
-      _move(staging / f, writer.out_dir / f)
-    writer.add_written_split(split, files, [per_shard[(split, i)] for i in range(n)],
-                             summary["tallies"].get(split) or SplitTally.empty(len(channels)))
-  meta = writer.finish(source=convert_lib.source_metadata(
-      plan.fmt, input_path, stats, plan.rule, max_missing=plan.max_missing, seed=plan.seed,
-      split_fractions=plan.split_fractions, long_options=plan.long_options,
-      device_options=plan.device_options))
+  # The writer stages the dataset and swaps it in only once complete: a failure here
+  # leaves a dataset in out_dir as it was.
+  with DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=plan.out_format,
+                     overwrite=overwrite) as writer:
+    for split in splits_lib.SPLIT_NAMES:
+      n = layout["shards"][split]
+      files = [shard_filename(split, i, n, plan.out_format) for i in range(n)]
+      for f in files:
+        _move(staging / f, writer.staging_dir / f)
+      writer.add_written_split(split, files, [per_shard[(split, i)] for i in range(n)],
+                               summary["tallies"].get(split) or SplitTally.empty(len(channels)))
+    meta = writer.finish(source=convert_lib.source_metadata(
+        plan.fmt, input_path, stats, plan.rule, max_missing=plan.max_missing, seed=plan.seed,
+        split_fractions=plan.split_fractions, long_options=plan.long_options,
+        device_options=plan.device_options))
   return meta, stats
 
 

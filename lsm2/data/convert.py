@@ -102,14 +102,16 @@ def convert(fmt: str, input_path: str | pathlib.Path, out_dir: str | pathlib.Pat
                              "channels without an observed minute in the train split")
     by_subject = {s: [select_channels(r, seen) for r in records]
                   for s, records in by_subject.items()}
-  writer = DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=out_format,
-                         overwrite=overwrite)
-  for split in splits_lib.SPLIT_NAMES:
-    records = [r for s in assignment[split] for r in by_subject[s]]
-    writer.write_split(split, records, num_records=len(records), num_shards=shards)
-  meta = writer.finish(source=source_metadata(
-      fmt, input_path, stats, rule, max_missing=max_missing, seed=seed,
-      split_fractions=split_fractions, long_options=long_options, device_options=device_options))
+  # Staged, then swapped in: a failure on the way leaves a dataset in out_dir as it was.
+  with DatasetWriter(out_dir, channels=channels, labels=labels.values(), fmt=out_format,
+                     overwrite=overwrite) as writer:
+    for split in splits_lib.SPLIT_NAMES:
+      records = [r for s in assignment[split] for r in by_subject[s]]
+      writer.write_split(split, records, num_records=len(records), num_shards=shards)
+    meta = writer.finish(source=source_metadata(
+        fmt, input_path, stats, rule, max_missing=max_missing, seed=seed,
+        split_fractions=split_fractions, long_options=long_options,
+        device_options=device_options))
   return meta, stats
 
 
@@ -250,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  metavar=("TRAIN", "VALIDATION", "TEST"))
   p.add_argument("--shards", type=int, default=2, help="shard files per split (at most)")
   p.add_argument("--out-format", choices=("tfrecord", "array_record"), default="tfrecord")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a dataset already in --out (the new one is written beside it "
+                 "and swapped in once complete: a failed write keeps the old one)")
   g = p.add_argument_group("non-wear rule (actiwatch, fitabase; defaults per format)")
   g.add_argument("--nonwear-min-run", type=int,
                  help="minutes of exact zeros (default: actiwatch 120, fitabase 180)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ from lsm2.data.shards import FORMATS, check_array_record_is_local, parse_shard_f
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+# Where lsm2.data.writer stages a dataset before it replaces the one in DIR.
+STAGING_DIR = ".lsm2-staging"
 CLIP = 5.0  # Normalized values are clipped to [-CLIP, CLIP], as in the reference.
 LABEL_KINDS = ("binary", "categorical", "regression")
 LABEL_LEVELS = ("subject", "day", "minute")
@@ -293,6 +296,14 @@ def load_metadata(data_dir: str | os.PathLike) -> DatasetMetadata:
   """Reads and validates DIR/metadata.json against the shard files in DIR (local or gs://)."""
   data_dir = storage.as_path(data_dir)
   path = data_dir / METADATA_FILE
+  staged = data_dir / STAGING_DIR
+  if not path.is_file() and (staged / METADATA_FILE).is_file():
+    # A kill while the writer swapped a new dataset in: the staged one is complete (the
+    # next write to data_dir puts it in place).
+    meta = load_metadata(staged)
+    logging.warning("Reading %s: the replacement of the dataset in %s was interrupted (writing "
+                    "to it again completes it).", staged, data_dir)
+    return meta
   if not path.is_file():
     raise MetadataError(f"{path} not found: {data_dir} is not an lsm2 dataset directory "
                         "(write one with python -m lsm2.data.synthesize or lsm2.data.convert)")

@@ -22,10 +22,10 @@ from lsm2 import errors
 from lsm2 import storage
 from lsm2.data import splits as splits_lib
 from lsm2.data import synthetic
+from lsm2.data import writer as writer_lib
 from lsm2.data.channels import DEFAULT_CHANNELS
 from lsm2.data.metadata import METADATA_FILE, DatasetMetadata
 from lsm2.data.record import DayRecord
-from lsm2.data.writer import DatasetWriter
 
 
 def _subject_id(index: int) -> str:
@@ -51,16 +51,17 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, *, subjects: int, days: 
     raise ValueError(f"need subjects >= 1 and days >= 1, got subjects={subjects} days={days}")
   index_of = {_subject_id(i): i for i in range(subjects)}
   assignment = splits_lib.assign_subjects(index_of, split_fractions, seed)
-  writer = DatasetWriter(out_dir, channels=DEFAULT_CHANNELS, labels=synthetic.LABEL_SPECS,
-                         fmt=fmt, overwrite=overwrite)
-  for split in splits_lib.SPLIT_NAMES:
-    indices = [index_of[s] for s in assignment[split]]
-    writer.write_split(split, _records(seed, indices, days), num_records=len(indices) * days,
-                       num_shards=shards, progress=progress)
-  return writer.finish(
-      noise_std=synthetic.NOISE_STD_VECTOR.tolist(),
-      source={"generator": "lsm2.data.synthetic", "seed": seed, "subjects": subjects,
-              "days": days, "split_fractions": list(split_fractions)})
+  with writer_lib.DatasetWriter(out_dir, channels=DEFAULT_CHANNELS,
+                                labels=synthetic.LABEL_SPECS, fmt=fmt,
+                                overwrite=overwrite) as writer:  # Staged, then swapped in.
+    for split in splits_lib.SPLIT_NAMES:
+      indices = [index_of[s] for s in assignment[split]]
+      writer.write_split(split, _records(seed, indices, days), num_records=len(indices) * days,
+                         num_shards=shards, progress=progress)
+    return writer.finish(
+        noise_std=synthetic.NOISE_STD_VECTOR.tolist(),
+        source={"generator": "lsm2.data.synthetic", "seed": seed, "subjects": subjects,
+                "days": days, "split_fractions": list(split_fractions)})
 
 
 def ensure_synthetic_dataset(config) -> None:
@@ -73,6 +74,8 @@ def ensure_synthetic_dataset(config) -> None:
   if config.data.synthesize_subjects <= 0:
     return
   data_dir = storage.as_path(config.data.dir)
+  if jax.process_index() == 0:
+    writer_lib.recover(data_dir)  # A kill during an earlier write: its dataset, or none.
   if jax.process_index() == 0 and not (data_dir / METADATA_FILE).exists():
     logging.info("No dataset at %s: synthesizing %d subjects x %d days.", data_dir,
                  config.data.synthesize_subjects, config.data.synthesize_days)

@@ -110,18 +110,23 @@ def builder(data_dir: str | os.PathLike):
 
 def upgrade(old_dir: str | os.PathLike, new_dir: str | os.PathLike, *,
             num_shards: int | None = None, overwrite: bool = False) -> DatasetMetadata:
-  """Rewrites any lsm2 dataset into `new_dir` in the current layout (TFDS-readable)."""
+  """Rewrites any lsm2 dataset into `new_dir` in the current layout (TFDS-readable).
+
+  `new_dir` may be `old_dir` (with overwrite): the new dataset is staged beside
+  the old one, which it replaces only once it is complete (lsm2.data.writer).
+  """
   from lsm2.data import dataset  # pylint: disable=g-import-not-at-top
   from lsm2.data.metadata import load_metadata  # pylint: disable=g-import-not-at-top
-  from lsm2.data.writer import DatasetWriter  # pylint: disable=g-import-not-at-top
+  from lsm2.data.writer import DatasetWriter, check_out_dir  # pylint: disable=g-import-not-at-top
+  check_out_dir(new_dir, overwrite)  # Before reading: completes an interrupted earlier upgrade.
   old = load_metadata(old_dir)
-  writer = DatasetWriter(new_dir, channels=old.channels, labels=old.labels.values(),
-                         fmt=old.format, overwrite=overwrite)
-  for split, files in old.splits.items():
-    writer.write_split(split, dataset.iter_records(old, split),
-                       num_records=old.record_counts[split],
-                       num_shards=num_shards or len(files))
-  return writer.finish(noise_std=old.noise_std, source=old.source)
+  with DatasetWriter(new_dir, channels=old.channels, labels=old.labels.values(),
+                     fmt=old.format, overwrite=overwrite) as writer:
+    for split, files in old.splits.items():
+      writer.write_split(split, dataset.iter_records(old, split),
+                         num_records=old.record_counts[split],
+                         num_shards=num_shards or len(files))
+    return writer.finish(noise_std=old.noise_std, source=old.source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   up = sub.add_parser("upgrade", help="rewrite a dataset into the current, TFDS-readable layout")
   up.add_argument("old_dir")
   up.add_argument("new_dir")
-  up.add_argument("--overwrite", action="store_true")
+  up.add_argument("--overwrite", action="store_true",
+                  help="replace the dataset in NEW_DIR, which may be OLD_DIR (the new one is "
+                  "written beside it and swapped in once complete)")
   args = p.parse_args(argv)
   try:
     meta = upgrade(args.old_dir, args.new_dir, overwrite=args.overwrite)

@@ -7,10 +7,18 @@ the Beam converter (lsm2.data.beam_convert) combines them in any order and gets
 the same bits.
 TFDS's dataset_info.json and features.json (lsm2.data.tfds_info) come next, and
 metadata.json last, so a directory without it is an unfinished write.
+
+Everything is first written to DIR/.lsm2-staging/ (metadata.STAGING_DIR) and
+checked (load_metadata: every shard there with the size written); only then
+does it replace the dataset in DIR (`_swap_in`). At every moment one complete
+dataset exists, the old one in DIR or the new one staged, so a failed or
+killed write never loses the old dataset, and `recover` (run by the next
+writer, `check_out_dir`) completes or undoes a swap that a kill interrupted.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -23,7 +31,8 @@ import numpy as np
 from lsm2 import storage
 from lsm2.data import example, tfds_info
 from lsm2.data.channels import Channel, check_channel_set
-from lsm2.data.metadata import METADATA_FILE, DatasetMetadata, LabelSpec
+from lsm2.data.metadata import (METADATA_FILE, STAGING_DIR, DatasetMetadata, LabelSpec,
+                                MetadataError, load_metadata)
 from lsm2.data.record import DayRecord, SanitizeCounts, sanitize
 from lsm2.data.shards import (FORMATS, ArrayRecordWriter, check_array_record_is_local,
                               check_format, shard_filename)
@@ -149,11 +158,13 @@ def encode_checked(record: DayRecord, channels: Sequence[Channel],
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[epath.Path]:
-  """Checks, changing nothing, that a dataset can go to `out_dir`; returns the files it replaces.
+  """Checks that a dataset can go to `out_dir`; returns the dataset files it would replace.
 
   Raises (naming the path and the reason) when it is not a directory, cannot
   be created or written, or holds a dataset or shards and `overwrite` is off.
   Converters call it before reading their input, so a bad --out fails at once.
+  It changes nothing, except that it first completes or undoes a replacement
+  of the dataset there that a kill interrupted (`recover`).
   """
   out = storage.as_path(out_dir)
   if storage.is_remote(out):
@@ -177,8 +188,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[epath.Pat
       raise ValueError(f"--out {out}: cannot create it: {parent} is not writable "
                        "(permission denied)")
     return []
-  existing = [p for p in out.iterdir() if p.name == METADATA_FILE or p.suffix in FORMATS.values()
-              or p.name in tfds_info.TFDS_FILES or p.match(tfds_info.TFDS_LABEL_FILES)]
+  recover(out)
+  existing = dataset_files(out)
   if existing and not overwrite:
     what = ("a dataset" if (out / METADATA_FILE).exists()
             else "shards of an unfinished write (no metadata.json)")
@@ -187,14 +198,74 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> list[epath.Pat
   return existing
 
 
+def dataset_files(out: epath.Path) -> list[epath.Path]:
+  """The files of a dataset directly in directory `out`: metadata.json, shards, TFDS's files
+  (what replacing it deletes; other files there are the user's and stay)."""
+  return [p for p in out.iterdir() if p.name == METADATA_FILE or p.suffix in FORMATS.values()
+          or p.name in tfds_info.TFDS_FILES or p.match(tfds_info.TFDS_LABEL_FILES)]
+
+
+def dataset_problem(data_dir: epath.Path) -> str | None:
+  """Why `data_dir` itself holds no complete dataset (load_metadata's error), or None."""
+  if not (data_dir / METADATA_FILE).is_file():  # load_metadata would read a staged one.
+    return f"it has no {METADATA_FILE}"
+  try:
+    load_metadata(data_dir)
+  except (MetadataError, OSError) as e:
+    return str(e)
+  return None
+
+
+def _swap_in(staged: epath.Path, out: epath.Path) -> None:
+  """Replaces the dataset in `out` by the complete one in `staged`, then deletes `staged`.
+
+  `out`'s metadata.json goes first (from then on `staged` is the complete copy),
+  then its other dataset files; `staged`'s files are linked or copied in
+  (storage.place_tree), metadata.json last (now `out` is complete); `staged`
+  is deleted, its metadata.json first. A kill at any point leaves one of them
+  complete, and `recover` finishes the job.
+  """
+  (out / METADATA_FILE).unlink(missing_ok=True)
+  for p in dataset_files(out):
+    p.unlink()
+  storage.place_tree(staged, out, last=METADATA_FILE)
+  storage.delete_tree(staged, first=METADATA_FILE)
+
+
+def recover(out_dir: str | os.PathLike) -> None:
+  """Completes or undoes a dataset swap into `out_dir` that a kill interrupted.
+
+  A complete staged dataset replaces an incomplete one in `out_dir` (the kill
+  came during `_swap_in`). Any other staged directory is deleted: an unfinished
+  write, or a finished one beside the complete dataset that the interrupted
+  command never replaced (it did not report success; running it again writes it).
+  """
+  out = storage.as_path(out_dir)
+  staged = out / STAGING_DIR
+  if not staged.exists():
+    return
+  if dataset_problem(staged) is None and (problem := dataset_problem(out)) is not None:
+    logging.warning("%s is not a complete dataset (%s): replacing it by the complete one that "
+                    "an interrupted write left in %s.", out, problem, staged)
+    _swap_in(staged, out)
+  else:
+    logging.warning("Deleting %s, left by a dataset write that did not finish.", staged)
+    storage.delete_tree(staged, first=METADATA_FILE)
+
+
 class DatasetWriter:
   """Writes splits of day records to `out_dir`; `finish()` writes metadata.json.
 
   Usage:
-    w = DatasetWriter(out, channels=..., labels=[LabelSpec(...)], fmt="tfrecord")
-    w.write_split("train", records, num_records=n, num_shards=4)
-    ...
-    meta = w.finish(noise_std=..., source={...})
+    with DatasetWriter(out, channels=..., labels=[LabelSpec(...)], fmt="tfrecord") as w:
+      w.write_split("train", records, num_records=n, num_shards=4)
+      ...
+      meta = w.finish(noise_std=..., source={...})
+
+  Files go to `staging_dir` (OUT/.lsm2-staging); finish() checks them and swaps
+  them into `out_dir`, replacing the dataset there (see the module docstring).
+  Leaving the `with` block by an exception deletes what was staged; without
+  one, the next writer to `out_dir` does (`recover`).
   """
 
   def __init__(self, out_dir: str | os.PathLike, *, channels: Sequence[Channel],
@@ -206,15 +277,27 @@ class DatasetWriter:
     self.fmt = check_format(fmt)
     if self.fmt == "array_record":
       check_array_record_is_local(self.out_dir)
-    existing = check_out_dir(self.out_dir, overwrite)
-    self.out_dir.mkdir(parents=True, exist_ok=True)
-    for p in existing:
-      p.unlink()
+    check_out_dir(self.out_dir, overwrite)  # Also recovers: no staging_dir from here on.
+    self.staging_dir = self.out_dir / STAGING_DIR
+    if not storage.is_remote(self.staging_dir):  # A bucket has no directories to make.
+      self.staging_dir.mkdir(parents=True)
     self._splits: dict[str, list[str]] = {}
     self._counts: dict[str, int] = {}
     self._shard_records: dict[str, int] = {}
     self._shard_bytes: dict[str, int] = {}
     self._tallies: dict[str, SplitTally] = {}
+
+  def __enter__(self) -> DatasetWriter:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      return
+    try:  # Deletes the unfinished write; completes a swap that failed half-way.
+      recover(self.out_dir)
+    except Exception:  # pylint: disable=broad-except  # The original error matters more.
+      logging.exception("Could not clean up %s after a failed write; the next write to %s "
+                        "will.", self.staging_dir, self.out_dir)
 
   def write_split(self, split: str, records: Iterable[DayRecord], *, num_records: int,
                   num_shards: int = 1, progress: bool = False) -> int:
@@ -224,7 +307,7 @@ class DatasetWriter:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     n_shards = min(num_shards, num_records)
     files = [shard_filename(split, i, n_shards, self.fmt) for i in range(n_shards)]
-    writers = [make_writer(self.out_dir / f, self.fmt) for f in files]
+    writers = [make_writer(self.staging_dir / f, self.fmt) for f in files]
     per_shard = [0] * n_shards
     tally = SplitTally.empty(len(self.channels))
     seen_days: set[tuple[str, str]] = set()
@@ -255,7 +338,7 @@ class DatasetWriter:
 
   def add_written_split(self, split: str, files: Sequence[str], shard_records: Sequence[int],
                         tally: SplitTally) -> None:
-    """Registers a split whose shards (now in out_dir) were written elsewhere, e.g. by Beam.
+    """Registers a split whose shards (now in staging_dir) were written elsewhere, e.g. by Beam.
 
     `files` and `shard_records` follow the names and round-robin layout of
     write_split; `tally` sums the split's records (SplitTally.add).
@@ -279,12 +362,13 @@ class DatasetWriter:
     self._counts[split] = sum(per_shard)
     for f, n in zip(files, per_shard):
       self._shard_records[f] = n
-      self._shard_bytes[f] = (self.out_dir / f).stat().length
+      self._shard_bytes[f] = (self.staging_dir / f).stat().length
     self._tallies[split] = tally
 
   def finish(self, *, noise_std: Sequence[float] | None = None,
              source: Mapping[str, Any] | None = None) -> DatasetMetadata:
-    """Checks subject-disjointness, computes train statistics and writes metadata.json."""
+    """Checks subject-disjointness, computes train statistics, writes metadata.json and puts
+    the checked dataset in out_dir's place."""
     if "train" not in self._splits or self._counts["train"] == 0:
       raise ValueError("a dataset needs a non-empty 'train' split (normalization statistics "
                        "are computed on it)")
@@ -313,8 +397,12 @@ class DatasetWriter:
         sanitized={"nonfinite": sum(t.sanitized.nonfinite for t in self._tallies.values()),
                    "out_of_range": sum(t.sanitized.out_of_range for t in self._tallies.values())},
         source=dict(source or {}), data_dir=self.out_dir)
-    tfds_info.write_tfds_metadata(meta, self.out_dir)
-    meta.save(self.out_dir)
+    tfds_info.write_tfds_metadata(meta, self.staging_dir)
+    meta.save(self.staging_dir)
+    if (problem := dataset_problem(self.staging_dir)) is not None:
+      raise MetadataError(f"the dataset written to {self.staging_dir} does not check out, so it "
+                          f"did not replace {self.out_dir}: {problem}")
+    _swap_in(self.staging_dir, self.out_dir)
     return meta
 
   def _missingness_summary(self) -> dict[str, Any]:
