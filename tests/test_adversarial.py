@@ -14,8 +14,8 @@ Sections, each under a comment banner:
   silently and nothing in W changes.
 
 Helpers sit at the top: `_tree` fingerprints directories, `_refused` runs an
-attack and checks that it was refused and changed nothing; `run`, at the head of its section, is a private
-copy of W to tamper with.
+attack and checks that it was refused and changed nothing; `run`, at the head
+of its section, is a private copy of W to tamper with.
 """
 import hashlib
 import json
