@@ -19,8 +19,10 @@ from clu import periodic_actions
 from etils import epath
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from lsm2 import errors
@@ -444,10 +446,13 @@ def synthesize_if_asked(config: ml_collections.ConfigDict, workdir: epath.Path
   if config.data.synthesize_subjects <= 0 or config.data.dir:
     return resolved
   data_dir = storage.as_path(resolved.data.dir)
-  if (jax.process_index() == 0 and data_dir.is_dir()
-      and not (data_dir / metadata_lib.METADATA_FILE).exists()
-      # Hidden entries are a dataset writer's own (the staging of a killed write).
-      and any(not p.name.startswith(".") for p in data_dir.iterdir())):
+  foreign = (jax.process_index() == 0 and data_dir.is_dir()
+             and not (data_dir / metadata_lib.METADATA_FILE).exists()
+             # Hidden entries are a dataset writer's own (the staging of a killed write).
+             and any(not p.name.startswith(".") for p in data_dir.iterdir()))
+  if jax.process_count() > 1:  # Process 0 looked; all stop, none waits at the synthesis.
+    foreign = bool(multihost_utils.broadcast_one_to_all(np.int32(foreign)))
+  if foreign:
     raise errors.ConfigError(
         f"{data_dir} holds files but no dataset ({metadata_lib.METADATA_FILE}): synthetic data "
         "(config.data.synthesize_subjects) is written only into a missing or empty "
