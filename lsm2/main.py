@@ -8,13 +8,14 @@ The config's `mode` field (default "pretrain") picks what runs: "pretrain",
 evaluate with the sibling configs/eval.py:synthetic into WORKDIR/eval).
 
 Exit status: 0 finished, 1 failed, config.preemption_exit_code (75) after a
-preemption checkpoint (train.Preempted is a SystemExit with that code), so
-that launchers can requeue, 3 when training diverged (train.Diverged: a
-non-finite loss, gradient or parameter; nothing of it saved or exported). An error the user can fix (lsm2.errors.Error: a
-path that cannot be used, a workdir of another run or writer, an invalid
-config field, a checkpoint of another model, a --config.FIELD override of a field
-the config lacks) is printed as its message alone, without a traceback; any
-other exception is a bug and keeps its traceback.
+preemption checkpoint (train.Preempted is a SystemExit with that code), so that
+launchers can requeue, 3 when training diverged (train.Diverged: a non-finite
+loss, gradient or parameter; nothing of it saved or exported). An error the user
+can fix (lsm2.errors.Error: a path that cannot be used, a workdir of another run
+or writer, an invalid config field, a checkpoint of another model, a train step
+that does not fit in memory (preflight.DoesNotFit), a --config.FIELD override of
+a field the config lacks) is printed as its message alone, without a traceback;
+any other exception is a bug and keeps its traceback.
 """
 import logging as std_logging
 import os

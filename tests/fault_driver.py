@@ -8,8 +8,9 @@ kills from these), "PAUSED POINT" when it holds at POINT, "DONE" at the end. POI
   save:N         checkpoint step N is written, Orbax's rename of it is pending
   export_write   the new export's arrays are written, its description not
   export_swap    between the two renames that swap the new export in
-  lease          the lease is taken, nothing restored yet (start-up)
-  preflight      the state is restored or initialised, the pre-flight compile is due
+  lease          the lease is taken, nothing compiled or restored yet (start-up)
+  preflight      the pre-flight compile is due, nothing restored yet (start-up)
+  record         the state is restored or initialised, run.json is due (start-up)
 """
 import json
 import logging
@@ -72,6 +73,8 @@ def _hold_at(point: str) -> None:
     run_dir.Lease.acquire = held_acquire
   elif point == "preflight":
     preflight.check_train_step = lambda *args, **kwargs: _hold(point)
+  elif point == "record":
+    run_dir.write_record = lambda *args, **kwargs: _hold(point)
   elif point:
     raise ValueError(f"unknown point {point!r}")
 

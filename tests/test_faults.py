@@ -154,7 +154,8 @@ def test_sigkill_anywhere_and_a_corrupt_checkpoint_resume_bit_exact(tmp_path):
 
 @pytest.mark.parametrize("point,kept", [
     ("lease", "this start wrote no checkpoint"),
-    ("preflight", "no checkpoint was written yet; rerun the same command to start"),
+    ("preflight", "this start wrote no checkpoint"),
+    ("record", "no checkpoint was written yet; rerun the same command to start"),
 ])
 def test_sigterm_during_start_up_exits_with_the_preemption_status_and_releases_the_lock(
     tmp_path, point, kept):

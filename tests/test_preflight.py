@@ -5,6 +5,7 @@ import jax
 import pytest
 
 from lsm2 import config_files
+from lsm2 import errors
 from lsm2 import pretrained
 from lsm2 import sharding
 from lsm2.data import synthesize
@@ -30,21 +31,29 @@ def test_a_step_that_cannot_fit_stops_before_the_first_step(data_dir, tmp_path, 
     config.data.synthesize_subjects = 0
     # 60-minute x 2-signal tokens (312): a fast compile.
     config.model.patch_time, config.model.patch_channels, config.masking.time_bars = 60, 2, 10
-    config.batch_size, config.total_steps = 8, 2
+    config.batch_size, config.total_steps = 16, 2
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "NOTES.txt").write_text("the user's")
   monkeypatch.setattr(preflight, "host_memory_bytes", lambda: 2**20)
   with pytest.raises(preflight.DoesNotFit) as e:
-    train.train_and_evaluate(config, tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+  assert isinstance(e.value, errors.Error)  # One lsm2: error: line, exit status 1.
+  # Checked from abstract shapes before anything was written: the workdir is as it was.
+  assert {p.name: p.read_bytes() for p in workdir.rglob("*")} == {"NOTES.txt": b"the user's"}
   message = str(e.value)
   assert "stopped before the first step" in message
   assert "GiB of host RAM available to 8 CPU device(s)" in message
-  assert "--config.batch_size (now 8, 1 per device)" in message
+  assert "--config.batch_size (now 16, 2 per device)" in message
   assert "--config.model.remat" in message
   need = float(message.split("needs ")[1].split(" GiB")[0])
   assert 0 < need < 1  # The tiny step's temporaries and outputs, in GiB.
-  # Nothing ran: no metrics were written, no checkpoint was saved.
-  assert not list((tmp_path / "run").rglob("events.out.tfevents*"))
-  checkpoints = pathlib.Path(pretrained.checkpoint_dir(tmp_path / "run"))
-  assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]
+  # The first knob it names works in the same workdir: no run.json claims the refused batch.
+  monkeypatch.undo()
+  with config.unlocked():
+    config.batch_size = 8
+  train.train_and_evaluate(config, workdir)
+  assert pathlib.Path(pretrained.checkpoint_dir(workdir), "2").is_dir()
 
 
 def test_a_compiler_that_refuses_the_step_stops_it_with_the_knobs():

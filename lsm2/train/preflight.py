@@ -1,8 +1,9 @@
 """Pre-flight memory check: the compiled train step against the memory it will run in.
 
-Before the first step, training lowers and compiles its train step for the
-largest encoder layout it will use (the compilation is the one the first step
-reuses) and compares the compiler's memory analysis with the memory there is:
+Before the train state is allocated and before the workdir is written, training
+lowers and compiles its train step, from abstract shapes, for the largest encoder
+layout it will use (the compilation is the one the first step reuses) and
+compares the compiler's memory analysis with the memory there is:
 each accelerator's own (`Device.memory_stats()["bytes_limit"]`), or on CPU the
 host RAM that all of this process's devices share. A step that cannot fit stops
 the run here, with the figure and the knobs to turn, instead of an allocator
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lsm2 import errors
 from lsm2 import sharding as sharding_lib
 from lsm2.model import aim
 from lsm2.train import encoder_layout
@@ -23,8 +25,9 @@ from lsm2.train import encoder_layout
 GiB = 2**30
 
 
-class DoesNotFit(MemoryError):
-  """The compiled train step needs more memory than the devices have."""
+class DoesNotFit(errors.Error, MemoryError):
+  """The compiled train step needs more memory than the devices have (a user error: its
+  message names the figure and the knobs; `python -m lsm2.main` exits 1)."""
 
 
 def step_arguments(config: ml_collections.ConfigDict, setup, state, mask_fn):
@@ -120,9 +123,9 @@ def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_
   if stats and "bytes_limit" in stats:
     have, where = stats["bytes_limit"], f"{devices[0].device_kind} memory per device"
   elif devices[0].platform == "cpu":
-    # Fake CPU devices share the host: their temporaries and outputs add up (the
-    # arguments, the state and batch, are already in RAM).
-    need = (need - memory.argument_size_in_bytes) * len(devices)
+    # Fake CPU devices share the host: all of their figures add up, the arguments (the
+    # state and batch, each device's copy or shard) too, as none is allocated yet.
+    need *= len(devices)
     have, where = host_memory_bytes(), f"host RAM available to {len(devices)} CPU device(s)"
   else:
     logging.warning("Pre-flight: %s reports no memory limit; memory not checked.", devices[0])

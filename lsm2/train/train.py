@@ -553,8 +553,18 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
       max_subjects=config.data.max_train_subjects or None)
   train_iter = make_iterator(config.seed)
 
-  # --- State: restore or initialise ------------------------------------------
+  # --- Compiled functions and the pre-flight check ----------------------------
   setup = make_setup(config, model_cfg, mask_cfg, mesh)
+  train_step = make_train_step(setup, strategy_names)
+  eval_step = make_eval_step(setup, strategy_names)
+  layout = encoder_layout.make_mask_layout(config, make_mask_fn(setup), model_cfg, mask_cfg, mesh)
+  # A step that cannot fit stops here, from abstract shapes, with the figure and the knobs
+  # to turn: before any state is allocated and before run.json, lsm2.json or checkpoints/
+  # are written, so the workdir is as it was and the next try with a knob turned starts.
+  # The first step reuses this compilation.
+  preflight.check_train_step(config, setup, train_step, layout.mask_fn, abstract_state(setup))
+
+  # --- State: restore or initialise ------------------------------------------
   if jax.process_index() == 0:
     pretrained.recover_export(workdir)  # A kill during the last export: finish or undo it.
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
@@ -593,13 +603,6 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   description = pretrained.export_description(config, model_cfg, mask_cfg, meta)
   pretrained.write_description(workdir, description)
 
-  # --- Compiled functions ------------------------------------------------------
-  train_step = make_train_step(setup, strategy_names)
-  eval_step = make_eval_step(setup, strategy_names)
-  layout = encoder_layout.make_mask_layout(config, make_mask_fn(setup), model_cfg, mask_cfg, mesh)
-  # Pre-flight: a step that cannot fit stops here, with the figure and the knobs to turn
-  # (the first step reuses this compilation).
-  preflight.check_train_step(config, setup, train_step, layout.mask_fn, abstract_state(setup))
   train_collection = metrics_lib.train_metrics_collection(strategy_names)
 
   # --- Metrics, progress, preemption -----------------------------------------
