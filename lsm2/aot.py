@@ -10,7 +10,7 @@ creation, the AIM mask draw, and the train step: forward, backward, AdamW) with
 the shardings training gives them. The compiled train step's memory analysis
 says what one device holds (arguments, outputs, temporaries) against the chip's
 HBM; its cost analysis gives the FLOPs and bytes of one step, and with the chip
-specs below a roofline estimate of the step time and MFU. Exits 1, naming the
+specs of lsm2/chips.py a roofline estimate of the step time and MFU. Exits 1, naming the
 knobs to turn, when the step does not fit. Arguments it cannot use (an empty or
 unknown --topology, a --json path that cannot be written) are refused before
 anything compiles, as one `lsm2: error: ...` line. This is how maxtext's
@@ -24,7 +24,6 @@ Pallas kernels (attention="splash") are opaque to XLA's cost analysis: their
 FLOPs are added analytically (`splash_flops`).
 """
 from collections.abc import Sequence
-import dataclasses
 import json
 import os
 import re
@@ -40,46 +39,14 @@ from ml_collections import config_flags
 from lsm2 import errors
 from lsm2 import sharding as sharding_lib
 from lsm2 import storage
+from lsm2.chips import CHIPS
+from lsm2.chips import ChipSpec
 from lsm2.model import flops as flops_lib
-from lsm2.model.config import ModelConfig
 from lsm2.train import preflight
 from lsm2.train import train
 
 GiB = 2**30
 
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-  """Per-chip figures: Google's Cloud TPU system-architecture pages, and the HBM that
-  libtpu's compiler lets one program use."""
-  name: str
-  peak_bf16_flops: float  # FLOP/s.
-  hbm_bytes: int  # Nominal.
-  hbm_bytes_per_s: float
-  usable_hbm_bytes: int | None  # The compiler's limit ("available HBM"); None: not measured.
-
-  @property
-  def capacity_bytes(self) -> int:
-    return self.usable_hbm_bytes or self.hbm_bytes
-
-
-# Keyed by `jax.Device.device_kind`. Sources (Cloud TPU documentation, "System
-# architecture" of each version):
-#   v4   https://cloud.google.com/tpu/docs/v4   275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s
-#   v5e  https://cloud.google.com/tpu/docs/v5e  197 TFLOP/s bf16, 16 GB HBM2, 819 GB/s
-#   v5p  https://cloud.google.com/tpu/docs/v5p  459 TFLOP/s bf16, 95 GB HBM2e, 2765 GB/s
-#   v6e  https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s bf16, 32 GB HBM, 1640 GB/s
-# The pages write "GB" for v5e, v5p and v6e where the chips hold GiB (JAX's own Pallas
-# table, jax/_src/pallas/mosaic/tpu_info.py, lists 17.2e9, 103e9 and 34.4e9 bytes).
-# Usable HBM is what libtpu 0.0.42's compiler reports as "available HBM" when a program
-# does not fit (15.75G, 95.74G, 31.25G: measured on this repository's topologies); it,
-# not the nominal size, decides whether a step fits.
-CHIPS = {
-    "TPU v4": ChipSpec("v4", 275e12, 32 * GiB, 1200e9, None),
-    "TPU v5 lite": ChipSpec("v5e", 197e12, 16 * GiB, 819e9, int(15.75 * GiB)),
-    "TPU v5": ChipSpec("v5p", 459e12, 95 * GiB, 2765e9, int(95.74 * GiB)),
-    "TPU v6 lite": ChipSpec("v6e", 918e12, 32 * GiB, 1640e9, int(31.25 * GiB)),
-}
 
 # The XLA TPU compiler's out-of-memory reports, e.g. "Ran out of memory on HBM, the total
 # memory required for HLO temporaries (41.85G) exceeds available HBM (15.75G)" or
@@ -127,19 +94,8 @@ def device_spec(devices: Sequence[jax.Device]) -> ChipSpec:
   return CHIPS[kind]
 
 
-def splash_flops(model_cfg: ModelConfig, n_keep: int, batch: int) -> float:
-  """FLOPs of the splash kernels in one train step (which XLA's cost analysis cannot see).
-
-  Each attention call computes every tile of its lengths padded to 128: 2 products
-  forward, 7 backward (the dq kernel recomputes q k^T and forms dO v^T and dS k; the
-  dk/dv kernel q k^T, dO v^T, P^T dO and dS^T q), 2 more when the forward is
-  rematerialized.
-  """
-  pad = lambda n: -(-n // 128) * 128
-  products = 9 + (2 if model_cfg.remat != "none" else 0)
-  per_example = (model_cfg.enc_depth * 2 * pad(n_keep) ** 2 * model_cfg.enc_width
-                 + model_cfg.dec_depth * 2 * pad(model_cfg.num_tokens) ** 2 * model_cfg.dec_width)
-  return float(batch * products * per_example)
+# Kept here under its old name: lsm2.aot.splash_flops.
+splash_flops = flops_lib.splash_flops
 
 
 def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],

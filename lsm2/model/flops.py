@@ -25,3 +25,18 @@ def step_flops(cfg: ModelConfig, n_keep: int, batch: int) -> float:
              + transformer_flops(n, cfg.dec_width, cfg.dec_depth, cfg.dec_mlp)
              + 2 * n * cfg.dec_width * cfg.patch_size)
   return 3.0 * batch * forward
+
+
+def splash_flops(model_cfg: ModelConfig, n_keep: int, batch: int) -> float:
+  """FLOPs of the splash kernels in one train step (which XLA's cost analysis cannot see).
+
+  Each attention call computes every tile of its lengths padded to 128: 2 products
+  forward, 7 backward (the dq kernel recomputes q k^T and forms dO v^T and dS k; the
+  dk/dv kernel q k^T, dO v^T, P^T dO and dS^T q), 2 more when the forward is
+  rematerialized.
+  """
+  pad = lambda n: -(-n // 128) * 128
+  products = 9 + (2 if model_cfg.remat != "none" else 0)
+  per_example = (model_cfg.enc_depth * 2 * pad(n_keep) ** 2 * model_cfg.enc_width
+                 + model_cfg.dec_depth * 2 * pad(model_cfg.num_tokens) ** 2 * model_cfg.dec_width)
+  return float(batch * products * per_example)

@@ -94,10 +94,13 @@ def knobs(batch_size: int, mesh: dict[str, int], attention: str) -> str:
   return "; ".join(hints)
 
 
-def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_fn, state) -> None:
+def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_fn, state
+                     ) -> jax.stages.Compiled:
   """Compiles `train_step` for its largest layout and raises DoesNotFit if it cannot fit.
 
-  `state` is abstract (train.abstract_state). Logs the figures either way.
+  `state` is abstract (train.abstract_state). Logs the figures either way. Returns the
+  compiled step, whose cost analysis gives training its FLOPs per step without a
+  second compilation.
   """
   args = step_arguments(config, setup, state, mask_fn)
   mesh = dict(setup.mesh.shape)
@@ -106,7 +109,7 @@ def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_
   knobs_text = knobs(config.batch_size, mesh, setup.model_cfg.attention)
   with sharding_lib.mesh_context(setup.mesh, config.logical_axis_rules):
     try:
-      memory = train_step.lower(*args).compile().memory_analysis()
+      compiled = train_step.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -114,9 +117,10 @@ def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_
       reason = next(line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line)
       raise DoesNotFit(f"The train step does not fit ({what}): {reason.strip()}; stopped before "
                        f"the first step. Knobs: {knobs_text}.") from e
+  memory = compiled.memory_analysis()
   if memory is None:
     logging.warning("Pre-flight: no memory analysis on this backend; memory not checked.")
-    return
+    return compiled
   need = needed_bytes(memory)
   devices = setup.mesh.local_devices
   stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
@@ -129,10 +133,11 @@ def check_train_step(config: ml_collections.ConfigDict, setup, train_step, mask_
     have, where = host_memory_bytes(), f"host RAM available to {len(devices)} CPU device(s)"
   else:
     logging.warning("Pre-flight: %s reports no memory limit; memory not checked.", devices[0])
-    return
+    return compiled
   logging.info("Pre-flight: the train step needs %.2f GiB of %.2f GiB %s.", need / GiB,
                have / GiB, where)
   if need > have:
     raise DoesNotFit(
         f"The train step needs {need / GiB:.2f} GiB but there is {have / GiB:.2f} GiB of {where} "
         f"({what}); stopped before the first step. Knobs: {knobs_text}.")
+  return compiled

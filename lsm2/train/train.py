@@ -41,6 +41,7 @@ from lsm2.train import encoder_layout
 from lsm2.train import metrics as metrics_lib
 from lsm2.train import preflight
 from lsm2.train import run_dir
+from lsm2.train import throughput
 
 TrainState = dict[str, Any]  # {"step", "params", "opt_state", "rng"}
 
@@ -561,8 +562,11 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   # A step that cannot fit stops here, from abstract shapes, with the figure and the knobs
   # to turn: before any state is allocated and before run.json, lsm2.json or checkpoints/
   # are written, so the workdir is as it was and the next try with a knob turned starts.
-  # The first step reuses this compilation.
-  preflight.check_train_step(config, setup, train_step, layout.mask_fn, abstract_state(setup))
+  # The first step reuses this compilation, and its cost analysis gives the FLOPs per step.
+  compiled = preflight.check_train_step(config, setup, train_step, layout.mask_fn,
+                                        abstract_state(setup))
+  perf = throughput.Throughput.for_run(compiled, model_cfg, mask_cfg, config.batch_size,
+                                       mesh.devices.flat)
 
   # --- State: restore or initialise ------------------------------------------
   if jax.process_index() == 0:
@@ -620,12 +624,14 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   finite = []  # (step, device bool) since the last check: read only where it must be.
   acc = train_collection.empty()
   last = {}
+  perf.start(start_step)  # Per log interval: throughput, MFU, time split, memory.
 
   with sharding_lib.mesh_context(mesh, config.logical_axis_rules):
     for step in range(start_step + 1, config.total_steps + 1):
       # Train.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = pipeline.to_global_batch(next(train_iter), setup.batch_sharding)
+        with perf.waiting_for_input():
+          batch = pipeline.to_global_batch(next(train_iter), setup.batch_sharding)
         masks = layout.draw(state["rng"], state["step"], batch["observed"])
         state, outputs = train_step(state, batch, masks)
       finite.append((step, outputs.pop("finite")))
@@ -646,15 +652,17 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
 
       # Log.
       if step % config.log_every == 0 or step == config.total_steps:
+        scalars = perf.report(step)  # Just after the flags' read: the steps have finished.
         last = metrics_lib.finite_scalars(acc.compute(), prefix="train/")
-        writer.write_scalars(step, last)
-        logging.info("step %d/%d  loss %.4f", step, config.total_steps,
-                     last.get("train/loss", float("nan")))
+        writer.write_scalars(step, {**last, **scalars})
+        logging.info("step %d/%d  loss %.4f  |  %s", step, config.total_steps,
+                     last.get("train/loss", float("nan")), perf.summary(scalars))
         acc = train_collection.empty()
 
       # Validate.
       if step % config.eval_every == 0 or step == config.total_steps:
-        val = validation_losses(setup, eval_step, layout, state["params"], config, step)
+        with perf.evaluating():
+          val = validation_losses(setup, eval_step, layout, state["params"], config, step)
         if val:
           writer.write_scalars(step, val)
           logging.info("step %d  validation %s", step,
@@ -663,7 +671,8 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
 
       # Checkpoint (async), or save and stop on preemption.
       lease.check()  # Another process took the workdir over: stop before writing.
-      ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps)
+      with perf.checkpointing():
+        ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps)
       if stop:
         preempted_at = step
         break
