@@ -39,6 +39,28 @@ require_positive_int() {
   [[ "$1" =~ ^[1-9][0-9]*$ ]] || die "$2 must be a positive integer, got '$1'"
 }
 
+# require_nonnegative_int VALUE FLAG
+require_nonnegative_int() {
+  [[ "$1" =~ ^(0|[1-9][0-9]*)$ ]] || die "$2 must be a non-negative integer, got '$1'"
+}
+
+# How many times a launcher relaunches a preempted job by itself, unless told
+# otherwise (--max-requeues, --max-restarts): enough for a run to outlive ten
+# preemptions or time limits, few enough that a job preempted in a loop stops.
+DEFAULT_MAX_RESTARTS=10
+
+# preempted_status: sets PREEMPTED_STATUS to the status lsm2.main exits with
+# after a preemption checkpoint: config.preemption_exit_code (default 75), as
+# the overrides set it.
+preempted_status() {
+  PREEMPTED_STATUS=75
+  local override
+  for override in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
+    if [[ "$override" == --config.preemption_exit_code=* ]]; then PREEMPTED_STATUS="${override#*=}"; fi
+  done
+  require_positive_int "$PREEMPTED_STATUS" --config.preemption_exit_code
+}
+
 # split_equals ARGS...: sets ARGS to the arguments with every `--opt=value`
 # (before `--`, except --config.KEY=VALUE overrides) split into `--opt value`,
 # so the scripts' parsers only handle the separate form.

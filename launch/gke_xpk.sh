@@ -22,6 +22,10 @@ Submits \`xpk workload create\`. The code reaches the pods in one of two ways:
                           working directory holds configs/ and whose Python
                           has lsm2 and JAX installed; nothing is built
 
+Preemption: the JobSet restarts (at most --max-restarts times) when a pod is
+evicted or a process exits non-zero; on SIGTERM lsm2.main saves a checkpoint
+and exits 75, and the restarted pods resume from the workdir.
+
 Required:
   --cluster CLUSTER        the GKE cluster (made with xpk cluster create)
   --workload NAME          workload name: lowercase letters, digits and '-',
@@ -31,6 +35,9 @@ Required:
   --workdir gs://...       run directory on a bucket (pods share no disk)
 Options:
   --num-slices N           number of slices, default 1
+  --max-restarts N         restart the workload at most N times after a
+                           preemption or failure (xpk --max-restarts),
+                           default $DEFAULT_MAX_RESTARTS; 0: never
   --project PROJECT        Google Cloud project (default: gcloud's)
   --zone ZONE              the cluster's zone (default: gcloud's)
   --docker-image IMAGE     prebuilt image, see above
@@ -39,7 +46,7 @@ Options:
                            [tpu] extra, with no version pinned, e.g. to try
                            another JAX ('' installs none: the image's JAX is used)
   --xpk-flag FLAG          extra flag for xpk workload create (repeatable),
-                           e.g. --xpk-flag=--max-restarts=3 --xpk-flag=--spot
+                           e.g. --xpk-flag=--spot --xpk-flag=--priority=high
   --dry-run                print the commands, run nothing
   --config.KEY=VALUE       config override
   -- FLAGS                 further lsm2.main flags, passed verbatim
@@ -50,6 +57,7 @@ CLUSTER=""
 WORKLOAD=""
 TPU_TYPE=""
 NUM_SLICES=1
+MAX_RESTARTS="$DEFAULT_MAX_RESTARTS"
 PROJECT=""
 ZONE=""
 DOCKER_IMAGE=""
@@ -66,6 +74,7 @@ while (($#)); do
     --workload) WORKLOAD="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --tpu-type) TPU_TYPE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --num-slices) NUM_SLICES="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
+    --max-restarts) MAX_RESTARTS="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --project) PROJECT="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --zone) ZONE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
     --docker-image) DOCKER_IMAGE="$(value_of "$1" "$#" "${2-}")"; shift 2 ;;
@@ -86,6 +95,11 @@ require "$WORKLOAD" --workload "the workload name"
   die "--workload '$WORKLOAD' is not a valid name: lowercase letters, digits and '-', starting with a letter, not ending with '-', at most 40 characters"
 require "$TPU_TYPE" --tpu-type "the TPU slice type, e.g. v5p-128"
 require_positive_int "$NUM_SLICES" --num-slices
+require_nonnegative_int "$MAX_RESTARTS" --max-restarts
+for flag in "${XPK_FLAGS[@]+"${XPK_FLAGS[@]}"}"; do
+  [[ "$flag" != --max-restarts* ]] ||
+    die "--xpk-flag=$flag: restarts are this script's own setting, write --max-restarts N (default $DEFAULT_MAX_RESTARTS)"
+done
 require_common
 require_bucket_workdir
 require_repo_relative_config
@@ -94,7 +108,7 @@ require_tool xpk
 main_args
 RUN="python3 -m lsm2.main $(quote "${MAIN_ARGS[@]}")"
 XPK=(xpk workload create "--cluster=$CLUSTER" "--workload=$WORKLOAD" "--tpu-type=$TPU_TYPE"
-  "--num-slices=$NUM_SLICES" ${PROJECT:+"--project=$PROJECT"} ${ZONE:+"--zone=$ZONE"})
+  "--num-slices=$NUM_SLICES" "--max-restarts=$MAX_RESTARTS" ${PROJECT:+"--project=$PROJECT"} ${ZONE:+"--zone=$ZONE"})
 
 if [[ -n "$DOCKER_IMAGE" ]]; then
   run_or_print "${XPK[@]}" "--docker-image=$DOCKER_IMAGE" "--command=$RUN" "${XPK_FLAGS[@]}"

@@ -11,10 +11,13 @@ Usage: launch/local.sh N --config PATH[:ARG] --workdir DIR [options]
                        [--config.KEY=VALUE ...] [-- LSM2_MAIN_FLAGS ...]
 
 Starts N CPU processes of \`python -m lsm2.main\` joined through a coordinator
-on 127.0.0.1, each with its own log WORKDIR/logs/process_I.log. Waits for all;
-if one fails, stops the others and exits 1. When the processes were preempted
-(SIGTERM: they save a checkpoint and exit with config.preemption_exit_code,
-default 75), exits with that status: run the same command again to resume.
+on 127.0.0.1, each appending to its own log WORKDIR/logs/process_I.log after a
+header line "=== local.sh attempt K ..." (a relaunch keeps the earlier
+attempts' lines). Waits for all; if one fails, stops the others and exits 1.
+When the processes were preempted (SIGTERM: they save a checkpoint and exit
+with config.preemption_exit_code, default 75), exits with that status: run the
+same command again to resume. A SIGTERM or Ctrl-C to this script is passed to
+the processes as SIGTERM, and it exits 75 too once they have saved.
 
 Required:
   N                        number of processes (a positive integer)
@@ -79,12 +82,7 @@ XLA_FLAGS_VALUE+="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
 
 main_args
 LOG_DIR="$WORKDIR/logs"
-# The status lsm2.main exits with after a preemption checkpoint.
-PREEMPTED_STATUS=75
-for override in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-  if [[ "$override" == --config.preemption_exit_code=* ]]; then PREEMPTED_STATUS="${override#*=}"; fi
-done
-require_positive_int "$PREEMPTED_STATUS" --config.preemption_exit_code
+preempted_status
 
 # process_cmd I: sets CMD to process I's command line.
 process_cmd() {
@@ -92,11 +90,25 @@ process_cmd() {
     "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$NUM_PROCESSES" "--process_id=$1")
 }
 
+# Logs are appended to, never truncated: the log of a preempted attempt is what
+# tells why it stopped. The attempt number counts process 0's earlier headers.
+ATTEMPT=1
+if [[ -f "$LOG_DIR/process_0.log" ]]; then
+  ATTEMPT=$(($(grep -c '^=== local.sh attempt ' "$LOG_DIR/process_0.log" || true) + 1))
+fi
+STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+
+# header I: prints process I's attempt header line.
+header() {
+  printf '=== local.sh attempt %s, started %s, process %s of %s ===' "$ATTEMPT" "$STARTED" "$1" "$NUM_PROCESSES"
+}
+
 if ((DRY_RUN)); then
   print_cmd mkdir -p "$LOG_DIR"
   for ((i = 0; i < NUM_PROCESSES; i++)); do
     process_cmd "$i"
-    printf '%s >%s 2>&1 &\n' "$(quote "${CMD[@]}")" "$(quote "$LOG_DIR/process_$i.log")"
+    printf '%s >>%s\n' "$(quote echo "$(header "$i")")" "$(quote "$LOG_DIR/process_$i.log")"
+    printf '%s >>%s 2>&1 &\n' "$(quote "${CMD[@]}")" "$(quote "$LOG_DIR/process_$i.log")"
   done
   printf 'wait\n'
   exit 0
@@ -105,11 +117,12 @@ fi
 mkdir -p "$LOG_DIR"
 pids=()
 declare -A finished=()
+declare -A statuses=()
 
 # stop_all: TERM the processes still running (lsm2.main checkpoints on
-# SIGTERM), KILL those still there after 30 s.
+# SIGTERM), KILL those still there after 30 s; records their exit statuses.
 stop_all() {
-  local i deadline=$((SECONDS + 30))
+  local i status deadline=$((SECONDS + 30))
   for i in "${!pids[@]}"; do
     [[ -n "${finished[$i]-}" ]] || kill -TERM "${pids[$i]}" 2>/dev/null || true
   done
@@ -117,15 +130,40 @@ stop_all() {
     [[ -z "${finished[$i]-}" ]] || continue
     while kill -0 "${pids[$i]}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
     kill -KILL "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
+    status=0
+    wait "${pids[$i]}" 2>/dev/null || status=$?
+    statuses[$i]=$status
     finished[$i]=1
   done
 }
-trap 'echo "$SCRIPT_NAME: interrupted, stopping all processes" >&2; stop_all; exit 130' INT TERM
+
+# interrupted SIGNAL_STATUS: stops the processes; exits with the preemption
+# status when every one of them saved (or had finished), so that a requeue
+# loop around this script resumes the run, and with SIGNAL_STATUS otherwise.
+interrupted() {
+  echo "$SCRIPT_NAME: interrupted, stopping all processes (SIGTERM: they save a checkpoint)" >&2
+  stop_all
+  local i saved=0
+  for i in "${!statuses[@]}"; do
+    case "${statuses[$i]}" in
+      0) ;;
+      "$PREEMPTED_STATUS") saved=1 ;;
+      *) echo "$SCRIPT_NAME: process $i exited with status ${statuses[$i]}; logs in $LOG_DIR" >&2; exit "$1" ;;
+    esac
+  done
+  if ((saved)); then
+    echo "$SCRIPT_NAME: preempted; run the same command again to resume. Logs in $LOG_DIR" >&2
+    exit "$PREEMPTED_STATUS"
+  fi
+  exit "$1"
+}
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   process_cmd "$i"
-  "${CMD[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  echo "$(header "$i")" >>"$LOG_DIR/process_$i.log"
+  "${CMD[@]}" >>"$LOG_DIR/process_$i.log" 2>&1 &
   pids+=("$!")
 done
 echo "$SCRIPT_NAME: started $NUM_PROCESSES processes (coordinator 127.0.0.1:$PORT), logs in $LOG_DIR" >&2
@@ -140,6 +178,7 @@ while ((remaining)); do
     if kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
     status=0
     wait "${pids[$i]}" || status=$?
+    statuses[$i]=$status
     finished[$i]=1
     remaining=$((remaining - 1))
     if ((status == PREEMPTED_STATUS)); then

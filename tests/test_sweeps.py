@@ -152,18 +152,23 @@ def test_local_jobs(masking):
                  dry_run=True)
   assert len(jobs) == 4
   assert jobs[1].workdir == "/runs root/masking_scheme/scheme=lsm1"
+  # BASE_CONFIG is relative to the repository root; the launcher gets it absolute.
   assert jobs[1].argv == ("bash", str(REPO_ROOT / "launch" / "local.sh"), "2", "--config.data.dir=/d",
-                          "--config", "configs/pretrain.py:S,aim", "--workdir", "/runs root/masking_scheme/scheme=lsm1",
+                          "--config", f"{REPO_ROOT}/configs/pretrain.py:S,aim",
+                          "--workdir", "/runs root/masking_scheme/scheme=lsm1",
                           "--config.masking.scheme=lsm1", "--dry-run", "--", "--jax_debug_nans")
 
 
-def test_slurm_and_gke_jobs_get_distinct_names(masking):
-  slurm = sw.jobs(masking, "slurm", "/shared", ["--nodes", "2"], config="configs/pretrain.py:B,aim")
-  assert slurm[3].argv[2:] == ("--nodes", "2", "--config", "configs/pretrain.py:B,aim", "--workdir",
+def test_slurm_and_gke_jobs_get_distinct_names(masking, monkeypatch):
+  monkeypatch.chdir(REPO_ROOT / "configs")  # A relative --config is relative to the current directory.
+  slurm = sw.jobs(masking, "slurm", "/shared", ["--nodes", "2"], config="pretrain.py:B,aim")
+  assert slurm[3].argv[2:] == ("--nodes", "2", "--config", f"{REPO_ROOT}/configs/pretrain.py:B,aim", "--workdir",
                                "/shared/masking_scheme/scheme=attention_only",
                                "--config.masking.scheme=attention_only",
                                "--job-name", "masking_scheme/scheme=attention_only")
-  gke = sw.jobs(masking, "gke", "gs://b/sweeps")
+  gke = sw.jobs(masking, "gke", "gs://b/sweeps", config="pretrain.py:B,aim")
+  # The pods read the config from their own copy of the repository: relative to its root.
+  assert gke[0].argv[gke[0].argv.index("--config") + 1] == "configs/pretrain.py:B,aim"
   names = [j.argv[j.argv.index("--workload") + 1] for j in gke]
   assert names == ["lsm2-masking-scheme-scheme-aim", "lsm2-masking-scheme-scheme-lsm1",
                    "lsm2-masking-scheme-scheme-dropout-only",
@@ -195,6 +200,22 @@ def test_eval_jobs_refuse_an_unknown_task_set(masking, taskset):
                               "one of synthetic, depresjon, fitabase")
 
 
+def test_remote_launchers_refuse_a_config_outside_the_repository(masking, tmp_path):
+  config = tmp_path / "mine.py"
+  config.write_text("")
+  assert sw.jobs(masking, "local", "/r", config=f"{config}:S")[0].argv[3] == f"{config}:S"
+  with pytest.raises(ValueError, match=f"config '{config}' .* is outside the repository {REPO_ROOT}: the "
+                                       "tpu_vm workers read their config from their own copy"):
+    sw.jobs(masking, "tpu_vm", "gs://b/r", config=f"{config}:S")
+
+
+def test_a_missing_base_config_names_the_sweep(tmp_path):
+  sweep = sw.Sweep(name="mine", base_config="configs/nowhere.py:S", points=sw.name_points([{}]))
+  with pytest.raises(FileNotFoundError, match="BASE_CONFIG of sweep mine .*: config file "
+                                              "'configs/nowhere.py' .* does not exist"):
+    sw.jobs(sweep, "slurm", "/r")
+
+
 @pytest.mark.parametrize("arg", ["--workdir=/x", "--config", "--job-name", "--dry-run"])
 def test_jobs_refuse_launcher_arguments_the_sweep_sets(masking, arg):
   with pytest.raises(ValueError, match="is set by the sweep itself"):
@@ -204,9 +225,9 @@ def test_jobs_refuse_launcher_arguments_the_sweep_sets(masking, arg):
 # --- the CLI ---------------------------------------------------------------------------------
 
 
-def run_sweep(*args, env=None):
+def run_sweep(*args, env=None, cwd=REPO_ROOT):
   return subprocess.run([sys.executable, "-m", "lsm2.sweeps.sweep", *map(str, args)], capture_output=True,
-                        text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHON": "python3", **(env or {})},
+                        text=True, cwd=cwd, env={**os.environ, "PYTHON": "python3", **(env or {})},
                         timeout=120)
 
 
@@ -219,13 +240,23 @@ def test_cli_dry_run_prints_each_launcher_command_and_its_dry_run(tmp_path):
   assert headers == [f"# [{i}/6] model_size/{name} -> {tmp_path}/model_size/{name}"
                      for i, name in enumerate(EXPECTED_SWEEPS["model_size"], 1)]
   assert shlex.split(out[1]) == ["bash", str(REPO_ROOT / "launch" / "local.sh"), "2", "--port", "4321",
-                                 "--config", "configs/pretrain.py:S,aim", "--workdir",
+                                 "--config", f"{REPO_ROOT}/configs/pretrain.py:S,aim", "--workdir",
                                  f"{tmp_path}/model_size/scheme=aim,size=tiny", "--config.masking.scheme=aim",
                                  "--config.model.size=tiny", "--dry-run"]
   process_lines = [shlex.split(l) for l in out if l.startswith("env JAX_PLATFORMS=cpu")]
   assert len(process_lines) == 12  # 6 points x 2 processes.
   assert "--config.model.size=B" in process_lines[-1] and "--process_id=1" in process_lines[-1]
   assert not (tmp_path / "model_size").exists()
+
+
+def test_cli_works_from_any_directory(tmp_path):
+  """Run from elsewhere with the sweep file's path, the launcher gets the repository's config."""
+  result = run_sweep(SWEEPS / "model_size.py", "--launcher", "slurm", "--workdir-root", "runs",
+                     "--only", "scheme=lsm1,size=B", "--dry-run", "--", "--nodes", "1", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  (srun,) = [shlex.split(l) for l in result.stdout.splitlines() if l.startswith("srun ")]
+  assert srun[3:8] == ["-m", "lsm2.main", f"--config={REPO_ROOT}/configs/pretrain.py:S,aim",
+                       f"--workdir={tmp_path}/runs/model_size/scheme=lsm1,size=B", "--config.masking.scheme=lsm1"]
 
 
 def test_cli_stops_when_a_launcher_refuses_its_settings(tmp_path):

@@ -17,7 +17,11 @@ ROOT/NAME/POINT (POINT like `scheme=aim,size=S`) and its overrides passed as
       --workdir-root runs [--dry-run] -- 2 --config.data.dir=/data
 
 Everything after `--` goes to every launcher call (its own settings and
-overrides shared by all points). With --eval TASKSET the sweep evaluates each
+overrides shared by all points). The command works from any directory: a
+relative BASE_CONFIG is relative to the repository root, a relative --config to
+the current directory, and the launchers get the config as an absolute path
+(tpu_vm and gke, whose workers read it from their own checkout: relative to the
+repository root). With --eval TASKSET the sweep evaluates each
 point's checkpoint instead (configs/eval.py:TASKSET, workdir POINT/eval/TASKSET).
 """
 import argparse
@@ -40,13 +44,16 @@ from lsm2 import errors
 Overrides = dict[str, Any]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-EVAL_CONFIG = "configs/eval.py"  # Relative to REPO_ROOT, where the launchers run.
+EVAL_CONFIG = "configs/eval.py"  # Relative to REPO_ROOT.
 LAUNCHERS = {
     "local": "local.sh",
     "tpu_vm": "tpu_vm.sh",
     "slurm": "slurm_gpu.sh",
     "gke": "gke_xpk.sh",
 }
+# Launchers whose workers read the config from their own copy of the repository,
+# so they take it relative to the repository root.
+_REMOTE_LAUNCHERS = ("tpu_vm", "gke")
 # The launcher flag that names each job, where the launcher has one.
 _JOB_NAME_FLAG = {"slurm": "--job-name", "gke": "--workload"}
 # Flags the sweep sets per point; launcher arguments must not repeat them.
@@ -228,6 +235,25 @@ def k8s_name(*parts: str) -> str:
   return text
 
 
+def launcher_config(config: str, base: str | pathlib.Path, launcher: str) -> str:
+  """`config` (PATH[:ARG]) as `launcher` takes it, PATH resolved against `base` when relative.
+
+  The local and Slurm launchers get an absolute path, so the sweep works from
+  any directory; tpu_vm and gke get it relative to the repository root, where
+  their workers find it in their own checkout.
+  """
+  path, sep, arg = config.partition(":")
+  resolved = (pathlib.Path(base) / path).resolve()
+  if not resolved.is_file():
+    raise FileNotFoundError(f"config file {path!r} ({resolved}) does not exist")
+  if launcher not in _REMOTE_LAUNCHERS:
+    return f"{resolved}{sep}{arg}"
+  if not resolved.is_relative_to(REPO_ROOT):
+    raise ValueError(f"config {path!r} ({resolved}) is outside the repository {REPO_ROOT}: the "
+                     f"{launcher} workers read their config from their own copy of the repository")
+  return f"{resolved.relative_to(REPO_ROOT).as_posix()}{sep}{arg}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """The launcher call of one point."""
@@ -247,7 +273,9 @@ def jobs(sweep: Sweep, launcher: str, workdir_root: str, launcher_args: Sequence
     workdir_root: points run in workdir_root/sweep.name/point.name.
     launcher_args: given to every launcher call before the sweep's own flags;
       whatever follows a `--` in them stays after `--` (flags for lsm2.main).
-    config: replaces the sweep's BASE_CONFIG (e.g. with `runlocal` added).
+    config: replaces the sweep's BASE_CONFIG (e.g. with `runlocal` added);
+      a relative path is relative to the current directory (the sweep's
+      BASE_CONFIG: to the repository root).
     eval_taskset: evaluate each point's checkpoint with configs/eval.py:TASKSET.
     dry_run: ask the launchers for their dry run.
   """
@@ -267,15 +295,23 @@ def jobs(sweep: Sweep, launcher: str, workdir_root: str, launcher_args: Sequence
   script = REPO_ROOT / "launch" / LAUNCHERS[launcher]
   if not script.is_file():
     raise FileNotFoundError(f"launcher {script} not found: run sweeps from a checkout of the repository")
+  if eval_taskset is not None:
+    cfg = launcher_config(f"{EVAL_CONFIG}:{eval_taskset}", REPO_ROOT, launcher)
+  elif config is not None:
+    cfg = launcher_config(config, pathlib.Path.cwd(), launcher)
+  else:
+    try:
+      cfg = launcher_config(sweep.base_config, REPO_ROOT, launcher)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f"BASE_CONFIG of sweep {sweep.name} (relative to the repository root): {e}") from None
   result, job_names = [], []
   for point in sweep.points:
     train_workdir = posixpath.join(workdir_root, sweep.name, point.name)
     if eval_taskset is None:
-      workdir, cfg, overrides = train_workdir, config or sweep.base_config, point.flags()
-      suffix = []
+      workdir, overrides, suffix = train_workdir, point.flags(), []
     else:
       workdir = posixpath.join(train_workdir, "eval", eval_taskset)
-      cfg, overrides = f"{EVAL_CONFIG}:{eval_taskset}", [f"--config.init_from={train_workdir}"]
+      overrides = [f"--config.init_from={train_workdir}"]
       suffix = ["eval", eval_taskset]
     argv = ["bash", str(script), *settings, "--config", cfg, "--workdir", workdir, *overrides]
     if launcher in _JOB_NAME_FLAG:
