@@ -1,7 +1,7 @@
 r"""Ahead-of-time compilation of the training step for a TPU slice, on any machine.
 
   python -m lsm2.aot --config=configs/pretrain.py:S --topology=v5e:16x16 \
-      [--config.KEY=VALUE ...] [--num_channels=26] [--json=PATH]
+      [--num_slices=2] [--config.KEY=VALUE ...] [--num_channels=26] [--json=PATH]
 
 Builds the mesh of `config.mesh` over the devices of a TPU topology (no TPU
 needed: libtpu describes the slice and its compiler runs here), then lowers and
@@ -10,12 +10,15 @@ creation, the AIM mask draw, and the train step: forward, backward, AdamW) with
 the shardings training gives them. The compiled train step's memory analysis
 says what one device holds (arguments, outputs, temporaries) against the chip's
 HBM; its cost analysis gives the FLOPs and bytes of one step, and with the chip
-specs of lsm2/chips.py a roofline estimate of the step time and MFU. Exits 1, naming the
-knobs to turn, when the step does not fit. Arguments it cannot use (an empty or
-unknown --topology, a --json path that cannot be written) are refused before
-anything compiles, as one `lsm2: error: ...` line. This is how maxtext's
-train_compile.py catches out-of-memory and sharding errors before a job
-reaches the cluster.
+specs of lsm2/chips.py a roofline estimate of the step time and MFU. With
+--num_slices=N the devices are N such slices joined by the data-center network
+(DCN; config.mesh.dcn_* say which axes span them, lsm2/sharding.py) and the
+report adds the bytes each device sends over DCN per step (`dcn_bytes`). Exits
+1, naming the knobs to turn, when the step does not fit. Arguments it cannot use
+(an empty or unknown --topology, --num_slices below 1, a --json path that cannot
+be written) are refused before anything compiles, as one `lsm2: error: ...` line.
+This is how maxtext's train_compile.py catches out-of-memory and sharding errors
+before a job reaches the cluster.
 
 What the estimate leaves out: communication (all-reduces, FSDP gathers),
 imperfect overlap, and kernels slower than peak. It is a lower bound on the
@@ -25,6 +28,7 @@ FLOPs are added analytically (`splash_flops`).
 """
 from collections.abc import Sequence
 import json
+import math
 import os
 import re
 import sys
@@ -70,12 +74,21 @@ def check_topology(topology: str) -> None:
                         f"{_TOPOLOGY_EXAMPLES}")
 
 
-def topology_devices(topology: str) -> list[jax.Device]:
-  """The devices of a TPU slice such as "v5e:16x16" or "v5p:4x4x4", described by libtpu."""
+def check_num_slices(num_slices: int) -> None:
+  if num_slices < 1:
+    raise TopologyError(f"--num_slices={num_slices}: a job has at least 1 slice")
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
+  """The devices of `num_slices` TPU slices such as "v5e:16x16" or "v5p:4x4x4", described
+  by libtpu (each device's `slice_index` says its slice)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   check_topology(topology)
+  check_num_slices(num_slices)
+  extra = {"num_slices": num_slices} if num_slices > 1 else {}
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                              **extra).devices)
   except Exception as e:  # pylint: disable=broad-except
     raise TopologyError(
         f"--topology={topology!r}: libtpu cannot describe it ({e}); {_TOPOLOGY_EXAMPLES} "
@@ -87,7 +100,8 @@ def device_spec(devices: Sequence[jax.Device]) -> ChipSpec:
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise TopologyError(f"no chip spec for device kind {kind!r}; known: {sorted(CHIPS)}")
-  if len({tuple(d.coords) for d in devices}) != len(devices):
+  # Coordinates are per slice.
+  if len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) != len(devices):
     # libtpu describes v4 slices per TensorCore; JAX meshes need megacore devices.
     raise TopologyError(f"this libtpu describes {kind} with one device per TensorCore, and JAX "
                         "meshes need one per chip (megacore): not supported")
@@ -120,25 +134,62 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.De
     return step.lower(*args), setup, args
 
 
-def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int = 26) -> dict:
-  """Compiles the train step for `topology` and returns the report (module docstring).
+# What crosses DCN in a multi-slice TPU program. The compiler splits a collective over
+# slices into in-slice collectives (whose replica groups hold slice-local ids: the program
+# is one slice's) and host transfers through the megascale runtime, e.g.
+#   %send = (f32[1,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%all-reduce.74, %after-all),
+#       channel_id=3, is_host_transfer=true, frontend_attributes={...,
+#       _xla_megascale_transfer_type="ALL_REDUCE"}
+# Each send's payload, the first element of its result, is what the device puts on DCN.
+_DCN_SEND = re.compile(r"=\s*\((pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([0-9,]*)\].*?\ssend\(.*"
+                       r'_xla_megascale_transfer_type="(\w+)"')
 
-  Keys: topology, devices, device_kind, chip, mesh, batch_size, model_size,
+
+def _shape_bytes(dtype: str, dims: str) -> float:
+  bits = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}.get(dtype)
+  if bits is None:
+    bits = 8 if dtype.startswith("f8") else int(dtype[1:])
+  return math.prod(int(d) for d in dims.split(",") if d) * bits / 8
+
+
+def dcn_bytes(hlo_text: str) -> dict[str, int]:
+  """{transfer type (ALL_REDUCE, ...): bytes} one device sends over DCN per step, from a
+  compiled TPU program's megascale sends (above). Each send counts once as written (one
+  inside a loop body would count once, not per iteration). Empty for one slice.
+  """
+  out = {}
+  for dtype, dims, kind in _DCN_SEND.findall(hlo_text):
+    out[kind] = out.get(kind, 0) + int(_shape_bytes(dtype, dims))
+  return out
+
+
+def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int = 26,
+            num_slices: int = 1) -> dict:
+  """Compiles the train step for `num_slices` x `topology` and returns the report (module
+  docstring).
+
+  Keys: topology, slices, devices (all slices'), device_kind, chip, mesh (whole axis
+  sizes), dcn_mesh (their parts across slices), axes_across_slices, batch_size, model_size,
   attention, dtype, hbm_bytes_per_device (arguments + outputs - donated aliases +
   temporaries + code; when the compiler runs out of memory, its own figure, which
   counts all of these), hbm_capacity_bytes (the usable HBM of `CHIPS`), fits, the
   memory parts, flops_per_step
   (all devices), model_flops_per_step (lsm2.model.flops), est_step_s and est_mfu
-  (model FLOPs over est_step_s at peak), and compiler_error when it does not fit.
+  (model FLOPs over est_step_s at peak), dcn_transfers and their sum
+  dcn_bytes_per_step (`dcn_bytes`: per device and step; 0 for one slice, None when it
+  does not fit), and compiler_error when it does not fit.
   """
-  devices = topology_devices(topology)
+  devices = topology_devices(topology, num_slices)
   spec = device_spec(devices)
-  report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+  ici, dcn = sharding_lib.hybrid_shape(config.mesh, len(devices), num_slices)
+  report = {"topology": topology, "slices": num_slices, "devices": len(devices),
+            "device_kind": devices[0].device_kind,
             "chip": spec.name, "hbm_capacity_bytes": spec.capacity_bytes,
             "batch_size": config.batch_size, "model_size": config.model.size,
-            "mesh": dict(zip(sharding_lib.MESH_AXES,
-                             sharding_lib.mesh_shape(config.mesh, len(devices))))}
+            "mesh": dict(zip(sharding_lib.MESH_AXES, (i * d for i, d in zip(ici, dcn)))),
+            "dcn_mesh": dict(zip(sharding_lib.MESH_AXES, dcn))}
   lowered, setup, _ = lower_train_step(config, devices, num_channels)
+  report["axes_across_slices"] = list(sharding_lib.axes_across_slices(setup.mesh))
   model_cfg, mask_cfg = setup.model_cfg, setup.mask_cfg
   report.update(attention=model_cfg.attention, dtype=model_cfg.dtype)
   n_keep = model_cfg.num_tokens - mask_cfg.n_drop
@@ -160,6 +211,7 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
       report["hbm_capacity_bytes"] = int(float(value) * _UNITS[unit])
     return {**report, "hbm_bytes_per_device": int(needed), "fits": False,
             "compiler_error": _oom_line(e), "flops_per_step": None,
+            "dcn_transfers": None, "dcn_bytes_per_step": None,
             "model_flops_per_step": model_flops, "est_step_s": None, "est_mfu": None}
   memory = compiled.memory_analysis()
   hbm = preflight.needed_bytes(memory)
@@ -168,6 +220,8 @@ def analyze(config: ml_collections.ConfigDict, topology: str, num_channels: int 
   flops = float(cost.get("flops", 0.0))
   if model_cfg.attention == "splash":
     flops += splash_flops(model_cfg, n_keep, config.batch_size) / len(devices)
+  transfers = dcn_bytes(compiled.as_text())
+  report.update(dcn_transfers=transfers, dcn_bytes_per_step=sum(transfers.values()))
   step_s = max(flops / spec.peak_bf16_flops,
                float(cost.get("bytes accessed", 0.0)) / spec.hbm_bytes_per_s)
   return {**report, "hbm_bytes_per_device": int(hbm), "fits": hbm <= spec.capacity_bytes,
@@ -187,8 +241,16 @@ def _oom_line(error: Exception) -> str:
 
 def format_report(report: dict) -> str:
   gib = lambda b: "-" if b is None else f"{b / GiB:.2f} GiB"
-  rows = [("topology", f"{report['topology']} ({report['devices']} x {report['device_kind']})"),
-          ("mesh", " x ".join(f"{k}={v}" for k, v in report["mesh"].items())),
+  size = lambda b: next(f"{b / 2**e:.2f} {u}" for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"),
+                                                            (0, "B")) if b >= 2**e or not e)
+  slices = report.get("slices", 1)
+  mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
+  if slices > 1:
+    mesh += " (across slices: " + " x ".join(f"{k}={v}" for k, v in report["dcn_mesh"].items())
+    mesh += ")"
+  rows = [("topology", f"{report['topology']} ({report['devices']} x {report['device_kind']})"
+                       + (f", {slices} slices" if slices > 1 else "")),
+          ("mesh", mesh),
           ("model / batch", f"{report['model_size']} / {report['batch_size']}"),
           ("attention / dtype", f"{report['attention']} / {report['dtype']}")]
   for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
@@ -202,6 +264,11 @@ def format_report(report: dict) -> str:
                                 f"(model {report['model_flops_per_step']:.3e})"),
              ("est. step time", f"{report['est_step_s'] * 1e3:.1f} ms (roofline)"),
              ("est. MFU", f"{report['est_mfu']:.1%} (roofline bound)")]
+    if slices > 1:
+      kinds = ", ".join(f"{k.lower()} {size(v)}" for k, v in report["dcn_transfers"].items())
+      rows.append(("DCN per device", f"{size(report['dcn_bytes_per_step'])} per step ({kinds}; "
+                                     f"axes across slices: "
+                                     f"{', '.join(report['axes_across_slices'])})"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -210,6 +277,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:AR
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16",
                                 "TPU slice, e.g. v5e:16x16, v5p:4x4x4, v6e:8x8.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined by DCN "
+                                   "(multi-slice; config.mesh.dcn_* place the axes).")
 _NUM_CHANNELS = flags.DEFINE_integer("num_channels", 26, "Signals per minute of the dataset.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON here.")
 
@@ -238,8 +307,9 @@ def main(argv):
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  check_num_slices(_NUM_SLICES.value)
   out = check_json_path(_JSON.value) if _JSON.value else None
-  report = analyze(_CONFIG.value, _TOPOLOGY.value, _NUM_CHANNELS.value)
+  report = analyze(_CONFIG.value, _TOPOLOGY.value, _NUM_CHANNELS.value, _NUM_SLICES.value)
   print(format_report(report))
   if out is not None:
     storage.write_text_atomic(out, json.dumps(report, indent=2) + "\n")

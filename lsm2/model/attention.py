@@ -27,6 +27,8 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
+from lsm2 import errors
+
 IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash")
 # Splash pads both lengths to a multiple of this (its smallest TPU tile) and
 # uses the largest of _SPLASH_BLOCKS that divides the padded length.
@@ -55,7 +57,10 @@ def dot_product_attention(
     implementation: "xla", "blocked", "cudnn" (GPU only) or "splash" (TPU; CPU
       in interpret mode).
     matmul_dtype: operand dtype of the "blocked" kernel's products (accumulated in
-      float32); "xla", "cudnn" and "splash" compute in the inputs' dtype.
+      float32); "xla" and "splash" compute in the inputs' dtype. "cudnn" takes
+      bfloat16/float16 only: other inputs (float32 from the mixed-precision dense
+      layers, matmul_dtype="bfloat16") are rounded to bfloat16 for the kernel, which
+      accumulates and takes the softmax in float32 itself.
 
   Returns:
     [batch, lq, heads, head_dim] in q's dtype.
@@ -98,10 +103,14 @@ def dot_product_attention(
     return kernel(q, k, v, full_q if q_lengths is None else q_lengths,
                   full_k if kv_lengths is None else kv_lengths)
 
-  if implementation == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(
-        f"attention implementation 'cudnn' needs a GPU, the JAX backend is {jax.default_backend()!r}; "
-        "use 'xla' or 'blocked'")
+  out_dtype = q.dtype
+  if implementation == "cudnn":
+    if _platform() != "gpu":
+      raise errors.ConfigError(
+          f"attention implementation 'cudnn' needs a GPU, the program is for {_platform()!r}; "
+          "use 'xla' or 'blocked'")
+    if q.dtype not in _CUDNN_DTYPES:
+      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   out = jax.nn.dot_product_attention(
       q, k, v,
       mask=None if mask is None else mask[:, None],
@@ -113,20 +122,27 @@ def dot_product_attention(
     out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0)
   if kv_lengths is not None:
     out = jnp.where((kv_lengths > 0)[:, None, None, None], out, 0)
-  return out
+  return out.astype(out_dtype)
+
+
+# What cuDNN's fused attention takes (besides fp8, which lsm2 does not use).
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _platform() -> str:
+  """The platform the program is for: the context mesh's (an ahead-of-time compile for a
+  TPU topology runs on a CPU host), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def _splash_interpret() -> bool:
-  """Pallas interpret mode when the program is for CPUs (tests); the TPU kernel on TPUs.
-
-  The platform is the context mesh's (an ahead-of-time compile for a TPU topology runs
-  on a CPU host), else the default backend's.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  """Pallas interpret mode when the program is for CPUs (tests); the TPU kernel on TPUs."""
+  platform = _platform()
   if platform == "gpu":
-    raise ValueError("attention implementation 'splash' is a TPU kernel (CPU runs it in interpret "
-                     "mode, for tests); on a GPU use 'cudnn' or 'xla'")
+    raise errors.ConfigError(
+        "attention implementation 'splash' is a TPU kernel (CPU runs it in interpret mode, for "
+        "tests); on a GPU use 'cudnn' or 'xla'")
   return platform == "cpu"
 
 

@@ -64,11 +64,13 @@ class ModelConfig:
     matmul_dtype: operand dtype of the dense-layer and blocked-attention
       products, accumulated in float32 ("bfloat16" = TPU-style mixed
       precision, about 2x faster on CPUs with AVX512-BF16; see
-      lsm2/model/matmul.py). The xla/cudnn/splash attention kernels compute in
-      `dtype`.
+      lsm2/model/matmul.py). The mixed dense products return float32, so the
+      xla and splash attention kernels then compute on float32 q/k/v; cudnn
+      takes bfloat16 only and gets q/k/v rounded to bfloat16
+      (lsm2/model/attention.py).
     attention: encoder attention kernel ("xla", "blocked", "cudnn": GPU and
-      bfloat16 only, or "splash": TPU; the decoder always runs full attention
-      with the same kernel family).
+      dtype bfloat16 only, or "splash": TPU; the decoder always runs full
+      attention with the same kernel family).
     remat: activation rematerialization ("none", "attention": recompute the
       attention core in the backward pass, "full": recompute whole blocks).
     observed_in_embedding: also feed the minute-level observed mask to the
