@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf import message
-from tensorflow_datasets.proto import tf_example_pb2
+
+if TYPE_CHECKING:
+  from tensorflow_datasets.proto import tf_example_pb2
 
 from lsm2.data.metadata import LabelSpec
 from lsm2.data.record import MINUTES_PER_DAY, DayRecord
@@ -122,6 +125,9 @@ def encode_record(record: DayRecord, labels: Mapping[str, LabelSpec]) -> bytes:
 
 def parse(buf: bytes | memoryview) -> tf_example_pb2.Example:
   """The tf.train.Example in `buf` (protobuf's own parser), or RecordDecodeError."""
+  # Imported here: tensorflow_datasets' package import takes seconds at every process
+  # start, and training's in-place reader never needs the message.
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
   try:
     return tf_example_pb2.Example.FromString(buf)
   except message.DecodeError as e:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from etils import epath
 
+from lsm2 import metric_writer
 from lsm2 import storage
 
 RECORD_KEYS = ("task", "metric", "value", "split", "masking", "n", "method", "level", "family")
@@ -82,9 +83,8 @@ def scalar_name(r: dict[str, Any]) -> str:
 
 
 def write_scalars(records: Sequence[dict[str, Any]], workdir: str | os.PathLike, step: int) -> None:
-  """Logs every defined metric through a CLU writer (TensorBoard events in `workdir`)."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)
+  """Logs every defined metric (TensorBoard events in `workdir`, and console lines)."""
+  writer = metric_writer.create_writer(workdir)
   by_task: dict[str, dict[str, float]] = {}
   for r in records:
     if r["value"] is not None:

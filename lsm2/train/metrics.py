@@ -1,13 +1,14 @@
-"""CLU metrics and writers for pretraining.
+"""CLU metrics and the progress line for pretraining.
 
 Losses are accumulated as (sum, count) pairs so that an average over many steps
 weighs every observed minute equally, and a strategy that was not drawn in a
 window reports nothing instead of a misleading 0 or NaN.
 """
 from collections.abc import Mapping, Sequence
-import pathlib
+import datetime
+import time
 
-from clu import metric_writers, metrics
+from clu import metrics
 import flax
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,18 @@ def finite_scalars(values: Mapping[str, jnp.ndarray], prefix: str = "") -> dict[
   return out
 
 
-def create_writer(workdir: str | pathlib.Path) -> metric_writers.MetricWriter:
-  """TensorBoard events in the workdir plus console lines; only process 0 writes files."""
-  return metric_writers.create_default_writer(
-      str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
+class Progress:
+  """Steps/s over the last log interval and the time left at that pace (the log line's ETA)."""
+
+  def __init__(self, total_steps: int):
+    self.total_steps = total_steps
+    self._last = None  # (step, time.monotonic()) of the previous report.
+
+  def report(self, step: int) -> tuple[dict[str, float], str]:
+    now = time.monotonic()
+    last, self._last = self._last, (step, now)
+    if last is None or step <= last[0]:
+      return {}, ""
+    rate = (step - last[0]) / max(now - last[1], 1e-9)
+    eta = datetime.timedelta(seconds=round((self.total_steps - step) / rate))
+    return {"steps_per_sec": rate}, f"{rate:.3g} steps/s, ETA {eta}"

@@ -15,7 +15,6 @@ import math
 import signal
 from typing import Any
 
-from clu import periodic_actions
 from etils import epath
 from flax import nnx
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 
 from lsm2 import errors
+from lsm2 import metric_writer
 from lsm2 import pretrained
 from lsm2 import sharding as sharding_lib
 from lsm2 import storage
@@ -610,14 +610,14 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   train_collection = metrics_lib.train_metrics_collection(strategy_names)
 
   # --- Metrics, progress, preemption -----------------------------------------
-  writer = metrics_lib.create_writer(workdir)
+  writer = metric_writer.create_writer(workdir)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
-  # Steps/s (a scalar) and the ETA (in the log) every log_every steps.
-  hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_steps=config.log_every)]
+  progress = metrics_lib.Progress(config.total_steps)  # Steps/s and the ETA, per log line.
+  hooks = []
   if config.profile_steps > 0 and jax.process_index() == 0:
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
   preemption.start_loop(ckpt)
   preempted_at = diverged_at = None
@@ -653,10 +653,12 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
       # Log.
       if step % config.log_every == 0 or step == config.total_steps:
         scalars = perf.report(step)  # Just after the flags' read: the steps have finished.
+        rate, eta = progress.report(step)
         last = metrics_lib.finite_scalars(acc.compute(), prefix="train/")
-        writer.write_scalars(step, {**last, **scalars})
-        logging.info("step %d/%d  loss %.4f  |  %s", step, config.total_steps,
-                     last.get("train/loss", float("nan")), perf.summary(scalars))
+        writer.write_scalars(step, {**last, **scalars, **rate})
+        logging.info("step %d/%d  loss %.4f  |  %s%s", step, config.total_steps,
+                     last.get("train/loss", float("nan")), perf.summary(scalars),
+                     f"  |  {eta}" if eta else "")
         acc = train_collection.empty()
 
       # Validate.
