@@ -19,15 +19,3 @@ def shared_datasets() -> pathlib.Path:
     pytest.skip(f"real datasets not found at {SHARED_DATASETS} (they live beside the repo, never in it)")
   return SHARED_DATASETS
 
-
-# The slowest files, slowest first (measured with --durations). `pytest -n N --dist loadfile`
-# (the README's command) hands whole files to its workers in collection order: started
-# first, the long files overlap the many short ones instead of ending the run on one worker.
-SLOWEST_FIRST = ("test_aot.py", "test_learning.py", "test_train.py", "test_storage.py",
-                 "test_faults.py", "test_model_mae.py", "test_pretrain_config.py", "test_api.py",
-                 "test_eval_run.py", "test_run_dir.py", "test_throughput.py", "test_data_beam.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: files keep their order.
