@@ -131,7 +131,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Parallelism as data: mesh axis sizes (-1 = all remaining devices) and the
   # logical-axis rules that map parameter/activation axis names onto them.
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Multi-slice TPU jobs: data/fsdp/tensor are the sizes inside one slice and
+  # dcn_* those across slices (their product = the number of slices; -1 = all);
+  # only data parallelism crosses the slow data-center network by default
+  # (docs/launching.md, "Multi-slice"). One slice: every dcn_* resolves to 1.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1,
+                                           "dcn_data": -1, "dcn_fsdp": 1, "dcn_tensor": 1})
   config.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
