@@ -97,6 +97,11 @@ def test_mesh_sizes_that_do_not_fit_the_slices_name_the_fields(sizes, slices, me
     sharding.hybrid_shape({"data": -1, **sizes}, 4 * slices, slices)
 
 
+def test_fewer_than_one_slice_is_refused_before_libtpu_loads():
+  with pytest.raises(errors.Error, match="--num_slices=0: a job has at least 1 slice"):
+    aot.topology_devices("v5e:2x2", 0)
+
+
 def test_dcn_bytes_are_the_megascale_sends():
   """What a multi-slice TPU program puts on DCN: the payload (first element) of each send
   through the megascale runtime, by transfer type; receives, in-slice collectives and other
