@@ -91,7 +91,8 @@ def mesh_shape(mesh_sizes: Mapping[str, int], num_devices: int, num_slices: int 
 
 
 def num_slices(devices: Sequence[jax.Device]) -> int:
-  """Slices the devices span: their distinct `slice_index` (TPU), else 1 (CPU, GPU)."""
+  """Slices the devices span: their distinct `slice_index` values (TPU slices; GPU nodes
+  where XLA numbers them apart), 1 for devices without one (CPU)."""
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
