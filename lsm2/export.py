@@ -1,0 +1,229 @@
+r"""Serving exports of a pretrained model: StableHLO and TF SavedModel (docs/export.md).
+
+  python -m lsm2.export --from=RUN_OR_EXPORT_DIR --out=DIR [--format=stablehlo,savedmodel]
+
+Each format holds the two inference functions of `lsm2.load` on days of data in
+the channels' original units (the description's normalisation is in the graph):
+
+  embed(signals f32[n, T, C], observed bool[n, T, C])                          -> f32[n, d]
+  reconstruct(signals f32[n, T, C], observed bool[n, T, C], mask bool[n, T, C]) -> f32[n, T, C]
+
+`n` is dynamic (one artefact serves any number of days). Minutes where
+`observed` is False or the value is not finite are unobserved, as in
+`lsm2.load`: their values (even NaN) never reach the model. `reconstruct` fills
+the unobserved minutes and those of `mask`, and returns observed minutes outside
+`mask` unchanged. The weights are constants of the graph.
+
+Written under DIR:
+  stablehlo/embed.bin, reconstruct.bin  jax.export serialisations (jax.export.deserialize)
+  savedmodel/                            TF SavedModel, signatures "embed" and "reconstruct"
+  lsm2_export.json                       channel names, shapes, the formats written
+
+Exports always compute attention with the XLA kernel (`attention="xla"`): the
+blocked, splash and cuDNN kernels are custom loops or custom calls that other
+runtimes cannot express; every kernel computes the same function.
+
+LiteRT and ONNX are not written yet: the masking layout sorts tokens (argsort)
+and derives masks with jax.random, which the LiteRT converter ("'vhlo.sort_v1'
+op is not part of the vhlo support yet", and "'mhlo.gather' op Dynamic shaped
+operand is not supported" with a dynamic batch) and jax2onnx ("No plugins
+registered for primitive 'random_split'") cannot convert.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsm2 import api
+from lsm2 import errors
+from lsm2 import storage
+from lsm2.data import metadata as metadata_lib
+from lsm2.model import mae
+
+FORMATS = ("stablehlo", "savedmodel")
+INFO_FILE = "lsm2_export.json"
+SIGNATURES = {"embed": ("signals", "observed"), "reconstruct": ("signals", "observed", "mask")}
+OUTPUTS = {"embed": "embedding", "reconstruct": "reconstruction"}
+
+
+class ExportError(errors.Error, ValueError):
+  """An export that cannot be made as asked (the message names the flag and value)."""
+
+
+def parse_formats(value: str) -> tuple[str, ...]:
+  """--format's comma-separated list, checked against FORMATS."""
+  names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+  bad = [n for n in names if n not in FORMATS]
+  if not names or bad:
+    raise ExportError(f"--format={value!r}: unknown format(s) {bad}; choose one or more of "
+                      f"{', '.join(FORMATS)}, comma-separated")
+  return names
+
+
+# ----------------------------------------------------------------------------
+# The two functions on original units, weights closed over.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ServingFunctions:
+  """`embed` and `reconstruct` of one model as pure JAX functions (see the module docstring)."""
+  embed: Callable
+  reconstruct: Callable
+  time_steps: int
+  num_channels: int
+  channel_names: tuple[str, ...]
+  embedding_dim: int
+
+
+def serving_functions(model: api.PretrainedModel) -> ServingFunctions:
+  """The model's inference with its normalisation, XLA attention and weights as constants."""
+  cfg = dataclasses.replace(model.model_cfg, attention="xla")  # Expressible in every format.
+  graphdef = nnx.split(nnx.eval_shape(lambda: mae.LSM2MAE(cfg, rngs=nnx.Rngs(0))))[0]
+  # Host copies: the program must not carry the loading job's device placement.
+  params = jax.device_get(model.params)
+  mean = np.asarray(model.norm_mean, np.float32)
+  std = np.asarray(model.norm_std, np.float32)
+  inv_std = metadata_lib.inverse_std(model.norm_std)
+  mask_cfg = model.mask_cfg
+
+  def inputs(signals, observed):
+    """(observed, normalised signals) as metadata.normalize computes them, in the graph."""
+    observed = observed & jnp.isfinite(signals)
+    z = jnp.clip((signals - mean) * inv_std, -metadata_lib.CLIP, metadata_lib.CLIP)
+    return observed, jnp.where(observed, z, 0.0)  # NaN at unobserved minutes goes no further.
+
+  def embed(signals, observed):
+    observed, z = inputs(signals, observed)
+    return nnx.merge(graphdef, params).embed(z, observed, mask_cfg=mask_cfg)
+
+  def reconstruct(signals, observed, mask):
+    observed, z = inputs(signals, observed)
+    target = ~observed | mask
+    # pylint: disable-next=protected-access  # lsm2.load's own reconstruction, unbatched.
+    pred = api._reconstruct(graphdef, cfg, mask_cfg, params, z, observed,
+                            api.token_any(target, cfg), pack=None)
+    return jnp.where(observed & ~target, signals, pred * std + mean)
+
+  return ServingFunctions(embed, reconstruct, cfg.time_steps, cfg.num_channels,
+                          tuple(model.channel_names), cfg.enc_width)
+
+
+def _arg_specs(fns: ServingFunctions, name: str, batch) -> list[jax.ShapeDtypeStruct]:
+  shape = (batch, fns.time_steps, fns.num_channels)
+  return [jax.ShapeDtypeStruct(shape, jnp.float32 if arg == "signals" else jnp.bool_)
+          for arg in SIGNATURES[name]]
+
+
+# ----------------------------------------------------------------------------
+# The formats.
+# ----------------------------------------------------------------------------
+def export_stablehlo(fns: ServingFunctions, out: pathlib.Path) -> dict[str, jax.export.Exported]:
+  """jax.export of both functions with batch dimension "n", serialised to OUT/NAME.bin."""
+  out.mkdir(parents=True, exist_ok=True)
+  (n,) = jax.export.symbolic_shape("n")
+  exported = {}
+  for name in SIGNATURES:
+    exported[name] = jax.export.export(jax.jit(getattr(fns, name)))(*_arg_specs(fns, name, n))
+    (out / f"{name}.bin").write_bytes(exported[name].serialize())
+  return exported
+
+
+def _tf_module(fns: ServingFunctions):
+  """A tf.Module whose tf.functions `embed` and `reconstruct` run the jax2tf conversions."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  module = tf.Module()
+  for name, args in SIGNATURES.items():
+    shape = f"(n, {fns.time_steps}, {fns.num_channels})"  # Dynamic batch, as in StableHLO.
+    converted = jax2tf.convert(getattr(fns, name), polymorphic_shapes=[shape] * len(args),
+                               with_gradient=False)
+    specs = [tf.TensorSpec([None, fns.time_steps, fns.num_channels],
+                           tf.float32 if arg == "signals" else tf.bool, name=arg) for arg in args]
+    setattr(module, name, tf.function(_named_output(converted, OUTPUTS[name]),
+                                      input_signature=specs, autograph=False))
+  return module
+
+
+def _named_output(fn: Callable, output: str) -> Callable:
+  """fn returning {output: result}: serving clients read outputs by name."""
+  return lambda *args: {output: fn(*args)}
+
+
+def export_savedmodel(fns: ServingFunctions, out: pathlib.Path) -> None:
+  """A TF SavedModel with the signatures "embed" and "reconstruct" (jax2tf, native StableHLO)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  module = _tf_module(fns)
+  signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+  tf.saved_model.save(module, str(out), signatures=signatures)
+
+
+def export(source: str, out: str | pathlib.Path, formats: tuple[str, ...] = FORMATS,
+           *, model: api.PretrainedModel | None = None) -> dict[str, Any]:
+  """Writes `formats` of the model at `source` (or the loaded `model`) under `out`; the info."""
+  out = pathlib.Path(out)
+  if model is None:
+    model = api.load(source)
+  fns = serving_functions(model)
+  out.mkdir(parents=True, exist_ok=True)
+  if "stablehlo" in formats:
+    export_stablehlo(fns, out / "stablehlo")
+  if "savedmodel" in formats:
+    export_savedmodel(fns, out / "savedmodel")
+  info = {
+      "source": str(source), "step": model.step, "formats": list(formats),
+      "channel_names": list(fns.channel_names), "time_steps": fns.time_steps,
+      "embedding_dim": fns.embedding_dim, "attention": "xla",
+      "functions": {name: {"inputs": list(args), "output": OUTPUTS[name]}
+                    for name, args in SIGNATURES.items()},
+  }
+  storage.write_text_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+  return info
+
+
+def read_info(directory: str | pathlib.Path) -> dict[str, Any]:
+  """The INFO_FILE of an export directory: channels, shapes, formats, source step."""
+  path = pathlib.Path(directory) / INFO_FILE
+  if not path.exists():
+    raise ExportError(f"{path}: not an lsm2 serving export (no {INFO_FILE}); "
+                      "write one with python -m lsm2.export")
+  return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+_FROM = flags.DEFINE_string("from", None, "Training workdir or its export/ directory.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write the exports into.")
+_FORMAT = flags.DEFINE_string("format", ",".join(FORMATS),
+                              f"Comma-separated formats: {', '.join(FORMATS)}.")
+
+
+def main(argv):
+  try:
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _FROM.value or not _OUT.value:
+      raise ExportError("--from=RUN_OR_EXPORT_DIR and --out=DIR are both required")
+    formats = parse_formats(_FORMAT.value)
+    out = storage.as_path(_OUT.value)
+    if out.exists() and not out.is_dir():
+      raise ExportError(f"--out={_OUT.value} is a file; name a directory")
+    info = export(_FROM.value, pathlib.Path(_OUT.value), formats)
+    print(f"Exported {', '.join(info['formats'])} of {info['source']} (step {info['step']}) "
+          f"to {_OUT.value}")
+  except errors.Error as e:  # Its message says what is wrong and what to do.
+    print(f"lsm2: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
