@@ -1,10 +1,25 @@
-"""Test set-up: 8 fake CPU devices (multi-device code runs on CPU) and shared paths."""
+"""Test set-up: 8 fake CPU devices (multi-device code runs on CPU), one compilation cache
+for the session, and shared paths."""
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must happen before JAX is imported anywhere: sharding tests need several devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the session, used by this process and by every
+# process a test starts (they inherit the environment). Most tests compile the same few
+# tiny programs, and a 10-step tiny run spends ~60% of its time compiling (80 s cold, 29 s
+# with the cache, measured at a load of ~5): each program after its first compilation is
+# read back. A fresh temporary directory, removed at the end: no test sees another
+# session's cache. Files that need their own (tests/test_faults.py) still set theirs.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="lsm2-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
@@ -19,3 +34,8 @@ def shared_datasets() -> pathlib.Path:
     pytest.skip(f"real datasets not found at {SHARED_DATASETS} (they live beside the repo, never in it)")
   return SHARED_DATASETS
 
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  if _XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
