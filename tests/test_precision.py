@@ -126,6 +126,29 @@ def test_every_gpu_combination_resolves_to_a_kernel_or_is_refused_naming_the_fix
           tiny_config(matmul_dtype=matmul_dtype), 26, platform="gpu")[0]
 
 
+def test_on_gpu_auto_picks_xla_for_head_dimensions_cudnn_refuses():
+  """XXS's decoder heads are 48 / 4 = 12 wide, which cuDNN's flash attention refuses (it
+  takes multiples of 8 up to 128): "auto" picks XLA's attention for it on a GPU, and an
+  explicit "cudnn" is refused at validation, naming the head dimensions and the fix."""
+  def resolved(size, attention="auto"):
+    config = tiny_config(attention=attention)
+    with config.unlocked():
+      config.model.size = size
+    return train.model_and_mask_configs(config, 26, platform="gpu")[0]
+
+  assert resolved("XXS").head_dims == (16, 12) and resolved("XXS").attention == "xla"
+  assert resolved("XS").head_dims == (24, 16) and resolved("XS").attention == "cudnn"
+  with pytest.raises(errors.ConfigError, match=r"attention='cudnn' needs head dimensions .* "
+                     r"multiples of 8 and at most 128; .* 64/4 and 48/4 .* = \(16, 12\): set "
+                     r"config.model.attention to 'xla'"):
+    resolved("XXS", "cudnn")
+  # A head 256 wide (on Hopper cuDNN takes it, not on every GPU): "auto" stays with XLA.
+  config = tiny_config()
+  with config.unlocked():
+    config.model.size, config.model.enc_width, config.model.enc_heads = "tiny", 512, 2
+  assert train.model_and_mask_configs(config, 26, platform="gpu")[0].attention == "xla"
+
+
 @pytest.fixture
 def cudnn_calls(monkeypatch):
   """Traces for the GPU on this CPU: the program's platform reads "gpu", and cuDNN's fused

@@ -142,11 +142,23 @@ class ModelConfig:
           f"ModelConfig.attention='cudnn' needs dtype='bfloat16' (cuDNN's fused attention "
           f"rejects {self.dtype} inputs), got dtype={self.dtype!r}: set config.model.dtype to "
           "'bfloat16' (or 'auto'), or config.model.attention to 'xla'")
+    if self.attention == "cudnn" and not cudnn_takes_head_dims(self.head_dims):
+      raise errors.ConfigError(
+          f"ModelConfig.attention='cudnn' needs head dimensions (width / heads) that are "
+          f"multiples of 8 and at most {CUDNN_MAX_HEAD_DIM}; this model's are "
+          f"{self.enc_width}/{self.enc_heads} and {self.dec_width}/{self.dec_heads} "
+          f"(encoder, decoder) = {self.head_dims}: set config.model.attention to 'xla' (or "
+          "'auto', which picks XLA's attention for such a model on GPU), or change the heads")
     _check_choice(self, "remat", _REMAT)
     if not isinstance(self.observed_in_embedding, bool):
       raise errors.ConfigError(
           f"ModelConfig.observed_in_embedding must be a bool, got {self.observed_in_embedding!r}")
     return self
+
+  @property
+  def head_dims(self) -> tuple[int, int]:
+    """Per-head width of the encoder and the decoder."""
+    return self.enc_width // self.enc_heads, self.dec_width // self.dec_heads
 
 
 _SIZES = {
@@ -197,14 +209,26 @@ def auto_dtype(platform: str) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
-def auto_attention(platform: str, dtype: str) -> str:
-  """The fastest attention kernel for a platform and compute dtype: "blocked" on CPU,
-  "splash" on TPU, "cudnn" on GPU in bfloat16 (it rejects float32), else "xla"."""
+# cuDNN's fused (flash) attention takes head dimensions that are multiples of 8, up to 128
+# on every GPU (256 from Hopper on; "auto" keeps to what every GPU takes).
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def cudnn_takes_head_dims(head_dims) -> bool:
+  return all(h % 8 == 0 and h <= CUDNN_MAX_HEAD_DIM for h in head_dims)
+
+
+def auto_attention(platform: str, dtype: str, head_dims=()) -> str:
+  """The fastest attention kernel for a platform, compute dtype and the model's head
+  dimensions: "blocked" on CPU, "splash" on TPU, "cudnn" on GPU in bfloat16 (it rejects
+  float32) with head dimensions it takes, else "xla"."""
   if platform == "cpu":
     return "blocked"
   if platform == "tpu":
     return "splash"
-  return "cudnn" if platform == "gpu" and dtype == "bfloat16" else "xla"
+  if platform == "gpu" and dtype == "bfloat16" and cudnn_takes_head_dims(head_dims):
+    return "cudnn"
+  return "xla"
 
 
 def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
@@ -214,7 +238,7 @@ def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
   home = {"splash": "tpu", "cudnn": "gpu"}.get(cfg.attention)
   if home is None or home == platform:
     return cfg
-  return dataclasses.replace(cfg, attention=auto_attention(platform, cfg.dtype))
+  return dataclasses.replace(cfg, attention=auto_attention(platform, cfg.dtype, cfg.head_dims))
 
 
 @dataclasses.dataclass(frozen=True)

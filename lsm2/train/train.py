@@ -63,8 +63,11 @@ def model_and_mask_configs(config: ml_collections.ConfigDict, num_channels: int,
   model_cfg = model_config_lib.get_model_config(
       m.size, **resized, num_channels=num_channels, patch_time=m.patch_time,
       patch_channels=m.patch_channels, dtype=dtype, matmul_dtype=m.matmul_dtype,
-      attention=resolve_attention(m.attention, dtype, platform),
+      attention="xla" if m.attention == "auto" else m.attention,
       remat=m.remat, observed_in_embedding=m.observed_in_embedding)
+  if m.attention == "auto":  # The kernel depends on the head dimensions too (cuDNN's).
+    model_cfg = dataclasses.replace(model_cfg, attention=resolve_attention(
+        "auto", dtype, platform, model_cfg.head_dims)).validate()
   mk = config.masking
   strategies = model_config_lib.STRATEGIES
   unknown = sorted(set(mk.weights.keys()) - set(strategies))
@@ -99,14 +102,16 @@ def resolve_dtype(name: str, platform: str | None = None) -> str:
   return model_config_lib.auto_dtype(platform or jax.default_backend())
 
 
-def resolve_attention(name: str, dtype: str, platform: str | None = None) -> str:
-  """"auto" picks the fastest attention kernel for this platform and compute dtype
-  (model_config_lib.auto_attention): "blocked" on CPU (under a mesh it runs per device
-  through shard_map, see lsm2/model/attention.py), Pallas splash on TPU, cuDNN's fused
-  kernel on GPU when computing in bfloat16 (it rejects float32), XLA's otherwise."""
+def resolve_attention(name: str, dtype: str, platform: str | None = None,
+                      head_dims=()) -> str:
+  """"auto" picks the fastest attention kernel for this platform, compute dtype and head
+  dimensions (model_config_lib.auto_attention): "blocked" on CPU (under a mesh it runs per
+  device through shard_map, see lsm2/model/attention.py), Pallas splash on TPU, cuDNN's
+  fused kernel on GPU when computing in bfloat16 (it rejects float32) with head dimensions
+  it takes (multiples of 8, at most 128), XLA's otherwise."""
   if name != "auto":
     return name
-  return model_config_lib.auto_attention(platform or jax.default_backend(), dtype)
+  return model_config_lib.auto_attention(platform or jax.default_backend(), dtype, head_dims)
 
 
 def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
