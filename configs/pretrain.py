@@ -156,7 +156,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval_every = 1000
   config.eval_batches = 8
   config.log_every = 50
-  config.profile_steps = 0  # > 0: trace that many steps once, for TensorBoard.
+  # > 0: trace steps profile_start_step .. + profile_steps - 1 on process 0 into
+  # WORKDIR/profile (docs/launching.md, "Profiling steps on a pod").
+  config.profile_steps = 0
+  config.profile_start_step = 10
+  # Step-time anomalies: a step slower than slow_step_factor x the running median is
+  # logged with what it overlapped; the first slow_step_warmup steps of every start
+  # (compiles, warming caches) are not judged (lsm2/train/throughput.py).
+  config.perf = ml_collections.ConfigDict({"slow_step_factor": 3.0, "slow_step_warmup": 5})
 
   # The run directory (docs/architecture.md, "The run directory").
   # Fine-tuning: a fresh run starts from the parameters of another run (its

@@ -1,4 +1,5 @@
 """The sharded pretraining system: config validation, mesh equivalence, buckets, resume."""
+import json
 import os
 import pathlib
 import re
@@ -321,6 +322,12 @@ def _scalars(workdir, tag) -> dict[int, float]:
   return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
+def _attempts(workdir):
+  """The attempts WORKDIR/goodput.json records ([] before the first record)."""
+  path = pathlib.Path(workdir) / "goodput.json"
+  return json.loads(path.read_text())["attempts"] if path.exists() else []
+
+
 def _export_params(workdir):
   model, _, _ = pretrained.load_pretrained(workdir)
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
@@ -344,11 +351,18 @@ def test_preempt_crash_and_resume_equals_uninterrupted(data_dir, tmp_path):
   assert not (resumed / "export").exists()
   preempted_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
   assert 5 <= preempted_at < steps
+  (attempt,) = _attempts(resumed)  # The preemption wrote its goodput record.
+  assert (attempt["status"], attempt["last_step"], attempt["last_saved"]) == (
+      "preempted", preempted_at, preempted_at)
 
-  # 2. Crash: kill -9 right after a later checkpoint lands.
-  proc = _launch(resumed, data_dir, total_steps=steps)
-  target = (preempted_at // 5 + 2) * 5
+  # 2. Crash: kill -9 after a later checkpoint, once a log step past it is recorded (checkpoints
+  #    every 10 steps, records every 5): the resume repeats the steps after the checkpoint.
+  proc = _launch(resumed, data_dir, total_steps=steps, checkpoint_every=10)
+  target = (preempted_at // 10 + 2) * 10
   _wait_for_step(resumed, target, proc)
+  while len(_attempts(resumed)) < 2 or _attempts(resumed)[1]["last_step"] < target + 5:
+    assert proc.poll() is None, f"training exited early ({proc.returncode})"
+    time.sleep(0.02)
   proc.kill()
   assert proc.wait(timeout=60) == -signal.SIGKILL
   assert not (resumed / "export").exists()
@@ -357,6 +371,12 @@ def test_preempt_crash_and_resume_equals_uninterrupted(data_dir, tmp_path):
   proc = _launch(resumed, data_dir, total_steps=steps)
   assert proc.wait(timeout=600) == 0
   assert "Resumed from" in pathlib.Path(f"{resumed}.log").read_text()
+  preempted, killed, finished = _attempts(resumed)  # goodput.json: the repeated steps.
+  assert [a["status"] for a in (preempted, killed, finished)] == ["preempted", "killed", "finished"]
+  assert killed["start_step"] == preempted_at and preempted["repeated_steps"] == 0
+  assert finished["start_step"] == target and killed["repeated_steps"] == killed["last_step"] - target >= 5
+  assert killed["restart_lost_s"] == pytest.approx(
+      killed["repeated_steps"] * killed["step_s"] / killed["measured_steps"])
 
   for a, b in zip(_export_params(straight), _export_params(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -7,8 +7,12 @@
                       that writes the workdir (process 0 of a job): a second writer is
                       refused while the heartbeat is fresh by the holder's timeout, a
                       stale lease is taken over
+  WORKDIR/goodput.json  the history of the run's attempts (each start of it): the step
+                      each started from, the last it reached and saved, and where its
+                      time went (lsm2.train.throughput.goodput_summary), rewritten by
+                      process 0 every log interval and when an attempt ends
 
-Both are small JSON files written through etils.epath, to a temporary name and
+All are small JSON files written through etils.epath, to a temporary name and
 then renamed, so they work the same on a local disk and on a gs:// bucket.
 """
 import json
@@ -33,6 +37,7 @@ from lsm2.model import config as model_config_lib
 
 RUN_FILE = "run.json"
 LOCK_FILE = "lock.json"
+GOODPUT_FILE = "goodput.json"
 
 # Every field of these config sections decides what is trained (a new field too) ...
 RECORDED_SECTIONS = ("model", "masking", "data")
@@ -153,6 +158,36 @@ def write_record(workdir: epath.Path, record: dict[str, Any]) -> None:
   """Writes WORKDIR/run.json (process 0 only)."""
   if jax.process_index() == 0:
     storage.write_text_atomic(workdir / RUN_FILE, json.dumps(record, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------
+# goodput.json: the run's attempts.
+# ----------------------------------------------------------------------------
+def read_attempts(workdir: epath.Path) -> list[dict[str, Any]]:
+  """The attempts WORKDIR/goodput.json records ([] if none). The file is a report, not
+  the run's state: an unreadable one is replaced with a warning, never a reason to stop."""
+  path = workdir / GOODPUT_FILE
+  try:
+    attempts = json.loads(path.read_text())["attempts"]
+    if not isinstance(attempts, list):
+      raise ValueError("'attempts' is not a list")
+    for a in attempts:
+      for key in ("start_step", "last_step", "wall_s", "step_s", "measured_steps"):
+        if not isinstance(a[key], (int, float)):
+          raise ValueError(f"attempt field {key!r} is not a number")
+    return attempts
+  except FileNotFoundError:
+    return []
+  except (ValueError, KeyError, TypeError) as e:
+    logging.warning("%s is not a goodput history (%s: %s): starting a new one; the earlier "
+                    "attempts are not counted.", path, type(e).__name__, e)
+    return []
+
+
+def write_goodput(workdir: epath.Path, summary: dict[str, Any]) -> None:
+  """Writes WORKDIR/goodput.json atomically (process 0 only)."""
+  if jax.process_index() == 0:
+    storage.write_text_atomic(workdir / GOODPUT_FILE, json.dumps(summary, indent=1))
 
 
 # ----------------------------------------------------------------------------

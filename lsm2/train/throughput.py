@@ -26,13 +26,16 @@ rest is the step (`perf/step_s`, per step: dispatch, mask draw, and the device t
 the host waited for). Input wait that the device overlaps with a step is not lost
 time, so a high `perf/input_wait_fraction` means the device was starved.
 """
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import resource
+import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,9 @@ from lsm2 import chips
 from lsm2.model import flops as flops_lib
 
 GiB = 2**30
+RUN_AHEAD = 2  # Steps the host may dispatch ahead of the device (module docstring).
+WINDOW = 100  # Steps in the running median of step times.
+MIN_SAMPLES = 3  # Steps measured before any is judged slow.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,58 +121,129 @@ def device_memory_bytes(devices) -> tuple[int, int] | None:
 
 
 class Throughput:
-  """The loop's bookkeeping: three timers it wraps around its parts, and `report` at a
-  log step, right after the host has read the step's flags (module docstring)."""
+  """The loop's bookkeeping: three timers it wraps around its parts, `end_step` after
+  each iteration, and `report` at a log step, right after the host has read the step's
+  flags (module docstring)."""
 
   def __init__(self, flops: StepFlops, peak_flops: float | None, peak_label: str,
-               batch_size: int, tokens: int, visible_tokens: int, devices):
+               batch_size: int, tokens: int, visible_tokens: int, devices, *,
+               slow_step_factor: float = 3.0, slow_step_warmup: int = 5):
     self.flops, self.peak_flops, self.peak_label = flops, peak_flops, peak_label
     self.batch_size, self.tokens, self.visible_tokens = batch_size, tokens, visible_tokens
     self.devices = list(devices)
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+    self.slow_step_factor, self.slow_step_warmup = slow_step_factor, slow_step_warmup
+    # This attempt's totals: the timers' seconds, compilation, the measured steps.
+    self.totals = {"input": 0.0, "checkpoint": 0.0, "eval": 0.0, "profile": 0.0}
+    self.compile_s = self.step_s = 0.0
+    self.measured_steps = 0
+    self.slow_steps: list[int] = []
+    self.last_saved: int | None = None
+    self._last_save = self._last_eval = -RUN_AHEAD - 1
+    self._times = collections.deque(maxlen=WINDOW)
+    self._in_flight = collections.deque()
     self.start(0)
 
   @classmethod
   def for_run(cls, compiled: jax.stages.Compiled, model_cfg, mask_cfg, batch_size: int,
-              devices) -> "Throughput":
+              devices, **kwargs) -> "Throughput":
     """From the pre-flight's compiled step; on CPU this measures the host's peak (< 1 s)."""
     devices = list(devices)
     n_keep = model_cfg.num_tokens - mask_cfg.n_drop
     flops = step_flops(compiled, model_cfg, n_keep, batch_size, len(devices))
     peak, label = devices_peak(devices)
-    return cls(flops, peak, label, batch_size, model_cfg.num_tokens, n_keep, devices)
+    return cls(flops, peak, label, batch_size, model_cfg.num_tokens, n_keep, devices, **kwargs)
 
   def start(self, step: int) -> None:
     """Opens an interval after `step`."""
     self._t0, self._step0 = time.perf_counter(), step
-    self._input_s = self._checkpoint_s = self._eval_s = 0.0
+    self._mark = dict(self.totals)
+
+  def start_loop(self, step: int, *, compiles: bool = True) -> None:
+    """The loop starts after `step`: its first iteration is the attempt's compile step
+    (`compiles` False: benchmarks/train_step.py's repeats of a compiled loop)."""
+    self.start(step)
+    self._first_step = step + 1 if compiles else -1
+    self._step_end, self._step_mark = self._t0, dict(self.totals)
 
   @contextlib.contextmanager
-  def _timed(self, field: str):
+  def _timed(self, key: str):
     t = time.perf_counter()
     try:
       yield
     finally:
-      setattr(self, field, getattr(self, field) + time.perf_counter() - t)
+      self.totals[key] += time.perf_counter() - t
 
   def waiting_for_input(self):
-    return self._timed("_input_s")
+    return self._timed("input")
 
   def checkpointing(self):
-    return self._timed("_checkpoint_s")
+    return self._timed("checkpoint")
 
-  def evaluating(self):
-    return self._timed("_eval_s")
+  def evaluating(self, step: int):
+    self._last_eval = step
+    return self._timed("eval")
+
+  def profiling(self):
+    """Starting or stopping a trace (StepTrace): neither the step's time nor training's."""
+    return self._timed("profile")
+
+  def saved(self, step: int) -> None:
+    """A checkpoint of `step` was started (its async write may still run)."""
+    self.last_saved = self._last_save = step
+
+  def end_step(self, step: int, done: jax.Array) -> None:
+    """Ends iteration `step`; `done` is an output of its train step (ready when the step
+    has finished). Times the step and logs it if slow (module docstring)."""
+    self._in_flight.append(done)
+    first = step == self._first_step
+    if first:  # The compile step: waited for once, so its time is compilation's.
+      jax.block_until_ready(self._in_flight.popleft())
+    elif len(self._in_flight) > RUN_AHEAD:
+      jax.block_until_ready(self._in_flight.popleft())
+    now = time.perf_counter()
+    delta = {k: v - self._step_mark[k] for k, v in self.totals.items()}
+    step_s = (now - self._step_end - delta["checkpoint"] - delta["eval"]
+              - delta["profile"])  # The input wait is in: a stall is a slow step.
+    self._step_end, self._step_mark = now, dict(self.totals)
+    if first:
+      self.compile_s += step_s - delta["input"]
+      return
+    self.step_s += step_s - delta["input"]
+    self.measured_steps += 1
+    if step < self._first_step + self.slow_step_warmup:  # Later compiles, caches warming.
+      return
+    if len(self._times) >= MIN_SAMPLES:
+      median = statistics.median(self._times)
+      if step_s > self.slow_step_factor * median:
+        self.slow_steps.append(step)
+        logging.warning("Slow step %d: %.3f s, %.1fx the running median %.3f s; it "
+                        "overlapped %s.", step, step_s, step_s / median, median,
+                        self._overlap(step, step_s, delta["input"]))
+    self._times.append(step_s)
+
+  def _overlap(self, step: int, step_s: float, input_s: float) -> str:
+    """What a slow step overlapped, the likeliest cause first."""
+    if input_s > step_s / 2:
+      return f"an input stall ({input_s:.3f} s waiting for the batch)"
+    if step - self._last_save <= RUN_AHEAD:
+      return f"a checkpoint save (the async write of step {self._last_save})"
+    if step - self._last_eval <= RUN_AHEAD:
+      return f"a validation (at step {self._last_eval})"
+    return ("no input stall, save or validation: the step itself (compute, or a slow "
+            "host or device that the others waited for)")
 
   def report(self, step: int) -> dict[str, float]:
     """The `perf/` scalars of the interval that ends at `step`, and opens the next.
 
-    Rates are per second of training: the interval's wall time less validation and
-    checkpoint saves (input waits count, they are the training's).
+    Rates are per second of training: the interval's wall time less validation,
+    checkpoint saves and profiler start/stop (input waits count, they are the training's).
     """
     wall = time.perf_counter() - self._t0
     steps = max(step - self._step0, 1)
-    train_s = max(wall - self._eval_s - self._checkpoint_s, 1e-9)
+    interval = {k: v - self._mark[k] for k, v in self.totals.items()}
+    input_s, checkpoint_s, eval_s = interval["input"], interval["checkpoint"], interval["eval"]
+    train_s = max(wall - eval_s - checkpoint_s - interval["profile"], 1e-9)
     model_flops_per_s = self.flops.model * steps / train_s
     out = {
         "perf/examples_per_s": self.batch_size * steps / train_s,  # One example is one day.
@@ -177,11 +254,11 @@ class Throughput:
         "perf/model_tflops_per_device": model_flops_per_s / len(self.devices) / 1e12,
         "perf/compiled_tflops_per_device": (self.flops.compiled * steps / train_s
                                             / len(self.devices) / 1e12),
-        "perf/input_wait_s": self._input_s,
-        "perf/input_wait_fraction": self._input_s / train_s,
-        "perf/step_s": max(train_s - self._input_s, 0.0) / steps,
-        "perf/checkpoint_s": self._checkpoint_s,
-        "perf/eval_s": self._eval_s,
+        "perf/input_wait_s": input_s,
+        "perf/input_wait_fraction": input_s / train_s,
+        "perf/step_s": max(train_s - input_s, 0.0) / steps,
+        "perf/checkpoint_s": checkpoint_s,
+        "perf/eval_s": eval_s,
         "perf/host_rss_gib": host_rss_bytes() / GiB,
     }
     if self.peak_flops:
@@ -209,3 +286,117 @@ class Throughput:
                  f"(peak {scalars['perf/device_peak_gib']:.2f})")
     parts.append(memory)
     return "  |  ".join(parts)
+
+
+# ----------------------------------------------------------------------------
+# Goodput: where each attempt's wall time went, and the steps restarts repeated.
+# ----------------------------------------------------------------------------
+# (key in goodput.json, label in the log), in the order the log lists them.
+GOODPUT_PARTS = (("productive_s", "productive steps"), ("compile_s", "compilation"),
+                 ("input_wait_s", "input wait"), ("checkpoint_s", "checkpointing"),
+                 ("eval_s", "validation"), ("restart_lost_s", "repeated after restarts"),
+                 ("other_s", "other (start-up, restore, logging, profiling, export)"))
+
+
+def attempt_entry(perf: Throughput, *, started: float, start_step: int, last_step: int,
+                  status: str) -> dict[str, Any]:
+  """The measured record of this attempt, as of now (`started`: its time.time() at start).
+
+  `status`: "running" (a record on the way; a later attempt finding it so reads it as
+  killed), "finished", "preempted" or "diverged".
+  """
+  return {"status": status, "started": started, "wall_s": time.time() - started,
+          "start_step": start_step, "last_step": last_step, "last_saved": perf.last_saved,
+          "step_s": perf.step_s, "measured_steps": perf.measured_steps,
+          "compile_s": perf.compile_s, "input_wait_s": perf.totals["input"],
+          "checkpoint_s": perf.totals["checkpoint"], "eval_s": perf.totals["eval"],
+          "slow_steps": len(perf.slow_steps)}
+
+
+def goodput_summary(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+  """goodput.json's content: every attempt with its parts (seconds and fractions of its
+  wall time) and the totals over all attempts. Derived fields are recomputed from the
+  measured ones, so a later attempt updates the earlier ones' repeated steps.
+
+  Attempt i repeated nothing if attempt i + 1 started at or after the last step i
+  reached; else the steps in between were computed twice, and their time (i's mean
+  step time each) moves from i's productive time to `restart_lost_s`. The steps after
+  a killed attempt's last record (every log interval) are not known, so not counted.
+  """
+  out, totals = [], {key: 0.0 for key, _ in GOODPUT_PARTS}
+  totals.update(wall_s=0.0, repeated_steps=0)
+  for i, a in enumerate(attempts):
+    entry = {k: a[k] for k in ("status", "started", "wall_s", "start_step", "last_step",
+                               "last_saved", "step_s", "measured_steps", "compile_s",
+                               "input_wait_s", "checkpoint_s", "eval_s", "slow_steps")}
+    later = attempts[i + 1] if i + 1 < len(attempts) else None
+    if later is not None and entry["status"] == "running":
+      entry["status"] = "killed"  # It never wrote its end.
+    repeated = 0 if later is None else max(0, a["last_step"] - later["start_step"])
+    repeated = min(repeated, a["measured_steps"])  # The compile step is compilation's.
+    per_step = a["step_s"] / a["measured_steps"] if a["measured_steps"] else 0.0
+    entry.update(attempt=i + 1, repeated_steps=repeated, restart_lost_s=repeated * per_step,
+                 productive_s=a["step_s"] - repeated * per_step)
+    measured = sum(entry[key] for key, _ in GOODPUT_PARTS if key != "other_s")
+    entry["other_s"] = entry["wall_s"] - measured
+    entry["fractions"] = {key: entry[key] / max(entry["wall_s"], 1e-9)
+                          for key, _ in GOODPUT_PARTS}
+    for key in (*(k for k, _ in GOODPUT_PARTS), "wall_s", "repeated_steps"):
+      totals[key] += entry[key]
+    out.append(entry)
+  totals["fractions"] = {key: totals[key] / max(totals["wall_s"], 1e-9)
+                         for key, _ in GOODPUT_PARTS}
+  totals["attempts"] = len(out)
+  return {"attempts": out, "totals": totals}
+
+
+def format_goodput(summary: dict[str, Any]) -> list[str]:
+  """The log's two goodput lines: this attempt's parts, then all attempts'."""
+  def line(label, part):
+    parts = ", ".join(f"{name} {part[key]:.1f} s ({part['fractions'][key]:.1%})"
+                      for key, name in GOODPUT_PARTS)
+    return f"{label}: wall {part['wall_s']:.1f} s = {parts}"
+  this, totals = summary["attempts"][-1], summary["totals"]
+  return [
+      f"Goodput of attempt {this['attempt']} (steps {this['start_step']}..{this['last_step']}, "
+      f"{this['status']}): " + line("", this)[2:],
+      f"Goodput of all {totals['attempts']} attempt(s), {totals['repeated_steps']} step(s) "
+      "repeated after restarts" + line("", totals)]
+
+
+# ----------------------------------------------------------------------------
+# Profiling: a trace of a chosen window of steps.
+# ----------------------------------------------------------------------------
+class StepTrace:
+  """Traces steps `first` .. `first + count - 1` with jax.profiler into `logdir` (an
+  XSpace file per host under logdir/plugins/profile/<time>/, which TensorBoard's
+  profile plugin and Perfetto open; a gs:// logdir works). The loop calls it on
+  process 0 only: one host's trace shows a pod's step, and every host tracing would
+  multiply the files and the cost. Each step carries a StepTraceAnnotation with its
+  number. The device is waited for at both ends of the window, so that only the
+  window's steps are in the trace (twice per run)."""
+
+  def __init__(self, logdir, first: int, count: int):
+    self.logdir, self.first, self.count = str(logdir), first, count
+    self.active = False
+
+  def before_step(self, step: int, state) -> None:
+    if step == self.first:
+      jax.block_until_ready(state)  # The steps before the window stay out of it.
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step == self.first + self.count - 1:
+      self.stop(state)
+
+  def stop(self, state=None) -> None:
+    """Ends the trace (the window's last step, or the loop ended inside the window)."""
+    if self.active:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("Profiled steps %d..%d of process 0 into %s (TensorBoard's profile tab, "
+                   "or Perfetto: docs/launching.md).", self.first, self.first + self.count - 1,
+                   self.logdir)

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import signal
+import time
 from typing import Any
 
 from etils import epath
@@ -150,6 +151,26 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
   if config.masking.pack_encoder and config.masking.encoder_buckets == 0:
     raise errors.ConfigError("config.masking.pack_encoder needs config.masking.encoder_buckets > 0 "
                      "(how many packed encoder lengths to compile)")
+  _validate_perf(config)
+
+
+def _validate_perf(config: ml_collections.ConfigDict) -> None:
+  """The step-time anomaly threshold and the profiled window (lsm2/train/throughput.py)."""
+  factor, warmup = config.perf.slow_step_factor, config.perf.slow_step_warmup
+  if not (math.isfinite(factor) and factor > 1):
+    raise errors.ConfigError(f"config.perf.slow_step_factor={factor} must be a finite number "
+                             "> 1 (a step slower than that many running medians is logged)")
+  if warmup < 1:
+    raise errors.ConfigError(f"config.perf.slow_step_warmup={warmup} must be >= 1: the first "
+                             "step of every start compiles")
+  if config.profile_steps < 0:
+    raise errors.ConfigError(f"config.profile_steps={config.profile_steps} must be >= 0")
+  last = config.profile_start_step + config.profile_steps - 1
+  if config.profile_steps and not 1 <= config.profile_start_step <= last <= config.total_steps:
+    raise errors.ConfigError(
+        f"config.profile_start_step={config.profile_start_step} with config.profile_steps="
+        f"{config.profile_steps} traces steps {config.profile_start_step}..{last}: they must "
+        f"lie in 1..config.total_steps={config.total_steps}")
 
 
 # ----------------------------------------------------------------------------
@@ -484,6 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the last logged training metrics (for tests and sweeps).
   """
   _check_preemption_exit_code(config)
+  started = time.time()  # This attempt's wall time (WORKDIR/goodput.json) starts here.
   # From here a SIGTERM exits with the preemption status, whatever the run is doing.
   preemption = _Preemption(config.preemption_exit_code)
   try:
@@ -505,7 +527,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lease = run_dir.Lease(workdir, timeout_s=config.lease_timeout_s)
     try:
       lease.acquire()  # Inside: a SIGTERM just after its write still releases the lease.
-      return _train(config, workdir, meta, model_cfg, mask_cfg, mesh, record, lease, preemption)
+      return _train(config, workdir, meta, model_cfg, mask_cfg, mesh, record, lease, preemption,
+                    started)
     finally:
       preemption.hold()
       lease.release()
@@ -549,8 +572,8 @@ def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainStat
 
 
 def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg, mesh,
-           record: dict[str, Any], lease: run_dir.Lease, preemption: _Preemption
-           ) -> dict[str, float]:
+           record: dict[str, Any], lease: run_dir.Lease, preemption: _Preemption,
+           started: float) -> dict[str, float]:
   """Restores or initialises the state, trains, checkpoints and exports, holding `lease`."""
   strategy_names = mask_cfg.strategy_names
   make_iterator = lambda seed: pipeline.make_train_iterator(
@@ -568,10 +591,15 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
   # to turn: before any state is allocated and before run.json, lsm2.json or checkpoints/
   # are written, so the workdir is as it was and the next try with a knob turned starts.
   # The first step reuses this compilation, and its cost analysis gives the FLOPs per step.
+  compile_start = time.perf_counter()
   compiled = preflight.check_train_step(config, setup, train_step, layout.mask_fn,
                                         abstract_state(setup))
-  perf = throughput.Throughput.for_run(compiled, model_cfg, mask_cfg, config.batch_size,
-                                       mesh.devices.flat)
+  compile_s = time.perf_counter() - compile_start
+  perf = throughput.Throughput.for_run(
+      compiled, model_cfg, mask_cfg, config.batch_size, mesh.devices.flat,
+      slow_step_factor=config.perf.slow_step_factor,
+      slow_step_warmup=config.perf.slow_step_warmup)
+  perf.compile_s += compile_s
 
   # --- State: restore or initialise ------------------------------------------
   if jax.process_index() == 0:
@@ -621,25 +649,49 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
                           if isinstance(v, (int, float, str, bool))})
   progress = metrics_lib.Progress(config.total_steps)  # Steps/s and the ETA, per log line.
   hooks = []
+  trace = None
   if config.profile_steps > 0 and jax.process_index() == 0:
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
+    if config.profile_start_step > start_step:
+      trace = throughput.StepTrace(workdir / "profile", config.profile_start_step,
+                                   config.profile_steps)
+    else:
+      logging.info("Not profiling: steps %d.. (config.profile_start_step) were trained by an "
+                   "earlier start.", config.profile_start_step)
+  # The run's attempts (WORKDIR/goodput.json): this one is recorded every log interval,
+  # so a kill leaves its last step, and when it ends.
+  previous_attempts = run_dir.read_attempts(workdir)
+
+  def record_attempt(step: int, status: str) -> dict[str, Any]:
+    entry = throughput.attempt_entry(perf, started=started, start_step=start_step,
+                                     last_step=step, status=status)
+    summary = throughput.goodput_summary([*previous_attempts, entry])
+    run_dir.write_goodput(workdir, summary)
+    return summary
+
   preemption.start_loop(ckpt)
   preempted_at = diverged_at = None
   finite = []  # (step, device bool) since the last check: read only where it must be.
   acc = train_collection.empty()
   last = {}
-  perf.start(start_step)  # Per log interval: throughput, MFU, time split, memory.
+  step = start_step
+  perf.start_loop(start_step)  # Per log interval: throughput, MFU, time split, memory.
 
   with sharding_lib.mesh_context(mesh, config.logical_axis_rules):
     for step in range(start_step + 1, config.total_steps + 1):
       # Train.
+      if trace:
+        with perf.profiling():
+          trace.before_step(step, state)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with perf.waiting_for_input():
           batch = pipeline.to_global_batch(next(train_iter), setup.batch_sharding)
         masks = layout.draw(state["rng"], state["step"], batch["observed"])
         state, outputs = train_step(state, batch, masks)
-      finite.append((step, outputs.pop("finite")))
+      if trace:
+        with perf.profiling():
+          trace.after_step(step, state)
+      done = outputs.pop("finite")
+      finite.append((step, done))
       acc = acc.merge(train_collection.single_from_model_output(**outputs))
       for hook in hooks:
         hook(step)
@@ -665,10 +717,11 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
                      last.get("train/loss", float("nan")), perf.summary(scalars),
                      f"  |  {eta}" if eta else "")
         acc = train_collection.empty()
+        record_attempt(step, "running")
 
       # Validate.
       if step % config.eval_every == 0 or step == config.total_steps:
-        with perf.evaluating():
+        with perf.evaluating(step):
           val = validation_losses(setup, eval_step, layout, state["params"], config, step)
         if val:
           writer.write_scalars(step, val)
@@ -679,22 +732,33 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
       # Checkpoint (async), or save and stop on preemption.
       lease.check()  # Another process took the workdir over: stop before writing.
       with perf.checkpointing():
-        ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps)
+        if ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps):
+          perf.saved(step)
+      perf.end_step(step, done)  # Step time, slow steps; keeps the host <= 2 steps ahead.
       if stop:
         preempted_at = step
         break
 
-  ckpt.wait()
+  if trace:
+    trace.stop(state)
+  with perf.checkpointing():  # The rest of the last async write blocks here.
+    ckpt.wait()
   last_saved = ckpt.manager.latest_step()
   ckpt.close()
   writer.flush()
   if diverged_at is not None:
+    for line in throughput.format_goodput(record_attempt(step, "diverged")):
+      logging.warning("%s", line)
     raise Diverged(diverged_at, config, last_saved)
   if preempted_at is not None:
+    for line in throughput.format_goodput(record_attempt(step, "preempted")):
+      logging.warning("%s", line)
     logging.warning("Preempted at step %d: checkpoint saved, exiting with status %d (resume by "
                     "running the same command again).", preempted_at, config.preemption_exit_code)
     raise Preempted(preempted_at, config.preemption_exit_code)
   lease.check()
   pretrained.export_params(workdir, state["params"], description)
+  for line in throughput.format_goodput(record_attempt(step, "finished")):
+    logging.info("%s", line)
   return last
 
