@@ -7,6 +7,13 @@ and on 8 fake CPU devices (a data-parallel mesh, in a subprocess since the
 device count is fixed at JAX start-up). Prints the model FLOPs per step and,
 with --peak_tflops, the model FLOPs utilisation.
 
+With --loop (default runlocal: the tiny,aim,runlocal config the README trains), the
+1-device run also times the training loop's instrumentation (lsm2/train/throughput.py:
+the timers, the per-step end_step with its bounded run-ahead and slow-step check, the
+per-interval report and the goodput.json write) against the same loop without it: in
+one process, instrumented and plain repeats interleaved, medians of each, and the MFU
+the instrumented loop logs (on CPU: of the measured matmul peak).
+
   python benchmarks/train_step.py --json /tmp/train_step.json           # CPU: tiny and S
   python benchmarks/train_step.py --sizes S --batch_S 64 --dtype bfloat16 \
       --attention cudnn --devices 1 --peak_tflops 989                    # one H100
@@ -20,11 +27,11 @@ import sys
 import time
 
 
-def _configure(args, size: str, batch: int):
+def _configure(args, size: str, batch: int, extra: str = ""):
   import pathlib  # pylint: disable=g-import-not-at-top
   from lsm2 import config_files  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain.py"
-  config = config_files.load_config(path, f"{size},aim")
+  config = config_files.load_config(path, f"{size},aim{extra}")
   with config.unlocked():
     config.batch_size = batch
     config.total_steps = 1000
@@ -104,6 +111,117 @@ def measure(args, size: str, batch: int) -> dict:
   return result
 
 
+def measure_loop(args) -> dict:
+  """Seconds per step of the training loop with and without its instrumentation, and the
+  MFU it logs (module docstring); interleaved repeats, medians."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from lsm2.data import pipeline  # pylint: disable=g-import-not-at-top
+  from lsm2 import sharding  # pylint: disable=g-import-not-at-top
+  from lsm2.train import encoder_layout, run_dir, throughput, train  # pylint: disable=g-import-not-at-top
+
+  config = _configure(args, "tiny", 8, extra=",runlocal")
+  log_every = config.log_every
+  model_cfg, mask_cfg = train.model_and_mask_configs(config, num_channels=26)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  setup = train.make_setup(config, model_cfg, mask_cfg, mesh)
+  state = train.create_state(setup)
+  train_step = train.make_train_step(setup, mask_cfg.strategy_names)
+  layout = encoder_layout.make_mask_layout(config, train.make_mask_fn(setup), model_cfg, mask_cfg,
+                                           mesh)
+  local = _day_batch(config.batch_size)
+  batch = pipeline.to_global_batch(local, setup.batch_sharding)
+  masks = layout.draw(state["rng"], state["step"], batch["observed"])
+  compiled = train_step.lower(state, batch, masks).compile()
+  perf = throughput.Throughput.for_run(compiled, model_cfg, mask_cfg, config.batch_size,
+                                       mesh.devices.flat)
+  workdir = epath.Path(tempfile.mkdtemp())
+  started = time.time()
+
+  def run(state, step0: int, instrumented: bool):
+    """args.loop_steps steps of the loop's body; returns the state and seconds per step."""
+    t = time.perf_counter()
+    flags = []
+    if instrumented:  # Compiled by the warm-up: no step of a repeat is waited for as one.
+      perf.start_loop(step0, compiles=False)
+    for step in range(step0 + 1, step0 + args.loop_steps + 1):
+      if instrumented:
+        with perf.waiting_for_input():
+          b = pipeline.to_global_batch(local, setup.batch_sharding)
+      else:
+        b = pipeline.to_global_batch(local, setup.batch_sharding)
+      m = layout.draw(state["rng"], state["step"], b["observed"])
+      state, out = train_step(state, b, m)
+      flags.append(out["finite"])
+      if step % log_every == 0:  # The loop reads the flags here, instrumented or not.
+        jax.device_get(flags)
+        flags = []
+        if instrumented:
+          scalars.append(perf.report(step))
+          run_dir.write_goodput(workdir, throughput.goodput_summary([throughput.attempt_entry(
+              perf, started=started, start_step=0, last_step=step, status="running")]))
+      if instrumented:
+        with perf.checkpointing():
+          pass
+        perf.end_step(step, out["finite"])
+    jax.block_until_ready(state)
+    return state, (time.perf_counter() - t) / args.loop_steps
+
+  scalars, times = [], {True: [], False: []}
+  with sharding.mesh_context(mesh, config.logical_axis_rules):
+    state, _ = run(state, 0, False)  # Warm: every function compiled, caches filled.
+    step = args.loop_steps
+    for _ in range(args.loop_repeats):
+      for instrumented in (False, True):
+        state, per_step = run(state, step, instrumented)
+        times[instrumented].append(per_step)
+        step += args.loop_steps
+  # The instrumentation's own host time, apart from the load's noise: its per-step calls
+  # on a finished step (nothing to wait for), and the per-interval report and goodput write.
+  ready = jax.device_put(True)
+  bookkeeping = throughput.Throughput(perf.flops, perf.peak_flops, perf.peak_label,
+                                      config.batch_size, 1, 1, mesh.devices.flat,
+                                      slow_step_factor=1e9)
+  bookkeeping.start_loop(0, compiles=False)
+  n = 2000
+  t = time.perf_counter()
+  for step in range(1, n + 1):
+    with bookkeeping.waiting_for_input():
+      pass
+    with bookkeeping.checkpointing():
+      pass
+    bookkeeping.end_step(step, ready)
+  per_step = (time.perf_counter() - t) / n
+  t = time.perf_counter()
+  for step in range(n + 1, n + 51):
+    bookkeeping.report(step)
+    run_dir.write_goodput(workdir, throughput.goodput_summary([throughput.attempt_entry(
+        bookkeeping, started=started, start_step=0, last_step=step, status="running")]))
+  per_interval = (time.perf_counter() - t) / 50
+  host_s = per_step + per_interval / log_every
+
+  plain, instrumented = statistics.median(times[False]), statistics.median(times[True])
+  # Each instrumented repeat against the plain one just before it: robust to a drifting load.
+  paired = statistics.median(i / p - 1.0 for p, i in zip(times[False], times[True]))
+  return {
+      "loop_config": "tiny,aim,runlocal",
+      "loop_batch": config.batch_size,
+      "loop_step_s_plain": plain,
+      "loop_step_s_instrumented": instrumented,
+      "loop_instrumentation_overhead": instrumented / plain - 1.0,
+      "loop_instrumentation_overhead_paired": paired,
+      "loop_instrumentation_host_s_per_step": host_s,
+      "loop_instrumentation_host_fraction": host_s / plain,
+      "loop_step_s_plain_repeats": times[False],
+      "loop_step_s_instrumented_repeats": times[True],
+      "loop_repeats": args.loop_repeats,
+      "loop_steps_per_repeat": args.loop_steps,
+      "loop_mfu_logged": statistics.median(s["perf/mfu"] for s in scalars),
+      "loop_mfu_peak": perf.peak_label,
+  }
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--sizes", default="tiny,S")
@@ -121,16 +239,23 @@ def main():
   ap.add_argument("--pack", action="store_true",
                   help="packed encoder (config.masking.pack_encoder; needs --buckets)")
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak, for MFU")
+  ap.add_argument("--loop", default="runlocal", choices=("runlocal", ""),
+                  help="time the loop's instrumentation at the runlocal size ('' skips it)")
+  ap.add_argument("--loop_steps", type=int, default=20, help="steps per loop repeat")
+  ap.add_argument("--loop_repeats", type=int, default=7)
   ap.add_argument("--json", default=None)
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
-  sizes = args.sizes.split(",")
+  sizes = [size for size in args.sizes.split(",") if size]  # "": the loop comparison only.
 
   if args.child:  # One device count, in this process.
     out = {}
     for size in sizes:
       batch = getattr(args, f"batch_{size}")
       out.update(measure(args, size, batch))
+    import jax  # pylint: disable=g-import-not-at-top
+    if args.loop and jax.device_count() == 1:
+      out.update(measure_loop(args))
     print(json.dumps(out))
     return
 
@@ -155,6 +280,16 @@ def main():
       if f"mfu_{size}" in child:
         line += f"  MFU {100 * child[f'mfu_{size}']:.1f}%"
       print(line, flush=True)
+    if "loop_step_s_plain" in child:
+      print(f"loop ({child['loop_config']}, batch {child['loop_batch']}): "
+            f"{child['loop_step_s_plain'] * 1e3:.2f} ms/step plain, "
+            f"{child['loop_step_s_instrumented'] * 1e3:.2f} ms/step instrumented "
+            f"({100 * child['loop_instrumentation_overhead']:+.2f}%, repeat by repeat "
+            f"{100 * child['loop_instrumentation_overhead_paired']:+.2f}%; medians of "
+            f"{child['loop_repeats']} interleaved repeats of {child['loop_steps_per_repeat']} "
+            f"steps); its own host time {child['loop_instrumentation_host_s_per_step'] * 1e6:.0f} "
+            f"us/step ({100 * child['loop_instrumentation_host_fraction']:.3f}%); logged MFU {100 * child['loop_mfu_logged']:.2f}% {child['loop_mfu_peak']}",
+            flush=True)
     suffix = "" if devices == 1 else f"_{devices}dev"
     results.update({k + suffix: v for k, v in child.items()})
   if args.json:
