@@ -1,6 +1,6 @@
-r"""Serving exports of a pretrained model: StableHLO and TF SavedModel (docs/export.md).
+r"""Serving exports of a pretrained model: StableHLO, TF SavedModel, LiteRT (docs/export.md).
 
-  python -m lsm2.export --from=RUN_OR_EXPORT_DIR --out=DIR [--format=stablehlo,savedmodel]
+  python -m lsm2.export --from=RUN_OR_EXPORT_DIR --out=DIR [--format=stablehlo,savedmodel,litert]
 
 Each format holds the two inference functions of `lsm2.load` on days of data in
 the channels' original units (the description's normalisation is in the graph):
@@ -8,7 +8,8 @@ the channels' original units (the description's normalisation is in the graph):
   embed(signals f32[n, T, C], observed bool[n, T, C])                          -> f32[n, d]
   reconstruct(signals f32[n, T, C], observed bool[n, T, C], mask bool[n, T, C]) -> f32[n, T, C]
 
-`n` is dynamic (one artefact serves any number of days). Minutes where
+`n` is dynamic (one artefact serves any number of days), except in LiteRT, whose
+converter needs it fixed: n = 1 there. Minutes where
 `observed` is False or the value is not finite are unobserved, as in
 `lsm2.load`: their values (even NaN) never reach the model. `reconstruct` fills
 the unobserved minutes and those of `mask`, and returns observed minutes outside
@@ -17,23 +18,24 @@ the unobserved minutes and those of `mask`, and returns observed minutes outside
 Written under DIR:
   stablehlo/embed.bin, reconstruct.bin  jax.export serialisations (jax.export.deserialize)
   savedmodel/                            TF SavedModel, signatures "embed" and "reconstruct"
+  litert/model.tflite                    LiteRT (TFLite) float32, the same two signatures
+  litert/model_dynamic_int8.tflite       the same with int8 weights (dynamic range)
   lsm2_export.json                       channel names, shapes, the formats written
 
 Exports always compute attention with the XLA kernel (`attention="xla"`): the
 blocked, splash and cuDNN kernels are custom loops or custom calls that other
 runtimes cannot express; every kernel computes the same function.
 
-LiteRT and ONNX are not written yet: the masking layout sorts tokens (argsort)
-and derives masks with jax.random, which the LiteRT converter ("'vhlo.sort_v1'
-op is not part of the vhlo support yet", and "'mhlo.gather' op Dynamic shaped
-operand is not supported" with a dynamic batch) and jax2onnx ("No plugins
-registered for primitive 'random_split'") cannot convert.
+ONNX is not written: jax2onnx 0.17 cannot trace the masking (no plugin for
+the primitive 'random_split'; jnp.full of a symbolic batch), and it pins
+orbax-checkpoint < 0.11.37, which lsm2 (>= 0.12) cannot install beside it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+import tempfile
 import sys
 from typing import Any, Callable
 
@@ -50,7 +52,9 @@ from lsm2 import storage
 from lsm2.data import metadata as metadata_lib
 from lsm2.model import mae
 
-FORMATS = ("stablehlo", "savedmodel")
+FORMATS = ("stablehlo", "savedmodel", "litert")
+LITERT_BATCH = 1  # Days per LiteRT call (export_litert).
+LITERT_FILES = ("model.tflite", "model_dynamic_int8.tflite")
 INFO_FILE = "lsm2_export.json"
 SIGNATURES = {"embed": ("signals", "observed"), "reconstruct": ("signals", "observed", "mask")}
 OUTPUTS = {"embed": "embedding", "reconstruct": "reconstruction"}
@@ -137,16 +141,18 @@ def export_stablehlo(fns: ServingFunctions, out: pathlib.Path) -> dict[str, jax.
   return exported
 
 
-def _tf_module(fns: ServingFunctions):
-  """A tf.Module whose tf.functions `embed` and `reconstruct` run the jax2tf conversions."""
+def _tf_module(fns: ServingFunctions, batch: int | None):
+  """A tf.Module whose tf.functions `embed` and `reconstruct` run the jax2tf conversions.
+
+  `batch`: days per call; None for a dynamic batch dimension.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   module = tf.Module()
   for name, args in SIGNATURES.items():
-    shape = f"(n, {fns.time_steps}, {fns.num_channels})"  # Dynamic batch, as in StableHLO.
-    converted = jax2tf.convert(getattr(fns, name), polymorphic_shapes=[shape] * len(args),
-                               with_gradient=False)
-    specs = [tf.TensorSpec([None, fns.time_steps, fns.num_channels],
+    shape = None if batch else [f"(n, {fns.time_steps}, {fns.num_channels})"] * len(args)
+    converted = jax2tf.convert(getattr(fns, name), polymorphic_shapes=shape, with_gradient=False)
+    specs = [tf.TensorSpec([batch, fns.time_steps, fns.num_channels],
                            tf.float32 if arg == "signals" else tf.bool, name=arg) for arg in args]
     setattr(module, name, tf.function(_named_output(converted, OUTPUTS[name]),
                                       input_signature=specs, autograph=False))
@@ -158,12 +164,34 @@ def _named_output(fn: Callable, output: str) -> Callable:
   return lambda *args: {output: fn(*args)}
 
 
-def export_savedmodel(fns: ServingFunctions, out: pathlib.Path) -> None:
-  """A TF SavedModel with the signatures "embed" and "reconstruct" (jax2tf, native StableHLO)."""
+def export_savedmodel(fns: ServingFunctions, out: pathlib.Path, batch: int | None = None) -> None:
+  """A TF SavedModel with the signatures "embed" and "reconstruct" (jax2tf, native StableHLO).
+
+  `batch`: days per call; None (the default) for a dynamic batch dimension.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  module = _tf_module(fns)
+  module = _tf_module(fns, batch)
   signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
   tf.saved_model.save(module, str(out), signatures=signatures)
+
+
+def export_litert(fns: ServingFunctions, out: pathlib.Path) -> None:
+  """OUT/model.tflite (float32) and OUT/model_dynamic_int8.tflite, LITERT_BATCH day per call.
+
+  The LiteRT converter refuses gathers on a dynamic dimension ("'mhlo.gather' op
+  Dynamic shaped operand is not supported"), so these take a fixed number of days:
+  one, what a phone or watch runs. The int8 variant quantises the weights
+  (dynamic range: float32 activations, no calibration data), about 4x smaller.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    export_savedmodel(fns, pathlib.Path(tmp), batch=LITERT_BATCH)
+    for filename, quantize in ((LITERT_FILES[0], False), (LITERT_FILES[1], True)):
+      converter = tf.lite.TFLiteConverter.from_saved_model(tmp, list(SIGNATURES))
+      if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+      (out / filename).write_bytes(converter.convert())
 
 
 def export(source: str, out: str | pathlib.Path, formats: tuple[str, ...] = FORMATS,
@@ -178,6 +206,8 @@ def export(source: str, out: str | pathlib.Path, formats: tuple[str, ...] = FORM
     export_stablehlo(fns, out / "stablehlo")
   if "savedmodel" in formats:
     export_savedmodel(fns, out / "savedmodel")
+  if "litert" in formats:
+    export_litert(fns, out / "litert")
   info = {
       "source": str(source), "step": model.step, "formats": list(formats),
       "channel_names": list(fns.channel_names), "time_steps": fns.time_steps,

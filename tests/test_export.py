@@ -2,23 +2,29 @@
 
 One export directory per module (the tiny checkpoint); days read from its
 dataset with their natural gaps, plus an all-missing channel and NaN/inf junk at
-unobserved minutes. f32 parity: 1e-5 relative to the largest output.
+unobserved minutes. f32 parity: 1e-5 relative to the largest output; LiteRT
+runs one day per call.
 """
 import pathlib
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lsm2
 from lsm2 import export
 from lsm2.data import dataset
+from lsm2.model import aim
 from tiny_checkpoint import tiny_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # Of the largest |output|: f32 programs that differ only in op order.
+# The int8 LiteRT's bound (docs/export.md), ~4x the largest error seen on the tiny model
+# (embed 5.4e-3, reconstruct 6.7e-4 of the largest |output|, 2026-12-07).
+INT8_RTOL = {"embed": 2e-2, "reconstruct": 3e-3}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,7 @@ def setup(tmp_path_factory):
   workdir, data = tiny_pretrained(tmp_path_factory.getbasetemp())
   model = lsm2.load(workdir)
   out = tmp_path_factory.mktemp("export")
-  export.export(str(workdir), out, ("stablehlo", "savedmodel"), model=model)
+  export.export(str(workdir), out, export.FORMATS, model=model)
   raw = dataset.read_split(data, "train", normalize=False, limit=3)
   observed = raw["observed"].copy()
   observed[1, :, 0] = False  # A channel missing all day.
@@ -73,11 +79,51 @@ def test_savedmodel_signatures_match_load(setup):
          emb[2:])
 
 
+def _litert(path):
+  """The LiteRT interpreter's signature runners of `path`, as a phone app would call them."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  interpreter = tf.lite.Interpreter(model_path=str(path))
+  assert set(interpreter.get_signature_list()) == {"embed", "reconstruct"}
+  return interpreter.get_signature_runner("embed"), interpreter.get_signature_runner("reconstruct")
+
+
+def test_litert_float32_matches_load_day_by_day(setup):
+  out, _, signals, observed, mask, (emb, rec) = setup
+  embed, reconstruct = _litert(out / "litert" / "model.tflite")
+  for i in range(len(signals)):  # One day per call (export.LITERT_BATCH).
+    day = dict(signals=signals[i:i + 1], observed=observed[i:i + 1])
+    _close(embed(**day)["embedding"], emb[i:i + 1])
+    _close(reconstruct(**day, mask=mask[i:i + 1])["reconstruction"], rec[i:i + 1])
+
+
+def test_litert_int8_within_its_bound(setup):
+  """Dynamic-range int8 weights: within INT8_RTOL of lsm2.load, and not the float32 model."""
+  out, _, signals, observed, mask, (emb, rec) = setup
+  embed, reconstruct = _litert(out / "litert" / "model_dynamic_int8.tflite")
+  embed_f32 = _litert(out / "litert" / "model.tflite")[0]
+  for i in range(len(signals)):
+    day = dict(signals=signals[i:i + 1], observed=observed[i:i + 1])
+    got = {"embed": embed(**day)["embedding"],
+           "reconstruct": reconstruct(**day, mask=mask[i:i + 1])["reconstruction"]}
+    for name, want in (("embed", emb[i:i + 1]), ("reconstruct", rec[i:i + 1])):
+      err = np.abs(got[name] - want).max() / np.abs(want).max()
+      assert err <= INT8_RTOL[name], (name, i, err)
+    assert not np.array_equal(got["embed"], embed_f32(**day)["embedding"])  # Quantised.
+
+
+def test_visible_first_is_a_stable_argsort():
+  """The sort-free layout that makes the LiteRT conversion possible (aim._visible_first)."""
+  total = np.random.default_rng(0).random((5, 37)) < np.linspace(0, 1, 5)[:, None]
+  for row in total:
+    np.testing.assert_array_equal(aim._visible_first(jnp.asarray(row)),  # pylint: disable=protected-access
+                                  np.argsort(row, kind="stable"))
+
+
 def test_export_info_names_channels_and_formats(setup):
   out, model, *_ = setup
   info = export.read_info(out)
   assert info["channel_names"] == list(model.channel_names)
-  assert info["formats"] == ["stablehlo", "savedmodel"]
+  assert info["formats"] == list(export.FORMATS)
   assert info["embedding_dim"] == model.model_cfg.enc_width
 
 

@@ -166,17 +166,29 @@ def _draw_artificial(inherited, key, mask_cfg: MaskConfig, model_cfg: ModelConfi
   return jax.vmap(draw)(inherited, jax.random.split(key, inherited.shape[0]))
 
 
+def _visible_first(total: Bool[Array, "n"]) -> Int[Array, "n"]:
+  """Token indices, unmasked first, each part in grid order: a stable argsort of `total`."""
+  visible = ~total
+  slot = jnp.where(visible, jnp.cumsum(visible) - 1,
+                   jnp.sum(visible) + jnp.cumsum(total) - 1).astype(jnp.int32)
+  return jnp.zeros(total.shape, jnp.int32).at[slot].set(jnp.arange(total.size, dtype=jnp.int32))
+
+
 def _layout(inherited, artificial, key, n_drop: int, n_keep: int):
   """Top-up, drop split and visible-first layout for one example."""
   k_top, k_drop = jax.random.split(key)
   total = _top_up(inherited | artificial, n_drop, k_top)
   artificial = artificial | (total & ~inherited & ~artificial)
   n = total.shape[0]
-  drop_order = jnp.argsort(jnp.where(total, jax.random.uniform(k_drop, (n,)), 2.0))
-  dropped = jnp.zeros((n,), bool).at[drop_order[:n_drop]].set(True)
-  # Visible (0) first, then kept masked (1); dropped (2) last and cut off.
-  group = jnp.where(total, jnp.where(dropped, 2, 1), 0)
-  keep_idx = jnp.argsort(group, stable=True)[:n_keep].astype(jnp.int32)
+  if n_drop == 0:  # Inference: no sort, which serving exports (lsm2.export) cannot express.
+    dropped = jnp.zeros((n,), bool)
+    keep_idx = _visible_first(total)[:n_keep]
+  else:
+    drop_order = jnp.argsort(jnp.where(total, jax.random.uniform(k_drop, (n,)), 2.0))
+    dropped = jnp.zeros((n,), bool).at[drop_order[:n_drop]].set(True)
+    # Visible (0) first, then kept masked (1); dropped (2) last and cut off.
+    group = jnp.where(total, jnp.where(dropped, 2, 1), 0)
+    keep_idx = jnp.argsort(group, stable=True)[:n_keep].astype(jnp.int32)
   return dict(
       artificial=artificial,
       total=total,
