@@ -46,7 +46,7 @@ RECORDED_FIELDS = ("seed", "batch_size", "init_from")
 # Fields of the recorded sections that may change on resume: how the same model
 # is computed (exactly, or at another precision on another platform) and where
 # the same data is read from (the dataset fingerprint checks it is the same).
-# Everything else (total_steps, cadences, keep_checkpoints, profile_steps, the
+# Everything else (total_steps, cadences, keep_checkpoints, profile_*, perf.*, the
 # optimizer, the mesh) may change too.
 MAY_CHANGE = ("model.dtype", "model.matmul_dtype", "model.attention", "model.remat",
               "masking.encoder_buckets", "masking.pack_encoder", "data.dir", "data.val_split",

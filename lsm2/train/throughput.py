@@ -16,8 +16,9 @@ MFU is the model FLOPs per second over the devices' peak: the bf16 dense peak of
 chip (lsm2/chips.py) on TPU and GPU; on CPU, where no table applies, the host's float32
 matmul rate measured once at start-up (`measure_cpu_peak`), which the log line says.
 
-Time. The loop never waits for a step (a `block_until_ready` per step would stop the
-host from dispatching ahead). Instead the interval ends where the loop already reads
+Time. The loop never waits for the step it just dispatched (a `block_until_ready` per
+step would stop the host from dispatching ahead; it waits only for the step RUN_AHEAD
+back, see below). The interval ends where the loop already reads
 the step's finiteness flags from the device (the host waits there for the last step
 to finish), and the interval's wall time is split into what the host measured itself:
 blocked on the input iterator (`waiting_for_input`), saving checkpoints
