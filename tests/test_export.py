@@ -119,6 +119,18 @@ def test_visible_first_is_a_stable_argsort():
                                   np.argsort(row, kind="stable"))
 
 
+def test_docs_litert_lines(setup):
+  """docs/export.md's LiteRT lines, run as written, give lsm2.load's embedding."""
+  out, model, signals, observed, _, (emb, _) = setup
+  text = (REPO / "docs" / "export.md").read_text()
+  block = text.split("tested: tests/test_export.py::test_docs_litert_lines")[1]
+  code = block.split("```python\n")[1].split("```")[0]
+  day = np.where(observed[1], signals[1], np.nan).astype(np.float32)  # NaN in the gaps.
+  scope = {"export_dir": str(out), "day": day}
+  exec(code, scope)  # pylint: disable=exec-used
+  _close(scope["embedding"][None], emb[1:2])
+
+
 def test_export_info_names_channels_and_formats(setup):
   out, model, *_ = setup
   info = export.read_info(out)

@@ -1,0 +1,116 @@
+"""Serving exports (lsm2.export) next to lsm2.load: size, load time, latency per day.
+
+Exports the run (StableHLO, SavedModel, LiteRT float32 and int8), then for each format and for
+`lsm2.load().embed`: the bytes on disk, the time to load it (to a first answer:
+deserialise or restore plus the first call's compile), and the median time per day
+of `embed` on a batch of the run's own days (one warm-up call, then `--repeats`
+timed calls; LiteRT takes one day per call). One process, one run; the outputs are checked against lsm2.load.
+
+  python benchmarks/export.py --workdir RUN [--days 8] [--repeats 5] [--json OUT.json]
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # Run as a script from anywhere: import lsm2 from this checkout.
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lsm2  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lsm2 import export  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lsm2.data import dataset  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _bytes(path: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
+      else path.stat().st_size
+
+
+def _time(call, repeats: int) -> float:
+  """Median seconds of `call()` after one warm-up call."""
+  call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="training workdir (or its export/) to export")
+  p.add_argument("--split", default="train")
+  p.add_argument("--days", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--json", default="", help="also write the results here")
+  args = p.parse_args()
+
+  start = time.perf_counter()
+  model = lsm2.load(args.workdir, batch_size=args.days)
+  raw = dataset.read_split(model.config["data_dir"], args.split, normalize=False, limit=args.days)
+  signals, observed = raw["signals"], raw["observed"]
+  days = signals.shape[0]
+  want = model.embed(signals, observed)  # Also lsm2.load's compile: part of its load time.
+  load_s = time.perf_counter() - start
+  params = pathlib.Path(args.workdir) / "export" / "params"
+  rows = {"lsm2.load": {
+      "bytes": _bytes(params) if params.exists() else None, "load_s": load_s,
+      "s_per_day": _time(lambda: model.embed(signals, observed), args.repeats) / days}}
+
+  out = pathlib.Path(tempfile.mkdtemp(prefix="lsm2_export_bench_"))
+  start = time.perf_counter()
+  export.export(args.workdir, out, export.FORMATS, model=model)
+  export_s = time.perf_counter() - start
+
+  start = time.perf_counter()
+  embed = jax.jit(jax.export.deserialize((out / "stablehlo" / "embed.bin").read_bytes()).call)
+  got = np.asarray(embed(signals, observed))
+  rows["stablehlo"] = {
+      "bytes": _bytes(out / "stablehlo" / "embed.bin"), "load_s": time.perf_counter() - start,
+      "s_per_day": _time(lambda: np.asarray(embed(signals, observed)), args.repeats) / days,
+      "max_abs_diff": float(np.abs(got - want).max())}
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  tf_embed = tf.saved_model.load(str(out / "savedmodel")).signatures["embed"]
+  inputs = dict(signals=tf.constant(signals), observed=tf.constant(observed))
+  got = tf_embed(**inputs)["embedding"].numpy()
+  rows["savedmodel"] = {
+      "bytes": _bytes(out / "savedmodel"), "load_s": time.perf_counter() - start,
+      "s_per_day": _time(lambda: tf_embed(**inputs)["embedding"].numpy(), args.repeats) / days,
+      "max_abs_diff": float(np.abs(got - want).max())}
+
+  for name, filename in zip(("litert", "litert_int8"), export.LITERT_FILES):
+    path = out / "litert" / filename
+    start = time.perf_counter()
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    run = interpreter.get_signature_runner("embed")
+    got = np.concatenate([run(signals=signals[i:i + 1], observed=observed[i:i + 1])["embedding"]
+                          for i in range(days)])  # One day per call (export.LITERT_BATCH).
+    load = time.perf_counter() - start
+    rows[name] = {
+        "bytes": _bytes(path), "load_s": load,
+        "s_per_day": _time(lambda: run(signals=signals[:1], observed=observed[:1]), args.repeats),
+        "max_abs_diff": float(np.abs(got - want).max())}
+
+  report = {"workdir": args.workdir, "days": days, "repeats": args.repeats,
+            "export_s": export_s, "devices": [str(d) for d in jax.devices()], "formats": rows}
+  print(f"{'format':<11} {'MB':>8} {'load s':>8} {'ms/day':>8}  max |diff|")
+  for name, row in rows.items():
+    size = f"{row['bytes'] / 1e6:8.2f}" if row["bytes"] is not None else f"{'-':>8}"
+    print(f"{name:<11} {size} {row['load_s']:8.2f} {row['s_per_day'] * 1e3:8.2f}  "
+          f"{row.get('max_abs_diff', 0.0):.2e}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
