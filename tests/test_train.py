@@ -161,6 +161,8 @@ def test_divergence_stops_before_saving_or_exporting_it(data_dir, tmp_path):
   assert saved and saved[-1] < raised.value.step
   assert f"the newest checkpoint, step {saved[-1]}, is from before it" in str(raised.value)
   assert not (tmp_path / "export").exists()
+  (attempt,) = _attempts(tmp_path)  # The divergence exit wrote its goodput record.
+  assert (attempt["status"], attempt["last_step"]) == ("diverged", raised.value.step)
   model, _, step = pretrained.load_pretrained(tmp_path)
   assert step == saved[-1]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
