@@ -648,7 +648,6 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
   progress = metrics_lib.Progress(config.total_steps)  # Steps/s and the ETA, per log line.
-  hooks = []
   trace = None
   if config.profile_steps > 0 and jax.process_index() == 0:
     if config.profile_start_step > start_step:
@@ -693,8 +692,6 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
       done = outputs.pop("finite")
       finite.append((step, done))
       acc = acc.merge(train_collection.single_from_model_output(**outputs))
-      for hook in hooks:
-        hook(step)
       stop = preemption.should_stop(step)
 
       # Diverged? Checked before anything is logged or saved (one host read of the flags).
