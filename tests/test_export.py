@@ -120,8 +120,12 @@ def test_visible_first_is_a_stable_argsort():
 
 
 def test_docs_litert_lines(setup):
-  """docs/export.md's LiteRT lines, run as written, give lsm2.load's embedding."""
-  out, model, signals, observed, _, (emb, _) = setup
+  """docs/export.md's LiteRT lines, run as written, give lsm2.load's embedding of a day.
+
+  (The SavedModel and StableHLO snippets are what the tests above do; not run again here
+  to spare their compiles.)
+  """
+  out, _, signals, observed, _, (emb, _) = setup
   text = (REPO / "docs" / "export.md").read_text()
   block = text.split("tested: tests/test_export.py::test_docs_litert_lines")[1]
   code = block.split("```python\n")[1].split("```")[0]
