@@ -247,7 +247,11 @@ def main(argv):
     out = storage.as_path(_OUT.value)
     if out.exists() and not out.is_dir():
       raise ExportError(f"--out={_OUT.value} is a file; name a directory")
-    info = export(_FROM.value, pathlib.Path(_OUT.value), formats)
+    try:
+      model = api.load(_FROM.value)
+    except FileNotFoundError as e:  # No description there: not a run or an export.
+      raise ExportError(f"--from={_FROM.value}: {e}") from e
+    info = export(_FROM.value, pathlib.Path(_OUT.value), formats, model=model)
     print(f"Exported {', '.join(info['formats'])} of {info['source']} (step {info['step']}) "
           f"to {_OUT.value}")
   except errors.Error as e:  # Its message says what is wrong and what to do.

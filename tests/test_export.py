@@ -143,10 +143,12 @@ def test_export_info_names_channels_and_formats(setup):
   assert info["embedding_dim"] == model.model_cfg.enc_width
 
 
-def test_bad_format_is_a_one_line_error(tmp_path):
+def test_bad_flags_are_one_line_errors(tmp_path):
   with pytest.raises(export.ExportError, match="--format='stablehlo,tflite'.*tflite"):
     export.parse_formats("stablehlo,tflite")
-  run = subprocess.run([sys.executable, "-m", "lsm2.export", "--from=x", f"--out={tmp_path}",
-                        "--format=pt"], capture_output=True, text=True, cwd=REPO, check=False)
+  run = subprocess.run([sys.executable, "-m", "lsm2.export", f"--from={tmp_path}",
+                        f"--out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=REPO,
+                       check=False)
   assert run.returncode == 1
-  assert run.stderr.strip().splitlines()[-1].startswith("lsm2: error: --format='pt'")
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"lsm2: error: --from={tmp_path}: ") and "lsm2.json" in last
