@@ -194,9 +194,19 @@ def export_litert(fns: ServingFunctions, out: pathlib.Path) -> None:
       (out / filename).write_bytes(converter.convert())
 
 
+def check_local(out: str | pathlib.Path) -> None:
+  """Refuses a bucket --out (pathlib would make gs://b/x a local gs:/b/x)."""
+  if storage.is_remote(out):
+    raise ExportError(
+        f"--out={out}: serving exports are written to a local directory (the TensorFlow and "
+        "LiteRT converters write local files); export locally, then copy it: "
+        "gcloud storage cp -r DIR gs://BUCKET/PATH")
+
+
 def export(source: str, out: str | pathlib.Path, formats: tuple[str, ...] = FORMATS,
            *, model: api.PretrainedModel | None = None) -> dict[str, Any]:
   """Writes `formats` of the model at `source` (or the loaded `model`) under `out`; the info."""
+  check_local(out)
   out = pathlib.Path(out)
   if model is None:
     model = api.load(source)
@@ -221,7 +231,7 @@ def export(source: str, out: str | pathlib.Path, formats: tuple[str, ...] = FORM
 
 def read_info(directory: str | pathlib.Path) -> dict[str, Any]:
   """The INFO_FILE of an export directory: channels, shapes, formats, source step."""
-  path = pathlib.Path(directory) / INFO_FILE
+  path = storage.as_path(directory) / INFO_FILE
   if not path.exists():
     raise ExportError(f"{path}: not an lsm2 serving export (no {INFO_FILE}); "
                       "write one with python -m lsm2.export")
@@ -244,7 +254,8 @@ def main(argv):
     if not _FROM.value or not _OUT.value:
       raise ExportError("--from=RUN_OR_EXPORT_DIR and --out=DIR are both required")
     formats = parse_formats(_FORMAT.value)
-    out = storage.as_path(_OUT.value)
+    check_local(_OUT.value)
+    out = pathlib.Path(_OUT.value)
     if out.exists() and not out.is_dir():
       raise ExportError(f"--out={_OUT.value} is a file; name a directory")
     try:

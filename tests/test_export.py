@@ -146,6 +146,10 @@ def test_export_info_names_channels_and_formats(setup):
 def test_bad_flags_are_one_line_errors(tmp_path):
   with pytest.raises(export.ExportError, match="--format='stablehlo,tflite'.*tflite"):
     export.parse_formats("stablehlo,tflite")
+  with pytest.raises(export.ExportError, match="--out=gs://bucket/x: .* local directory .* "
+                     "gcloud storage cp -r DIR gs://BUCKET/PATH"):
+    export.export(str(tmp_path), "gs://bucket/x")  # Refused before anything is read.
+  assert list(tmp_path.iterdir()) == []
   run = subprocess.run([sys.executable, "-m", "lsm2.export", f"--from={tmp_path}",
                         f"--out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=REPO,
                        check=False)
