@@ -93,12 +93,7 @@ def main() -> None:
 
   config = config_files.load_config(REPO / "configs" / "pretrain.py", "tiny,aim,runlocal")
   with config.unlocked():
-    for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    config.update_from_flattened_dict(overrides)
   train.train_and_evaluate(config, workdir)
   print("DONE", flush=True)
 

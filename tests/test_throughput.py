@@ -292,12 +292,7 @@ def test_the_profiler_traces_the_requested_steps_only(baseline, baseline_dir):
 def test_perf_and_profile_settings_are_validated(data_dir, tmp_path, overrides, message):
   config = small_config(data_dir)
   with config.unlocked():
-    for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    config.update_from_flattened_dict(overrides)
   with pytest.raises(train.errors.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert not (tmp_path / "w" / run_dir.GOODPUT_FILE).exists()

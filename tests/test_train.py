@@ -41,12 +41,7 @@ def small_config(data_dir, **overrides):
   config = config_files.load_config(REPO / "configs" / "pretrain.py", "tiny,aim,runlocal")
   with config.unlocked():
     config.data.dir = str(data_dir)
-    for key, value in {**SMALL, **overrides}.items():
-      *parents, leaf = key.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    config.update_from_flattened_dict({**SMALL, **overrides})
   return config
 
 
