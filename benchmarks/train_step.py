@@ -9,8 +9,8 @@ with --peak_tflops, the model FLOPs utilisation.
 
 With --loop (default runlocal: the tiny,aim,runlocal config the README trains), the
 1-device run also times the training loop's instrumentation (lsm2/train/throughput.py:
-the timers, the per-step end_step with its bounded run-ahead and slow-step check, the
-per-interval report and the goodput.json write) against the same loop without it: in
+the timers, the per-step end_step (a queue put; its timing thread times the step and
+checks it for slowness), the per-interval report and the goodput.json write) against the same loop without it: in
 one process, instrumented and plain repeats interleaved, medians of each, and the MFU
 the instrumented loop logs (on CPU: of the measured matmul peak).
 
@@ -192,6 +192,7 @@ def measure_loop(args) -> dict:
     with bookkeeping.checkpointing():
       pass
     bookkeeping.end_step(step, ready)
+  bookkeeping.sync()  # The timing thread's work is the instrumentation's too.
   per_step = (time.perf_counter() - t) / n
   t = time.perf_counter()
   for step in range(n + 1, n + 51):

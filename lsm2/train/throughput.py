@@ -16,9 +16,13 @@ MFU is the model FLOPs per second over the devices' peak: the bf16 dense peak of
 chip (lsm2/chips.py) on TPU and GPU; on CPU, where no table applies, the host's float32
 matmul rate measured once at start-up (`measure_cpu_peak`), which the log line says.
 
-Time. The loop never waits for the step it just dispatched (a `block_until_ready` per
-step would stop the host from dispatching ahead; it waits only for the step RUN_AHEAD
-back, see below). The interval ends where the loop already reads
+Time. The loop itself never waits for a step to time it: a `block_until_ready` per
+step in the loop would stop the host from dispatching ahead. A background thread
+(`end_step` hands it each step's output) waits for the steps in order and stamps when
+each finished; a step's time is the gap between its finish and the previous one's, less
+the checkpoint, validation and profiler time the host spent in between, so a data stall
+that starved the device is a slow step. The loop's host work is then that of the plain
+loop plus a queue put per step. The interval ends where the loop already reads
 the step's finiteness flags from the device (the host waits there for the last step
 to finish), and the interval's wall time is split into what the host measured itself:
 blocked on the input iterator (`waiting_for_input`), saving checkpoints
@@ -32,9 +36,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import resource
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -45,7 +51,7 @@ from lsm2 import chips
 from lsm2.model import flops as flops_lib
 
 GiB = 2**30
-RUN_AHEAD = 2  # Steps the host may dispatch ahead of the device (module docstring).
+OVERLAP_STEPS = 2  # A slow step this close after a save or validation overlapped it.
 WINDOW = 100  # Steps in the running median of step times.
 MIN_SAMPLES = 3  # Steps measured before any is judged slow.
 
@@ -140,9 +146,9 @@ class Throughput:
     self.measured_steps = 0
     self.slow_steps: list[int] = []
     self.last_saved: int | None = None
-    self._last_save = self._last_eval = -RUN_AHEAD - 1
+    self._last_save = self._last_eval = -OVERLAP_STEPS - 1
     self._times = collections.deque(maxlen=WINDOW)
-    self._in_flight = collections.deque()
+    self._pending: queue.Queue | None = None  # Steps for the timing thread (end_step).
     self.start(0)
 
   @classmethod
@@ -163,9 +169,19 @@ class Throughput:
   def start_loop(self, step: int, *, compiles: bool = True) -> None:
     """The loop starts after `step`: its first iteration is the attempt's compile step
     (`compiles` False: benchmarks/train_step.py's repeats of a compiled loop)."""
+    self.sync()
     self.start(step)
     self._first_step = step + 1 if compiles else -1
-    self._step_end, self._step_mark = self._t0, dict(self.totals)
+    self._finished_at, self._step_mark = self._t0, dict(self.totals)
+    if self._pending is None:
+      self._pending = queue.Queue()
+      threading.Thread(target=self._time_steps, name="lsm2-step-timer", daemon=True).start()
+
+  def sync(self) -> None:
+    """Waits until the timing thread has recorded every step handed to it (at a log step
+    they have all finished, so this is immediate)."""
+    if self._pending is not None:
+      self._pending.join()
 
   @contextlib.contextmanager
   def _timed(self, key: str):
@@ -195,22 +211,41 @@ class Throughput:
 
   def end_step(self, step: int, done: jax.Array) -> None:
     """Ends iteration `step`; `done` is an output of its train step (ready when the step
-    has finished). Times the step and logs it if slow (module docstring)."""
-    self._in_flight.append(done)
-    first = step == self._first_step
-    if first:  # The compile step: waited for once, so its time is compilation's.
-      jax.block_until_ready(self._in_flight.popleft())
-    elif len(self._in_flight) > RUN_AHEAD:
-      jax.block_until_ready(self._in_flight.popleft())
-    now = time.perf_counter()
+    has finished). The compile step is waited for here, once; every later step goes to
+    the timing thread, which times it and logs it if slow (module docstring)."""
     delta = {k: v - self._step_mark[k] for k, v in self.totals.items()}
-    step_s = (now - self._step_end - delta["checkpoint"] - delta["eval"]
-              - delta["profile"])  # The input wait is in: a stall is a slow step.
-    self._step_end, self._step_mark = now, dict(self.totals)
-    if first:
-      self.compile_s += step_s - delta["input"]
+    self._step_mark = dict(self.totals)
+    if step == self._first_step:  # Its time is compilation's.
+      jax.block_until_ready(done)
+      now = time.perf_counter()
+      self.compile_s += self._step_time(now, delta) - delta["input"]
+      self._finished_at = now
       return
-    self.step_s += step_s - delta["input"]
+    self._pending.put((step, done, delta))
+
+  def _step_time(self, finished: float, delta: dict[str, float]) -> float:
+    """Since the previous step finished, less what the host did apart from training
+    (the input wait stays in: a stall is a slow step)."""
+    return finished - self._finished_at - delta["checkpoint"] - delta["eval"] - delta["profile"]
+
+  def _time_steps(self) -> None:
+    """The timing thread: waits for each handed step in order and records it."""
+    while True:
+      step, done, delta = self._pending.get()
+      try:
+        jax.block_until_ready(done)
+      except Exception:  # pylint: disable=broad-except
+        pass  # A failed step: the loop reads the same flags and raises there.
+      finished = time.perf_counter()
+      try:
+        self._record(step, self._step_time(finished, delta), delta["input"])
+      finally:
+        self._finished_at = finished
+        self._pending.task_done()
+
+  def _record(self, step: int, step_s: float, input_s: float) -> None:
+    """Adds a measured step to the totals; logs it if slow against the running median."""
+    self.step_s += step_s - input_s
     self.measured_steps += 1
     if step < self._first_step + self.slow_step_warmup:  # Later compiles, caches warming.
       return
@@ -220,16 +255,16 @@ class Throughput:
         self.slow_steps.append(step)
         logging.warning("Slow step %d: %.3f s, %.1fx the running median %.3f s; it "
                         "overlapped %s.", step, step_s, step_s / median, median,
-                        self._overlap(step, step_s, delta["input"]))
+                        self._overlap(step, step_s, input_s))
     self._times.append(step_s)
 
   def _overlap(self, step: int, step_s: float, input_s: float) -> str:
     """What a slow step overlapped, the likeliest cause first."""
     if input_s > step_s / 2:
       return f"an input stall ({input_s:.3f} s waiting for the batch)"
-    if step - self._last_save <= RUN_AHEAD:
+    if step - self._last_save <= OVERLAP_STEPS:
       return f"a checkpoint save (the async write of step {self._last_save})"
-    if step - self._last_eval <= RUN_AHEAD:
+    if step - self._last_eval <= OVERLAP_STEPS:
       return f"a validation (at step {self._last_eval})"
     return ("no input stall, save or validation: the step itself (compute, or a slow "
             "host or device that the others waited for)")
@@ -240,6 +275,7 @@ class Throughput:
     Rates are per second of training: the interval's wall time less validation,
     checkpoint saves and profiler start/stop (input waits count, they are the training's).
     """
+    self.sync()
     wall = time.perf_counter() - self._t0
     steps = max(step - self._step0, 1)
     interval = {k: v - self._mark[k] for k, v in self.totals.items()}

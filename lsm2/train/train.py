@@ -731,7 +731,7 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
       with perf.checkpointing():
         if ckpt.maybe_save(step, state, train_iter, force=stop or step == config.total_steps):
           perf.saved(step)
-      perf.end_step(step, done)  # Step time, slow steps; keeps the host <= 2 steps ahead.
+      perf.end_step(step, done)  # Step time and slow steps, timed off the loop (throughput.py).
       if stop:
         preempted_at = step
         break
