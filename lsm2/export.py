@@ -26,9 +26,8 @@ Exports always compute attention with the XLA kernel (`attention="xla"`): the
 blocked, splash and cuDNN kernels are custom loops or custom calls that other
 runtimes cannot express; every kernel computes the same function.
 
-ONNX is not written: jax2onnx 0.17 cannot trace the masking (no plugin for
-the primitive 'random_split'; jnp.full of a symbolic batch), and it pins
-orbax-checkpoint < 0.11.37, which lsm2 (>= 0.12) cannot install beside it.
+ONNX is not written (NOT_WRITTEN): no jax2onnx release both installs beside
+lsm2's orbax-checkpoint (>= 0.12) and runs on its JAX (docs/export.md).
 """
 from __future__ import annotations
 
@@ -56,6 +55,10 @@ FORMATS = ("stablehlo", "savedmodel", "litert")
 LITERT_BATCH = 1  # Days per LiteRT call (export_litert).
 LITERT_FILES = ("model.tflite", "model_dynamic_int8.tflite")
 INFO_FILE = "lsm2_export.json"
+# Formats asked for that cannot be written yet, and why (said by --format's error).
+NOT_WRITTEN = {"onnx": "ONNX is not written yet: jax2onnx 0.13.1-0.17.1 require "
+                       "orbax-checkpoint < 0.11.37 (lsm2 needs >= 0.12) and 0.13.0 does not run "
+                       "on JAX 0.10; see docs/export.md"}
 SIGNATURES = {"embed": ("signals", "observed"), "reconstruct": ("signals", "observed", "mask")}
 OUTPUTS = {"embed": "embedding", "reconstruct": "reconstruction"}
 
@@ -69,8 +72,9 @@ def parse_formats(value: str) -> tuple[str, ...]:
   names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
   bad = [n for n in names if n not in FORMATS]
   if not names or bad:
-    raise ExportError(f"--format={value!r}: unknown format(s) {bad}; choose one or more of "
-                      f"{', '.join(FORMATS)}, comma-separated")
+    why = "".join(f" ({NOT_WRITTEN[n]})" for n in bad if n in NOT_WRITTEN)
+    raise ExportError(f"--format={value!r}: unknown format(s) {bad}{why}; choose one or more "
+                      f"of {', '.join(FORMATS)}, comma-separated")
   return names
 
 

@@ -3,7 +3,7 @@
 One export directory per module (the tiny checkpoint); days read from its
 dataset with their natural gaps, plus an all-missing channel and NaN/inf junk at
 unobserved minutes. f32 parity: 1e-5 relative to the largest output; LiteRT
-runs one day per call.
+runs one day per call, in LiteRT's own interpreter (ai-edge-litert, the export extra).
 """
 import pathlib
 import subprocess
@@ -81,8 +81,8 @@ def test_savedmodel_signatures_match_load(setup):
 
 def _litert(path):
   """The LiteRT interpreter's signature runners of `path`, as a phone app would call them."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  interpreter = tf.lite.Interpreter(model_path=str(path))
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  interpreter = Interpreter(model_path=str(path))
   assert set(interpreter.get_signature_list()) == {"embed", "reconstruct"}
   return interpreter.get_signature_runner("embed"), interpreter.get_signature_runner("reconstruct")
 
@@ -119,14 +119,16 @@ def test_visible_first_is_a_stable_argsort():
                                   np.argsort(row, kind="stable"))
 
 
-def test_docs_litert_lines(setup):
-  """docs/export.md's LiteRT lines, run as written, give lsm2.load's embedding of a day.
+@pytest.mark.parametrize("doc", ["README.md", "docs/export.md"])
+def test_docs_litert_lines(setup, doc):
+  """The LiteRT lines of the README and docs/export.md, run as written, give lsm2.load's
+  embedding of a day.
 
   (The SavedModel and StableHLO snippets are what the tests above do; not run again here
   to spare their compiles.)
   """
   out, _, signals, observed, _, (emb, _) = setup
-  text = (REPO / "docs" / "export.md").read_text()
+  text = (REPO / doc).read_text()
   block = text.split("tested: tests/test_export.py::test_docs_litert_lines")[1]
   code = block.split("```python\n")[1].split("```")[0]
   day = np.where(observed[1], signals[1], np.nan).astype(np.float32)  # NaN in the gaps.
@@ -146,6 +148,9 @@ def test_export_info_names_channels_and_formats(setup):
 def test_bad_flags_are_one_line_errors(tmp_path):
   with pytest.raises(export.ExportError, match="--format='stablehlo,tflite'.*tflite"):
     export.parse_formats("stablehlo,tflite")
+  with pytest.raises(export.ExportError, match=r"--format='onnx': .*\(ONNX is not written yet: "
+                     r"jax2onnx .*orbax-checkpoint < 0.11.37.*docs/export.md\); choose"):
+    export.parse_formats("onnx")  # Says why, not only that it is unknown.
   with pytest.raises(export.ExportError, match="--out=gs://bucket/x: .* local directory .* "
                      "gcloud storage cp -r DIR gs://BUCKET/PATH"):
     export.export(str(tmp_path), "gs://bucket/x")  # Refused before anything is read.
