@@ -4,7 +4,9 @@ Exports the run (StableHLO, SavedModel, LiteRT float32 and int8), then for each 
 `lsm2.load().embed`: the bytes on disk, the time to load it (to a first answer:
 deserialise or restore plus the first call's compile), and the median time per day
 of `embed` on a batch of the run's own days (one warm-up call, then `--repeats`
-timed calls; LiteRT takes one day per call). One process, one run; the outputs are checked against lsm2.load.
+timed calls; LiteRT takes one day per call, in LiteRT's own interpreter, ai-edge-litert,
+the export extra). One process, one run; the outputs are checked against lsm2.load.
+ONNX is not exported (docs/export.md says why), so it has no row.
 
   python benchmarks/export.py --workdir RUN [--days 8] [--repeats 5] [--json OUT.json]
 """
@@ -88,10 +90,11 @@ def main() -> None:
       "s_per_day": _time(lambda: tf_embed(**inputs)["embedding"].numpy(), args.repeats) / days,
       "max_abs_diff": float(np.abs(got - want).max())}
 
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
   for name, filename in zip(("litert", "litert_int8"), export.LITERT_FILES):
     path = out / "litert" / filename
     start = time.perf_counter()
-    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path))
     run = interpreter.get_signature_runner("embed")
     got = np.concatenate([run(signals=signals[i:i + 1], observed=observed[i:i + 1])["embedding"]
                           for i in range(days)])  # One day per call (export.LITERT_BATCH).
