@@ -1,7 +1,7 @@
 r"""Python API: a pretrained LSM-2 model on days of minute-level data in original units.
 
   import lsm2
-  model = lsm2.load("/path/to/workdir")          # or WORKDIR/export, or step=5000
+  model = lsm2.load("/path/to/workdir")          # or WORKDIR/export, a release, or step=5000
   emb = model.embed(signals, observed)           # [N, d]: one embedding per day
   filled = model.reconstruct(signals, observed)  # unobserved minutes filled, original units
 
@@ -45,6 +45,7 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from lsm2 import pretrained
+from lsm2 import release
 from lsm2 import sharding as sharding_lib
 from lsm2.data import channels as channels_lib
 from lsm2.data import metadata as metadata_lib
@@ -348,12 +349,16 @@ class PretrainedModel:
 
 def load(path: str | pathlib.Path, step: int | None = None, *, batch_size: int = 64,
          encoder_buckets: int = 4) -> PretrainedModel:
-  """Restores a model from a training workdir (export/ or a checkpoint `step`) or an export/ dir.
+  """Restores a model from a training workdir (export/ or a checkpoint `step`), an export/ dir
+  or a release (lsm2.release: its manifest verified first).
 
   Without `step` and an export, the newest readable checkpoint: an unreadable
   newer one is skipped with a warning, as training does (lsm2.pretrained.restore_newest).
   `encoder_buckets`: how many encoder lengths inference compiles (1: every token of every day).
   """
-  model, description, step = pretrained.load_pretrained(path, step)
+  if release.is_release(path):
+    model, description, step = release.load(path, step)
+  else:
+    model, description, step = pretrained.load_pretrained(path, step)
   return PretrainedModel(model, description, batch_size=batch_size, step=step,
                          encoder_buckets=encoder_buckets)

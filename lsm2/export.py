@@ -1,6 +1,7 @@
 r"""Serving exports of a pretrained model: StableHLO, TF SavedModel, LiteRT (docs/export.md).
 
   python -m lsm2.export --from=RUN_OR_EXPORT_DIR --out=DIR [--format=stablehlo,savedmodel,litert]
+  python -m lsm2.export --from=WORKDIR --out=DIR_OR_GS_URL --release   (lsm2/release.py)
 
 Each format holds the two inference functions of `lsm2.load` on days of data in
 the channels' original units (the description's normalisation is in the graph):
@@ -47,6 +48,7 @@ import numpy as np
 
 from lsm2 import api
 from lsm2 import errors
+from lsm2 import release
 from lsm2 import storage
 from lsm2.data import metadata as metadata_lib
 from lsm2.model import mae
@@ -249,6 +251,8 @@ _FROM = flags.DEFINE_string("from", None, "Training workdir or its export/ direc
 _OUT = flags.DEFINE_string("out", None, "Directory to write the exports into.")
 _FORMAT = flags.DEFINE_string("format", ",".join(FORMATS),
                               f"Comma-separated formats: {', '.join(FORMATS)}.")
+_RELEASE = flags.DEFINE_bool("release", False, "Write a release: the exports, the parameters, "
+                             "a model card and a manifest (lsm2/release.py); --out may be gs://.")
 
 
 def main(argv):
@@ -258,7 +262,8 @@ def main(argv):
     if not _FROM.value or not _OUT.value:
       raise ExportError("--from=RUN_OR_EXPORT_DIR and --out=DIR are both required")
     formats = parse_formats(_FORMAT.value)
-    check_local(_OUT.value)
+    if not _RELEASE.value:  # A release is built locally, then copied (lsm2.release).
+      check_local(_OUT.value)
     out = pathlib.Path(_OUT.value)
     if out.exists() and not out.is_dir():
       raise ExportError(f"--out={_OUT.value} is a file; name a directory")
@@ -266,6 +271,12 @@ def main(argv):
       model = api.load(_FROM.value)
     except FileNotFoundError as e:  # No description there: not a run or an export.
       raise ExportError(f"--from={_FROM.value}: {e}") from e
+    if _RELEASE.value:
+      digest = release.write(model, _FROM.value, _OUT.value, formats,
+                             lambda built: export(_FROM.value, built, formats, model=model))
+      print(f"Released step {model.step} of {_FROM.value} to {_OUT.value}; the SHA-256 of its "
+            f"{release.MANIFEST} (publish it beside the release): {digest}")
+      return
     info = export(_FROM.value, pathlib.Path(_OUT.value), formats, model=model)
     print(f"Exported {', '.join(info['formats'])} of {info['source']} (step {info['step']}) "
           f"to {_OUT.value}")
