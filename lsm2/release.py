@@ -365,14 +365,12 @@ def model_card(description: dict[str, Any], info: dict[str, Any], workdir: epath
   data_dir = description.get("data_dir")
   meta, meta_problem = (_read_json(storage.as_path(data_dir) / "metadata.json") if data_dir else
                         (None, "the description names no data directory"))
-  first = (f"**Trained on synthetic data only** (lsm2.data.synthetic): this model has seen no "
-           f"real person's data; use it to test software, never to draw conclusions about people."
-           if is_synthetic(meta) else
-           f"# Model card: LSM-2 `{description.get('model_size', '')}` model, step {info['step']}")
-  lines = [first, ""]
-  if is_synthetic(meta):
-    lines += [f"# Model card: LSM-2 `{description.get('model_size', '')}` model, step "
-              f"{info['step']}", ""]
+  title = f"# Model card: LSM-2 `{description.get('model_size', '')}` model, step {info['step']}"
+  lines = [title, ""]
+  if is_synthetic(meta):  # Before anything else: the one thing every reader must see.
+    lines[:0] = ["**Trained on synthetic data only** (lsm2.data.synthetic): this model has seen "
+                 "no real person's data; use it to test software, never to draw conclusions "
+                 "about people.", ""]
   lines += _model_section(description, info) + [""]
   lines += _data_section(description, workdir, meta, meta_problem) + [""]
   lines += _channel_section(description, meta) + [""]
