@@ -3,11 +3,16 @@ r"""Serving exports of a pretrained model: StableHLO, TF SavedModel, LiteRT (doc
   python -m lsm2.export --from=RUN_OR_EXPORT_DIR --out=DIR [--format=stablehlo,savedmodel,litert]
   python -m lsm2.export --from=WORKDIR --out=DIR_OR_GS_URL --release   (lsm2/release.py)
 
-Each format holds the two inference functions of `lsm2.load` on days of data in
+Each format holds the inference functions of `lsm2.load` on days of data in
 the channels' original units (the description's normalisation is in the graph):
 
   embed(signals f32[n, T, C], observed bool[n, T, C])                          -> f32[n, d]
+  embed_tokens(signals, observed)              -> tokens f32[n, K, d], visible bool[n, K]
   reconstruct(signals f32[n, T, C], observed bool[n, T, C], mask bool[n, T, C]) -> f32[n, T, C]
+
+`embed_tokens` is `lsm2.load(...).embed(..., per_token=True)`: the encoder output
+of each of the K tokens, row-major over the (time, signal) patch grid, zeros at
+the tokens the encoder did not see (visible False: all their minutes unobserved).
 
 `n` is dynamic (one artefact serves any number of days), except in LiteRT, whose
 converter needs it fixed: n = 1 there. Minutes where
@@ -17,11 +22,11 @@ the unobserved minutes and those of `mask`, and returns observed minutes outside
 `mask` unchanged. The weights are constants of the graph.
 
 Written under DIR:
-  stablehlo/embed.bin, reconstruct.bin  jax.export serialisations (jax.export.deserialize)
-  savedmodel/                            TF SavedModel, signatures "embed" and "reconstruct"
-  litert/model.tflite                    LiteRT (TFLite) float32, the same two signatures
+  stablehlo/NAME.bin                      jax.export serialisations (jax.export.deserialize)
+  savedmodel/                            TF SavedModel, one signature per function
+  litert/model.tflite                    LiteRT (TFLite) float32, the same signatures
   litert/model_dynamic_int8.tflite       the same with int8 weights (dynamic range)
-  lsm2_export.json                       channel names, shapes, the formats written
+  lsm2_export.json                       channel names, shapes, functions, the formats written
 
 Exports always compute attention with the XLA kernel (`attention="xla"`): the
 blocked, splash and cuDNN kernels are custom loops or custom calls that other
@@ -61,8 +66,11 @@ INFO_FILE = "lsm2_export.json"
 NOT_WRITTEN = {"onnx": "ONNX is not written yet: jax2onnx 0.13.1-0.17.1 require "
                        "orbax-checkpoint < 0.11.37 (lsm2 needs >= 0.12) and 0.13.0 does not run "
                        "on JAX 0.10; see docs/export.md"}
-SIGNATURES = {"embed": ("signals", "observed"), "reconstruct": ("signals", "observed", "mask")}
-OUTPUTS = {"embed": "embedding", "reconstruct": "reconstruction"}
+# Each function's inputs and named outputs (serving clients read outputs by name).
+SIGNATURES = {"embed": ("signals", "observed"), "embed_tokens": ("signals", "observed"),
+              "reconstruct": ("signals", "observed", "mask")}
+OUTPUTS = {"embed": ("embedding",), "embed_tokens": ("tokens", "visible"),
+           "reconstruct": ("reconstruction",)}
 
 
 class ExportError(errors.Error, ValueError):
@@ -85,13 +93,15 @@ def parse_formats(value: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ServingFunctions:
-  """`embed` and `reconstruct` of one model as pure JAX functions (see the module docstring)."""
+  """The functions of SIGNATURES of one model as pure JAX functions (see the module docstring)."""
   embed: Callable
+  embed_tokens: Callable
   reconstruct: Callable
   time_steps: int
   num_channels: int
   channel_names: tuple[str, ...]
   embedding_dim: int
+  token_grid: tuple[int, int]  # (time, signal) patches: K = their product.
 
 
 def serving_functions(model: api.PretrainedModel) -> ServingFunctions:
@@ -115,6 +125,10 @@ def serving_functions(model: api.PretrainedModel) -> ServingFunctions:
     observed, z = inputs(signals, observed)
     return nnx.merge(graphdef, params).embed(z, observed, mask_cfg=mask_cfg)
 
+  def embed_tokens(signals, observed):
+    observed, z = inputs(signals, observed)
+    return nnx.merge(graphdef, params).embed(z, observed, mask_cfg=mask_cfg, per_token=True)
+
   def reconstruct(signals, observed, mask):
     observed, z = inputs(signals, observed)
     target = ~observed | mask
@@ -123,8 +137,8 @@ def serving_functions(model: api.PretrainedModel) -> ServingFunctions:
                             api.token_any(target, cfg), pack=None)
     return jnp.where(observed & ~target, signals, pred * std + mean)
 
-  return ServingFunctions(embed, reconstruct, cfg.time_steps, cfg.num_channels,
-                          tuple(model.channel_names), cfg.enc_width)
+  return ServingFunctions(embed, embed_tokens, reconstruct, cfg.time_steps, cfg.num_channels,
+                          tuple(model.channel_names), cfg.enc_width, tuple(cfg.grid))
 
 
 def _arg_specs(fns: ServingFunctions, name: str, batch) -> list[jax.ShapeDtypeStruct]:
@@ -137,7 +151,7 @@ def _arg_specs(fns: ServingFunctions, name: str, batch) -> list[jax.ShapeDtypeSt
 # The formats.
 # ----------------------------------------------------------------------------
 def export_stablehlo(fns: ServingFunctions, out: pathlib.Path) -> dict[str, jax.export.Exported]:
-  """jax.export of both functions with batch dimension "n", serialised to OUT/NAME.bin."""
+  """jax.export of each function with batch dimension "n", serialised to OUT/NAME.bin."""
   out.mkdir(parents=True, exist_ok=True)
   (n,) = jax.export.symbolic_shape("n")
   exported = {}
@@ -148,7 +162,7 @@ def export_stablehlo(fns: ServingFunctions, out: pathlib.Path) -> dict[str, jax.
 
 
 def _tf_module(fns: ServingFunctions, batch: int | None):
-  """A tf.Module whose tf.functions `embed` and `reconstruct` run the jax2tf conversions.
+  """A tf.Module with one tf.function per SIGNATURES entry, running its jax2tf conversion.
 
   `batch`: days per call; None for a dynamic batch dimension.
   """
@@ -160,18 +174,21 @@ def _tf_module(fns: ServingFunctions, batch: int | None):
     converted = jax2tf.convert(getattr(fns, name), polymorphic_shapes=shape, with_gradient=False)
     specs = [tf.TensorSpec([batch, fns.time_steps, fns.num_channels],
                            tf.float32 if arg == "signals" else tf.bool, name=arg) for arg in args]
-    setattr(module, name, tf.function(_named_output(converted, OUTPUTS[name]),
+    setattr(module, name, tf.function(_named_outputs(converted, OUTPUTS[name]),
                                       input_signature=specs, autograph=False))
   return module
 
 
-def _named_output(fn: Callable, output: str) -> Callable:
-  """fn returning {output: result}: serving clients read outputs by name."""
-  return lambda *args: {output: fn(*args)}
+def _named_outputs(fn: Callable, outputs: tuple[str, ...]) -> Callable:
+  """fn returning {name: result} for its one result or tuple of results, named `outputs`."""
+  def named(*args):
+    results = fn(*args)
+    return dict(zip(outputs, results if len(outputs) > 1 else (results,)))
+  return named
 
 
 def export_savedmodel(fns: ServingFunctions, out: pathlib.Path, batch: int | None = None) -> None:
-  """A TF SavedModel with the signatures "embed" and "reconstruct" (jax2tf, native StableHLO).
+  """A TF SavedModel with one signature per SIGNATURES entry (jax2tf, native StableHLO).
 
   `batch`: days per call; None (the default) for a dynamic batch dimension.
   """
@@ -227,8 +244,9 @@ def export(source: str, out: str | pathlib.Path, formats: tuple[str, ...] = FORM
   info = {
       "source": str(source), "step": model.step, "formats": list(formats),
       "channel_names": list(fns.channel_names), "time_steps": fns.time_steps,
-      "embedding_dim": fns.embedding_dim, "attention": "xla",
-      "functions": {name: {"inputs": list(args), "output": OUTPUTS[name]}
+      "embedding_dim": fns.embedding_dim, "token_grid": list(fns.token_grid),
+      "num_tokens": fns.token_grid[0] * fns.token_grid[1], "attention": "xla",
+      "functions": {name: {"inputs": list(args), "outputs": list(OUTPUTS[name])}
                     for name, args in SIGNATURES.items()},
   }
   storage.write_text_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
