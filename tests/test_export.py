@@ -80,7 +80,6 @@ def test_stablehlo_matches_load_for_any_batch(setup):
   _close(reconstruct.call(signals, observed, mask), rec)
   _tokens_close(*embed_tokens.call(signals, observed), tokens)
   _close(embed.call(signals[:1], observed[:1]), emb[:1])  # n=1 from the same artefact.
-  _tokens_close(*embed_tokens.call(signals[1:2], observed[1:2]), (tokens[0][1:2], tokens[1][1:2]))
   # Observed minutes outside the mask come back exactly as given.
   kept = observed & ~mask
   np.testing.assert_array_equal(np.asarray(reconstruct.call(signals, observed, mask))[kept],
@@ -98,10 +97,11 @@ def test_savedmodel_signatures_match_load(setup):
                      mask=tf.constant(mask))["reconstruction"], rec)
   _close(embed(signals=tf.constant(signals[2:]), observed=tf.constant(observed[2:]))["embedding"],
          emb[2:])
-  # n = 3 (the dynamic batch's n = 1 is the embed call above: one compile less).
-  got = loaded.signatures["embed_tokens"](signals=tf.constant(signals),
-                                          observed=tf.constant(observed))
-  _tokens_close(got["tokens"], got["visible"].numpy(), tokens)
+  # n = 1 (StableHLO's test runs n = 3): the day with a channel missing all day. One call
+  # per format: each new batch size compiles the program again.
+  got = loaded.signatures["embed_tokens"](signals=tf.constant(signals[1:2]),
+                                          observed=tf.constant(observed[1:2]))
+  _tokens_close(got["tokens"], got["visible"].numpy(), (tokens[0][1:2], tokens[1][1:2]))
 
 
 def _litert(path):
