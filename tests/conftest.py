@@ -21,6 +21,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# This process only: XLA's CPU backend at optimisation level 0. Most tests compile many
+# small programs once and run them for microseconds, so LLVM's optimisation is most of
+# their time (test_model_mae.py and test_aim.py: 223 s -> 149 s, benchmarks/MEASUREMENTS.md).
+# XLA reads XLA_FLAGS once, when the backend starts, so the flag is set for that moment
+# and taken out again: the processes tests start (training runs, compute-bound guards,
+# cross-process numerics) run at the default level, as users do. This process keeps its
+# own cache directory, so no child ever reads an unoptimised program.
+_CHILD_XLA_FLAGS = os.environ["XLA_FLAGS"]
+os.environ["XLA_FLAGS"] = f"{_CHILD_XLA_FLAGS} --xla_backend_optimization_level=0"
+import jax  # noqa: E402
+
+jax.devices()  # Starts the backend: the flags are read here.
+os.environ["XLA_FLAGS"] = _CHILD_XLA_FLAGS
+if _XLA_CACHE:
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_XLA_CACHE, "tests-process"))
+
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
