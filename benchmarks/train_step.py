@@ -172,8 +172,8 @@ def measure_loop(args) -> dict:
   with sharding.mesh_context(mesh, config.logical_axis_rules):
     state, _ = run(state, 0, False)  # Warm: every function compiled, caches filled.
     step = args.loop_steps
-    for _ in range(args.loop_repeats):
-      for instrumented in (False, True):
+    for repeat in range(args.loop_repeats):  # Each goes first in every other pair: no order bias.
+      for instrumented in ((False, True) if repeat % 2 == 0 else (True, False)):
         state, per_step = run(state, step, instrumented)
         times[instrumented].append(per_step)
         step += args.loop_steps
