@@ -187,7 +187,8 @@ def verify_checksums(manager: ocp.CheckpointManager, step: int, restored: Any, w
   agreed(lambda: check_checksums(restored, saved, where))
 
 
-def _sha256(path: epath.Path) -> str:
+def sha256(path: epath.Path) -> str:
+  """A file's SHA-256, read in 4 MiB pieces (export and release manifests)."""
   digest = hashlib.sha256()
   with path.open("rb") as f:
     while chunk := f.read(1 << 22):
@@ -418,7 +419,7 @@ def write_manifest(directory: str | os.PathLike) -> None:
   lsm2 wrote manifests or hashes): find_export refuses or does not verify it.
   """
   directory = storage.as_path(directory)
-  files = {name: {"bytes": size, "sha256": _sha256(directory / name)}
+  files = {name: {"bytes": size, "sha256": sha256(directory / name)}
            for name, size in storage.list_files(directory).items()
            if not name.startswith(EXPORT_MANIFEST)}  # Nor a leftover temporary name of it.
   storage.write_text_atomic(directory / EXPORT_MANIFEST,
@@ -489,7 +490,7 @@ def verify_export(export: epath.Path) -> None:
                     export / EXPORT_MANIFEST)
     return
   bad = [name for name, entry in sorted(listed.items())
-         if _sha256(export / name) != entry["sha256"]]
+         if sha256(export / name) != entry["sha256"]]
   if bad:
     root = export.parent if export.name in (EXPORT_DIR, EXPORT_OLD, EXPORT_TMP) else export
     raise IntegrityError(

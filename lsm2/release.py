@@ -23,7 +23,6 @@ The release is read by `lsm2.load`, which must not import the converters
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -64,14 +63,6 @@ def is_release(path: str | os.PathLike) -> bool:
   return (storage.check_reachable(path, "pretrained model") / INFO).exists()
 
 
-def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    while chunk := f.read(1 << 22):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def verify(root: str | os.PathLike) -> dict[str, Any]:
   """The release's INFO once every file below `root` is the one its manifest lists.
 
@@ -99,7 +90,7 @@ def verify(root: str | os.PathLike) -> dict[str, Any]:
       continue
     if have[name] != size:
       problems.append(f"{name} has {have[name]} bytes, {MANIFEST} lists {size}")
-    elif _sha256(root / name) != digest:
+    elif pretrained.sha256(root / name) != digest:
       problems.append(f"the content of {name} differs from its SHA-256 in {MANIFEST}")
   if problems:
     more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -197,7 +188,7 @@ def write(model, source: str, out: str, formats: Sequence[str],
     (built / INFO).write_text(json.dumps(info, indent=1) + "\n")
     (built / CARD).write_text(model_card(model.config, info, workdir, evals))
     pretrained.write_manifest(built)
-    digest = _sha256(epath.Path(built / MANIFEST))
+    digest = pretrained.sha256(epath.Path(built / MANIFEST))
     place(built)
   except BaseException:
     shutil.rmtree(built, ignore_errors=True)
