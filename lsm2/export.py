@@ -282,9 +282,8 @@ def main(argv):
     formats = parse_formats(_FORMAT.value)
     if not _RELEASE.value:  # A release is built locally, then copied (lsm2.release).
       check_local(_OUT.value)
-    out = pathlib.Path(_OUT.value)
-    if out.exists() and not out.is_dir():
-      raise ExportError(f"--out={_OUT.value} is a file; name a directory")
+      if pathlib.Path(_OUT.value).is_file():
+        raise ExportError(f"--out={_OUT.value} is a file; name a directory")
     try:
       model = api.load(_FROM.value)
     except FileNotFoundError as e:  # No description there: not a run or an export.
