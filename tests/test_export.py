@@ -197,3 +197,11 @@ def test_bad_flags_are_one_line_errors(tmp_path):
   assert run.returncode == 1
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith(f"lsm2: error: --from={tmp_path}: ") and "lsm2.json" in last
+  (tmp_path / "file").write_text("kept")
+  run = subprocess.run([sys.executable, "-m", "lsm2.export", f"--from={tmp_path}",
+                        f"--out={tmp_path / 'file'}"], capture_output=True, text=True, cwd=REPO,
+                       check=False)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"lsm2: error: --out={tmp_path / 'file'} is a file; name a directory")
+  assert (tmp_path / "file").read_text() == "kept"
