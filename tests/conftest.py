@@ -15,9 +15,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # with the cache, measured at a load of ~5): each program after its first compilation is
 # read back. A fresh temporary directory, removed at the end: no test sees another
 # session's cache. Files that need their own (tests/test_faults.py) still set theirs.
-_XLA_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# Under pytest-xdist the controller makes the directory and its workers inherit it through
+# LSM2_TESTS_XLA_CACHE: one cache for the whole run, removed by the process that made it.
+_XLA_CACHE = os.environ.get("LSM2_TESTS_XLA_CACHE")
+_OWNS_CACHE = False
+if _XLA_CACHE is None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = tempfile.mkdtemp(prefix="lsm2-tests-xla-cache-")
+  _OWNS_CACHE = True
+  os.environ["LSM2_TESTS_XLA_CACHE"] = _XLA_CACHE
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
@@ -52,6 +57,18 @@ def shared_datasets() -> pathlib.Path:
 
 
 
+# The longest files first (the CI log's --durations). `-n 2` runs whole files on two
+# workers (pyproject.toml: --dist=loadfile, so module fixtures such as test_aot's compiles
+# run once) in collection order: a long file started last would leave one worker idle.
+_LONG_FILES = ("test_train.py", "test_aot.py", "test_learning.py", "test_storage.py",
+               "test_faults.py", "test_pretrain_config.py", "test_api.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest as found.
+
+
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  if _XLA_CACHE:
+  if _OWNS_CACHE:
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
