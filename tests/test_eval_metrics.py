@@ -1,4 +1,6 @@
 """Metrics against hand-computed values on fixed inputs, and the CLU accumulators."""
+import warnings
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -156,3 +158,69 @@ def test_collecting_metrics_merge_batches_and_drop_padding():
   for sl in (slice(0, 3), slice(3, 4)):
     reg = reg.merge(metrics.RegressionMetrics.from_model_output(labels=y[sl], predictions=p[sl]))
   assert reg.compute() == metrics.regression_metrics(y, p)
+
+
+def _pairwise_auroc(y, s):
+  """The O(n^2) definition: the share of (positive, negative) pairs won, ties counting half."""
+  pos, neg = s[y == 1], s[y == 0]
+  diff = pos[:, None] - neg[None, :]
+  return ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
+
+
+def _step_sum_ap(y, s):
+  """Sum over distinct thresholds t, highest first, of (R(t) - R(previous t)) * P(t)."""
+  ap, prev_recall = 0.0, 0.0
+  for t in np.unique(s)[::-1]:
+    chosen = s >= t
+    recall = (y[chosen] == 1).sum() / (y == 1).sum()
+    ap += (recall - prev_recall) * (y[chosen] == 1).mean()
+    prev_recall = recall
+  return ap
+
+
+def test_metrics_agree_with_their_definitions_on_random_data_with_ties():
+  # Scores rounded to one decimal: many ties, which is where implementations differ.
+  rng = np.random.default_rng(7)
+  for n in (5, 23, 80):
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]  # both classes, so every metric is defined.
+    s = np.round(rng.random(n) * 0.6 + 0.3 * y, 1)
+    assert metrics.binary_auroc(y, s) == pytest.approx(_pairwise_auroc(y, s), abs=1e-12)
+    assert metrics.average_precision(y, s) == pytest.approx(_step_sum_ap(y, s), abs=1e-12)
+    # Brute-force average ranks: 1 + the values below + half the other equal values.
+    ranks = np.array([1 + (s < v).sum() + ((s == v).sum() - 1) / 2 for v in s])
+    np.testing.assert_allclose(metrics.average_ranks(s), ranks)
+
+    # Four classes: class 3 is predicted but never true, class 2 true but never predicted.
+    t = rng.integers(0, 3, n)
+    p = np.where(rng.random(n) < 0.5, t, rng.choice([0, 1, 3], n))
+    f1s, recalls = [], []
+    for k in range(4):
+      tp, n_true, n_pred = ((t == k) & (p == k)).sum(), (t == k).sum(), (p == k).sum()
+      if n_true + n_pred:
+        f1s.append(2 * tp / (n_true + n_pred))
+      if n_true:
+        recalls.append(tp / n_true)
+    assert metrics.macro_f1(t, p, 4) == pytest.approx(np.mean(f1s), abs=1e-12)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # the predicted-only class is left out, silently.
+      assert metrics.balanced_accuracy(t, p, 4) == pytest.approx(np.mean(recalls), abs=1e-12)
+
+    x, z = rng.normal(size=n), rng.normal(size=n)
+    out = metrics.regression_metrics(x, z)
+    assert out["pearson_r"] == pytest.approx(np.corrcoef(x, z)[0, 1], abs=1e-12)
+    assert out["mae"] == pytest.approx(np.abs(z - x).mean(), abs=1e-12)
+    assert out["rmse"] == pytest.approx(np.sqrt(((z - x) ** 2).mean()), abs=1e-12)
+
+
+def test_undefined_metrics_are_none_at_the_edges():
+  assert metrics.binary_auroc(np.ones(3), np.arange(3.0)) is None
+  assert metrics.binary_auroc(np.zeros(0), np.zeros(0)) is None
+  assert metrics.average_precision(np.zeros(0), np.zeros(0)) is None
+  assert metrics.macro_f1(np.zeros(0, int), np.zeros(0, int), 3) is None
+  assert metrics.balanced_accuracy(np.zeros(0, int), np.zeros(0, int), 3) is None
+  assert metrics.pearson_r([1.0], [2.0]) is None
+  assert metrics.pearson_r([1.0, 2.0, 3.0], [0.1 + 0.2] * 3) is None
+  empty = metrics.classification_metrics(np.zeros(0, int), np.zeros(0), 2)
+  assert empty == {"auroc": None, "macro_f1": None, "balanced_accuracy": None, "map": None,
+                   "accuracy": None, "n": 0}

@@ -39,18 +39,24 @@ def _values(values, name: str) -> np.ndarray:
 
 def bootstrap_interval(values: Float[np.ndarray, "n"], *, confidence: float = 0.95,
                        resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
-  """Mean and percentile-bootstrap interval of the mean (resampling with replacement)."""
+  """Mean and percentile-bootstrap interval of the mean (resampling with replacement).
+
+  `scipy.stats.bootstrap(method="percentile")`; the same `seed` gives the same interval.
+  """
   values = _values(values, "values")
   if not 0.0 < confidence < 1.0:
     raise ValueError(f"confidence must be in (0, 1), got {confidence}")
   if resamples < 1:
     raise ValueError(f"resamples must be >= 1, got {resamples}")
-  rng = np.random.default_rng(seed)
-  idx = rng.integers(0, values.size, size=(resamples, values.size))
-  means = values[idx].mean(axis=1)
-  tail = (1.0 - confidence) / 2.0
-  low, high = np.quantile(means, [tail, 1.0 - tail])
-  return Interval(float(values.mean()), float(low), float(high), int(values.size))
+  mean = float(values.mean())
+  if values.size == 1:
+    # Every resample of one value is that value (scipy refuses fewer than two).
+    return Interval(mean, mean, mean, 1)
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  low, high = stats.bootstrap(
+      (values,), np.mean, n_resamples=resamples, confidence_level=confidence,
+      method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+  return Interval(mean, float(low), float(high), int(values.size))
 
 
 def paired_verdict(a: Float[np.ndarray, "n"], b: Float[np.ndarray, "n"], *, lower_is_better: bool,
@@ -59,7 +65,8 @@ def paired_verdict(a: Float[np.ndarray, "n"], b: Float[np.ndarray, "n"], *, lowe
   """Which of two paired methods is better, or "tie", and the interval of mean(a - b).
 
   Pair i is the same seed (or subject) for both methods. The verdict names the better
-  method only when the interval of the mean difference excludes 0.
+  method only when the interval of the mean difference excludes 0. Resampling the
+  differences a_i - b_i is resampling the pairs together (scipy's `paired=True`).
   """
   a, b = _values(a, "a"), _values(b, "b")
   if a.shape != b.shape:

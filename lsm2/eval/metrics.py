@@ -1,9 +1,10 @@
 """Downstream metrics: classification, regression and masked reconstruction.
 
-Plain numpy functions compute each metric from a whole evaluation set (float64,
-on the host). CLU `Metric` classes accumulate model outputs over batches and
-call the same functions in `compute()`, so a training/eval loop can merge them
-like any other CLU metric.
+Functions compute each metric from a whole evaluation set (float64, on the host)
+with scikit-learn and scipy, imported when a metric is first computed (a second
+or two) rather than by every module that imports this one. CLU `Metric` classes
+accumulate model outputs over batches and call the same functions in
+`compute()`, so a training/eval loop can merge them like any other CLU metric.
 
 Undefined metrics are reported as `None`, never as 0 or NaN: an AUROC with a
 single class in the labels, a Pearson r against a constant, or a reconstruction
@@ -14,6 +15,7 @@ error over zero observed target minutes would otherwise look like a real
 from __future__ import annotations
 
 from typing import Any
+import warnings
 
 import flax
 import jax.numpy as jnp
@@ -42,86 +44,65 @@ def _check_labels(y_true: np.ndarray, num_classes: int) -> np.ndarray:
 
 def average_ranks(x: Float[np.ndarray, "n"]) -> Float[np.ndarray, "n"]:
   """1-based ranks of `x`; tied values share the mean of the ranks they span."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind="mergesort")
-  xs = x[order]
-  new_group = np.r_[True, xs[1:] != xs[:-1]]
-  starts = np.flatnonzero(new_group)
-  ends = np.r_[starts[1:], len(x)]
-  # Positions starts..ends-1 (0-based) hold ranks starts+1..ends: their mean.
-  group_rank = (starts + 1 + ends) / 2.0
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = group_rank[np.cumsum(new_group) - 1]
-  return ranks
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return stats.rankdata(np.asarray(x), method="average").astype(np.float64)
 
 
 def binary_auroc(y_true: Int[np.ndarray, "n"], scores: Float[np.ndarray, "n"]) -> float | None:
-  """Area under the ROC curve (Mann-Whitney U with average ranks for ties).
+  """Area under the ROC curve (tied scores count half a pair: the Mann-Whitney U).
 
-  Returns None when only one class is present (AUROC is undefined).
+  Returns None when only one class is present (AUROC is undefined; scikit-learn
+  would raise).
   """
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   y_true = np.asarray(y_true).astype(bool)
   n_pos = int(y_true.sum())
-  n_neg = len(y_true) - n_pos
-  if n_pos == 0 or n_neg == 0:
+  if n_pos == 0 or n_pos == len(y_true):
     return None
-  ranks = average_ranks(np.asarray(scores, np.float64))
-  u = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0
-  return float(u / (n_pos * n_neg))
+  return float(skm.roc_auc_score(y_true, np.asarray(scores, np.float64)))
 
 
 def average_precision(y_true: Int[np.ndarray, "n"], scores: Float[np.ndarray, "n"]) -> float | None:
   """Average precision: sum over distinct thresholds of (R_k - R_{k-1}) * P_k.
 
   Tied scores form one threshold (all of them are predicted positive together).
-  Returns None when there is no positive example.
+  Returns None when there is no positive example (scikit-learn would warn and
+  return 0).
   """
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   y_true = np.asarray(y_true).astype(bool)
-  n_pos = int(y_true.sum())
-  if n_pos == 0:
+  if not y_true.any():
     return None
-  scores = np.asarray(scores, np.float64)
-  order = np.argsort(-scores, kind="mergesort")
-  s, y = scores[order], y_true[order]
-  tp = np.cumsum(y)
-  # The last index of each run of equal scores is where a threshold sits.
-  last = np.r_[s[1:] != s[:-1], True]
-  tp = tp[last].astype(np.float64)
-  predicted = (np.flatnonzero(last) + 1).astype(np.float64)
-  precision = tp / predicted
-  recall = tp / n_pos
-  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+  return float(skm.average_precision_score(y_true, np.asarray(scores, np.float64)))
 
 
 def macro_f1(
     y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int
 ) -> float | None:
   """Unweighted mean F1 over the classes present in `y_true` or `y_pred`."""
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   y_true = _check_labels(y_true, num_classes)
   y_pred = _check_labels(y_pred, num_classes)
   if y_true.size == 0:
     return None
-  tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes).astype(np.float64)
-  n_true = np.bincount(y_true, minlength=num_classes)
-  n_pred = np.bincount(y_pred, minlength=num_classes)
-  present = (n_true + n_pred) > 0
-  # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (n_true + n_pred).
-  f1 = 2.0 * tp[present] / (n_true + n_pred)[present]
-  return float(f1.mean())
+  # scikit-learn's default labels are exactly those present in y_true or y_pred.
+  return float(skm.f1_score(y_true, y_pred, average="macro"))
 
 
 def balanced_accuracy(
     y_true: Int[np.ndarray, "n"], y_pred: Int[np.ndarray, "n"], num_classes: int
 ) -> float | None:
   """Mean per-class recall over the classes present in `y_true`."""
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   y_true = _check_labels(y_true, num_classes)
   y_pred = _check_labels(y_pred, num_classes)
   if y_true.size == 0:
     return None
-  tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes).astype(np.float64)
-  n_true = np.bincount(y_true, minlength=num_classes)
-  present = n_true > 0
-  return float((tp[present] / n_true[present]).mean())
+  with warnings.catch_warnings():
+    # A class predicted but absent from y_true has no recall: scikit-learn leaves it
+    # out, as this metric means to, and warns about it.
+    warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+    return float(skm.balanced_accuracy_score(y_true, y_pred))
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -150,6 +131,7 @@ def classification_metrics(
     (AP of the positive class for binary, macro AP over classes present for
     K > 2), `accuracy` and `n`. Undefined metrics are None.
   """
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
   y_true = _check_labels(y_true, num_classes)
@@ -172,6 +154,8 @@ def classification_metrics(
     auroc = binary_auroc(y_true == 1, scores[:, 1])
     ap = average_precision(y_true == 1, scores[:, 1])
   else:
+    # One-vs-rest class by class, not roc_auc_score(multi_class="ovr"): that raises when a
+    # class lacks positives, where this macro mean leaves the undefined class out.
     auroc = _mean_or_none([binary_auroc(y_true == k, scores[:, k]) for k in range(num_classes)])
     ap = _mean_or_none([average_precision(y_true == k, scores[:, k]) for k in range(num_classes)])
   n = int(y_true.size)
@@ -180,7 +164,7 @@ def classification_metrics(
       "macro_f1": macro_f1(y_true, y_pred, num_classes),
       "balanced_accuracy": balanced_accuracy(y_true, y_pred, num_classes),
       "map": ap,
-      "accuracy": float(np.mean(y_pred == y_true)) if n else None,
+      "accuracy": float(skm.accuracy_score(y_true, y_pred)) if n else None,
       "n": n,
   }
 
@@ -191,16 +175,14 @@ def classification_metrics(
 
 def pearson_r(x: Float[np.ndarray, "n"], y: Float[np.ndarray, "n"]) -> float | None:
   """Pearson correlation; None when either side is constant or n < 2."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.float64)
-  # Exact test for constants: x - x.mean() of a constant array need not be exactly 0.
+  # Exact test for constants (scipy would warn and give NaN, or raise for n < 2): a
+  # constant array's deviations from its float mean need not be exactly 0.
   if x.size < 2 or np.ptp(x) == 0.0 or np.ptp(y) == 0.0:
     return None
-  dx, dy = x - x.mean(), y - y.mean()
-  denom = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
-  if denom == 0.0:
-    return None
-  return float(np.clip(np.sum(dx * dy) / denom, -1.0, 1.0))
+  return float(stats.pearsonr(x, y).statistic)
 
 
 def regression_metrics(
@@ -217,10 +199,10 @@ def regression_metrics(
   n = int(y_true.size)
   if n == 0:
     return {"mae": None, "rmse": None, "pearson_r": None, "n": 0}
-  err = y_pred - y_true
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   return {
-      "mae": float(np.mean(np.abs(err))),
-      "rmse": float(np.sqrt(np.mean(err * err))),
+      "mae": float(skm.mean_absolute_error(y_true, y_pred)),
+      "rmse": float(skm.root_mean_squared_error(y_true, y_pred)),
       "pearson_r": pearson_r(y_true, y_pred),
       "n": n,
   }
