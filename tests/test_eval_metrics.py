@@ -15,12 +15,6 @@ Y6 = np.array([0, 0, 1, 1, 0, 1])
 S6 = np.array([0.1, 0.4, 0.35, 0.8, 0.8, 0.9])
 
 
-def test_average_ranks_share_ties():
-  ranks = metrics.average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0]))
-  np.testing.assert_allclose(ranks, [4, 1, 4, 2, 4])
-  np.testing.assert_allclose(metrics.average_ranks(np.array([5.0, 5.0])), [1.5, 1.5])
-
-
 def test_auroc_by_hand_with_tie():
   # Pairs won by each positive: 0.35 -> 1 (beats 0.1); 0.8 -> 2 + 0.5 (tie); 0.9 -> 3.
   # Total 6.5 of 9 pairs.
@@ -187,9 +181,6 @@ def test_metrics_agree_with_their_definitions_on_random_data_with_ties():
     s = np.round(rng.random(n) * 0.6 + 0.3 * y, 1)
     assert metrics.binary_auroc(y, s) == pytest.approx(_pairwise_auroc(y, s), abs=1e-12)
     assert metrics.average_precision(y, s) == pytest.approx(_step_sum_ap(y, s), abs=1e-12)
-    # Brute-force average ranks: 1 + the values below + half the other equal values.
-    ranks = np.array([1 + (s < v).sum() + ((s == v).sum() - 1) / 2 for v in s])
-    np.testing.assert_allclose(metrics.average_ranks(s), ranks)
 
     # Four classes: class 3 is predicted but never true, class 2 true but never predicted.
     t = rng.integers(0, 3, n)

@@ -42,12 +42,6 @@ def _check_labels(y_true: np.ndarray, num_classes: int) -> np.ndarray:
   return y_true
 
 
-def average_ranks(x: Float[np.ndarray, "n"]) -> Float[np.ndarray, "n"]:
-  """1-based ranks of `x`; tied values share the mean of the ranks they span."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  return stats.rankdata(np.asarray(x), method="average").astype(np.float64)
-
-
 def binary_auroc(y_true: Int[np.ndarray, "n"], scores: Float[np.ndarray, "n"]) -> float | None:
   """Area under the ROC curve (tied scores count half a pair: the Mann-Whitney U).
 
