@@ -61,6 +61,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.val_split = "validation"
   config.data.worker_count = 0
   config.data.max_train_subjects = 0  # 0 = all; the data-size sweep lowers it.
+  # Training days: "files" reads data.train_split; "synthetic_stream" generates fresh
+  # people without end, paired with the synthetic dataset in data.dir (same generator
+  # and seed, never its subjects; its statistics normalise, its validation split
+  # evaluates). docs/data.md, "Endless synthetic stream".
+  config.data.source = "files"
   # Synthesize this many subjects x days into WORKDIR/data when data.dir is left empty
   # and WORKDIR/data is missing or empty; a data.dir that is set must hold a dataset
   # (a misspelt path is an error, never filled with synthetic data).

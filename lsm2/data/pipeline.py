@@ -11,6 +11,9 @@ ArrayRecord:  per-epoch record shuffle (MapDataset.shuffle), cut into local
               by random access (ArrayRecordDataSource) right before each record
               is decoded: the global batches are the same for any process count.
 Both optionally run in `worker_count` processes (Grain mp_prefetch).
+Synthetic stream (make_synthetic_stream_iterator, config.data.source
+"synthetic_stream"): endless fresh synthetic people generated on demand
+(lsm2.data.synthetic_stream), batched like ArrayRecord.
 docs/data.md explains the design and its measurements.
 
 Within each epoch the processes read disjoint parts that together cover the
@@ -30,10 +33,13 @@ import jax
 import numpy as np
 
 from lsm2.data import grain_sources
+from lsm2.data import synthetic_stream
 from lsm2.data.metadata import load_metadata
 
 DEFAULT_WINDOW = 256  # Raw records (~155 KB each for 26 channels) per window shuffle.
 DEFAULT_CYCLE = 4  # TFRecord files read concurrently per worker.
+# config.data.source: the training split's files, or endless fresh synthetic people.
+TRAIN_SOURCES = ("files", "synthetic_stream")
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -98,16 +104,10 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
                      f"process_count={pc}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
-  if worker_count < 0:
-    raise ValueError(f"worker_count must be >= 0, got {worker_count}")
   if max_subjects is not None and max_subjects < 1:
     raise ValueError(f"max_subjects must be None or >= 1, got {max_subjects}")
   local_batch = global_batch_size // pc
-  if worker_count and not flags.FLAGS.is_parsed():
-    raise RuntimeError(
-        f"worker_count={worker_count} needs parsed absl flags (Grain's worker start-up reads "
-        "its --grain_* flags): run under absl.app.run, or call "
-        "absl.flags.FLAGS.mark_as_parsed() at your program's entry point")
+  _check_workers(worker_count)
   meta = load_metadata(data_dir)
   paths = [str(p) for p in meta.shard_paths(split)]
   counts = [meta.shard_records[os.path.basename(p)] for p in paths]
@@ -163,13 +163,59 @@ def make_train_iterator(data_dir: str | os.PathLike, split: str, *, global_batch
     ds = ds.filter(grain_sources.SubjectFilter(keep))
   if meta.format == "tfrecord" or keep is not None:
     ds = ds.batch(local_batch, drop_remainder=True, batch_fn=decode)
-  if worker_count:
-    # Workers decode and normalize into shared memory; the hand-over copies nothing.
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+  return iter(_prefetch(ds, worker_count))
+
+
+def _check_workers(worker_count: int) -> None:
+  if worker_count < 0:
+    raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+  if worker_count and not flags.FLAGS.is_parsed():
+    raise RuntimeError(
+        f"worker_count={worker_count} needs parsed absl flags (Grain's worker start-up reads "
+        "its --grain_* flags): run under absl.app.run, or call "
+        "absl.flags.FLAGS.mark_as_parsed() at your program's entry point")
+
+
+def _prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+  if not worker_count:
+    return ds
+  # Workers decode and normalize into shared memory; the hand-over copies nothing.
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=2),
                         worker_init_fn=(grain_sources.keep_freed_memory
                                         if grain_sources.keeps_freed_memory() else None))
-  return iter(ds)
+
+
+def make_synthetic_stream_iterator(data_dir: str | os.PathLike, *, global_batch_size: int,
+                                   seed: int, worker_count: int = 0,
+                                   process_index: int | None = None,
+                                   process_count: int | None = None) -> grain.DatasetIterator:
+  """Endless batches of fresh synthetic people, paired with the synthetic dataset `data_dir`.
+
+  Batches are make_train_iterator's (same fields, normalized with data_dir's
+  train statistics), but every day comes from a new subject of the same
+  generator (lsm2.data.synthetic_stream): never one of data_dir's subjects,
+  so its validation and test splits stay unseen. `seed` picks the people.
+  As for ArrayRecord, global batch k is stream positions [k G, (k + 1) G)
+  for any process count, each process taking its own slice, and the state
+  (the next batch index) resumes exactly.
+  """
+  pi, pc = _process(process_index, process_count)
+  if global_batch_size < 1 or global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={pc}")
+  _check_workers(worker_count)
+  meta = load_metadata(data_dir)
+  days = synthetic_stream.SyntheticDays(meta, draw_seed=seed)
+  local_batch = global_batch_size // pc
+  decode = grain_sources.DecodeBatch(meta.num_channels, meta.norm_mean, meta.norm_std,
+                                     read=days)
+  if worker_count:
+    decode.enable_shared_memory_output()
+  # Global batch k = positions [kG, (k+1)G): local batch k*P + p is process p's k-th.
+  blocks = grain.MapDataset.range(len(days)).batch(local_batch, drop_remainder=True)[pi::pc]
+  ds = blocks.map(decode).to_iter_dataset(grain.ReadOptions(num_threads=0))
+  return iter(_prefetch(ds, worker_count))
 
 
 def make_eval_iterator(data_dir: str | os.PathLike, split: str, *, global_batch_size: int,

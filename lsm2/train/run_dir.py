@@ -58,6 +58,7 @@ MAY_CHANGE = ("model.dtype", "model.matmul_dtype", "model.attention", "model.rem
 ADDED_LATER = {
     # Overrides of the named size's widths (configs/pretrain.py); 0 is the size's own.
     **{f"model.{name}": 0 for name in model_config_lib.SIZE_FIELDS},
+    "data.source": "files",  # The training split's files (configs/pretrain.py).
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from etils import epath
 from flax import nnx
+import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from lsm2 import storage
 from lsm2.data import metadata as metadata_lib
 from lsm2.data import pipeline
 from lsm2.data import synthesize
+from lsm2.data import synthetic_stream
 from lsm2.model import aim
 from lsm2.model import config as model_config_lib
 from lsm2.model import loss as loss_lib
@@ -145,6 +147,13 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg, mask_cfg,
     raise errors.ConfigError(f"config.lease_timeout_s={config.lease_timeout_s} must be positive")
   if not 0.0 <= config.warmup_fraction < 1.0:
     raise errors.ConfigError(f"config.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
+  if config.data.source not in pipeline.TRAIN_SOURCES:
+    raise errors.ConfigError(f"config.data.source={config.data.source!r} must be one of "
+                             f"{pipeline.TRAIN_SOURCES}")
+  if config.data.source == "synthetic_stream" and config.data.max_train_subjects:
+    raise errors.ConfigError(
+        f"config.data.max_train_subjects={config.data.max_train_subjects} needs "
+        "config.data.source='files': the synthetic stream has no fixed set of subjects")
   if config.masking.encoder_buckets < 0:
     raise errors.ConfigError(
         f"config.masking.encoder_buckets={config.masking.encoder_buckets} must be >= 0")
@@ -571,16 +580,27 @@ def _init_from(config: ml_collections.ConfigDict, setup: Setup, state: TrainStat
   return {**state, "params": params}, step
 
 
+def make_train_iterator(config: ml_collections.ConfigDict, seed: int) -> grain.DatasetIterator:
+  """This process's training batches from config.data.source (the files or the stream)."""
+  if config.data.source == "synthetic_stream":
+    try:
+      return pipeline.make_synthetic_stream_iterator(
+          config.data.dir, global_batch_size=config.batch_size, seed=seed,
+          worker_count=config.data.worker_count)
+    except synthetic_stream.NotPairableError as e:
+      raise errors.ConfigError(f"config.data.source='synthetic_stream': {e}") from None
+  return pipeline.make_train_iterator(
+      config.data.dir, config.data.train_split, global_batch_size=config.batch_size,
+      seed=seed, shuffle=True, worker_count=config.data.worker_count,
+      max_subjects=config.data.max_train_subjects or None)
+
+
 def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg, mesh,
            record: dict[str, Any], lease: run_dir.Lease, preemption: _Preemption,
            started: float) -> dict[str, float]:
   """Restores or initialises the state, trains, checkpoints and exports, holding `lease`."""
   strategy_names = mask_cfg.strategy_names
-  make_iterator = lambda seed: pipeline.make_train_iterator(
-      config.data.dir, config.data.train_split, global_batch_size=config.batch_size,
-      seed=seed, shuffle=True, worker_count=config.data.worker_count,
-      max_subjects=config.data.max_train_subjects or None)
-  train_iter = make_iterator(config.seed)
+  train_iter = make_train_iterator(config, config.seed)
 
   # --- Compiled functions and the pre-flight check ----------------------------
   setup = make_setup(config, model_cfg, mask_cfg, mesh)
@@ -630,7 +650,7 @@ def _train(config: ml_collections.ConfigDict, workdir, meta, model_cfg, mask_cfg
           f"{config.total_steps} steps, pass a new --workdir.")
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     if not data_restored:  # Another process count wrote it: a fresh, step-dependent order.
-      train_iter = make_iterator(config.seed + step)
+      train_iter = make_train_iterator(config, config.seed + step)
   start_step = int(jax.device_get(state["step"]))
   # Only now, with this run's state in hand, does it claim the workdir (run.json
   # on a fresh start or a workdir from before run.json) and describe it (lsm2.json
