@@ -59,9 +59,11 @@ def shared_datasets() -> pathlib.Path:
 
 # The longest files first (the CI log's --durations). `-n 2` runs whole files on two
 # workers (pyproject.toml: --dist=loadfile, so module fixtures such as test_aot's compiles
-# run once) in collection order: a long file started last would leave one worker idle.
-_LONG_FILES = ("test_train.py", "test_aot.py", "test_learning.py", "test_storage.py",
-               "test_faults.py", "test_pretrain_config.py", "test_api.py")
+# are built once) in collection order: a long file started last would leave the other
+# worker idle at the end.
+_LONG_FILES = ("test_train_resume.py", "test_learning.py", "test_aot.py", "test_train.py",
+               "test_storage.py", "test_faults.py", "test_pretrain_config.py", "test_api.py",
+               "test_model_mae.py", "test_run_dir.py")
 
 
 def pytest_collection_modifyitems(items):
