@@ -251,7 +251,11 @@ def _data_section(description: dict[str, Any], workdir: epath.Path | None,
     lines.append("")
   else:
     lines.append("- days per split: not recorded (no run.json and no dataset metadata)")
-  if train_split:
+  if config.get("data.source") == "synthetic_stream":
+    lines.append("- trained on fresh synthetic subjects generated on demand by the same "
+                 "generator and seed (data.source=synthetic_stream), never this dataset's "
+                 "subjects: its splits only validated and evaluated")
+  elif train_split:
     limit = config.get("data.max_train_subjects", 0)
     lines.append(f"- trained on split `{train_split}`" + (
         f", at most {limit} of its subjects (data.max_train_subjects)" if limit else

@@ -153,6 +153,18 @@ def test_a_real_data_card_has_no_synthetic_line_and_no_evaluation_says_so(releas
   assert "| 0 | hr | ppg | bpm | 25.0 to 220.0 | not recorded |" in card
 
 
+def test_a_stream_trained_card_names_the_stream_not_a_split(released, tmp_path):
+  description = json.loads((released[0] / "model" / "lsm2.json").read_text())
+  info = {"step": 3, "source": "x", "lsm2_version": "0", "created": "today", "formats": []}
+  for source, want, not_want in (("files", "trained on split `train`", "synthetic_stream"),
+                                 ("synthetic_stream", "(data.source=synthetic_stream)",
+                                  "trained on split")):
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"config": {"data.source": source, "data.train_split": "train"}}))
+    card = release.model_card(description, info, tmp_path, {})
+    assert want in card and not_want not in card, source
+
+
 # ----------------------------------------------------------------------------
 # Loading a release.
 # ----------------------------------------------------------------------------
