@@ -33,7 +33,6 @@ import jax
 import numpy as np
 
 from lsm2.data import grain_sources
-from lsm2.data import synthetic_stream
 from lsm2.data.metadata import load_metadata
 
 DEFAULT_WINDOW = 256  # Raw records (~155 KB each for 26 channels) per window shuffle.
@@ -205,6 +204,9 @@ def make_synthetic_stream_iterator(data_dir: str | os.PathLike, *, global_batch_
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                      f"process_count={pc}")
   _check_workers(worker_count)
+  # Here, not at the top: the generator (scipy's filters) adds ~1.8 s to importing this
+  # module, which evaluation and lsm2.data.dataset import without ever streaming.
+  from lsm2.data import synthetic_stream  # pylint: disable=g-import-not-at-top
   meta = load_metadata(data_dir)
   days = synthetic_stream.SyntheticDays(meta, draw_seed=seed)
   local_batch = global_batch_size // pc
